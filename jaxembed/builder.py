@@ -1,0 +1,55 @@
+"""`EngineBuilder`: from a model name or path to a running, warmed-up `LLMEngine`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+
+from jaxembed.engine import DEFAULT_MAX_BATCH_TOKENS, LLMEngine, default_dtype
+from jaxembed.fetch import cache_dir, resolve_model
+from jaxembed.weights.loader import load_checkpoint
+
+log = logging.getLogger("jaxembed")
+
+
+@dataclasses.dataclass
+class EngineBuilder:
+    """Everything needed to start an engine. `build()` loads the weights and starts its thread.
+
+    model: a GGUF file, an HF folder, an HF repo id, or None for the embedded default model.
+    dtype: "float32", "bfloat16" or "float16"; None picks float32 on CPU, bfloat16 on accelerators.
+    """
+
+    model: str | os.PathLike | None = None
+    dtype: str | None = None
+    max_model_len: int | None = None
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    served_model_names: Sequence[str] | None = None
+    warmup: bool = True
+    progress: bool = True
+    compilation_cache: bool = True
+
+    def build(self) -> LLMEngine:
+        if self.compilation_cache:
+            enable_compilation_cache()
+        path = resolve_model(self.model)
+        checkpoint = load_checkpoint(path, self.dtype or default_dtype(), progress=self.progress)
+        log.info("loaded %s (%s, %s) in %.2fs", path, checkpoint.format, checkpoint.dtype,
+                 checkpoint.load_seconds)
+        engine = LLMEngine(checkpoint, max_model_len=self.max_model_len,
+                           max_batch_tokens=self.max_batch_tokens,
+                           served_model_names=self.served_model_names)
+        if self.warmup:
+            engine.warmup()
+        return engine
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled steps across restarts, under the jaxembed cache folder."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

