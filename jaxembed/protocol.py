@@ -17,12 +17,12 @@ TokenIds = list[int]
 RawInput = str | list[str | int | list[int]]
 
 
-class EncodingFormat(str, enum.Enum):
+class EncodingFormat(enum.StrEnum):
     Float = "float"
     Base64 = "base64"  # little-endian float32 bytes, base64-encoded
 
 
-class EmbeddingType(str, enum.Enum):
+class EmbeddingType(enum.StrEnum):
     """Pooling of the final hidden states."""
 
     Mean = "mean"  # over every token fed to the model

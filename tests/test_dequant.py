@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from jaxembed.weights import dequant
 from jaxembed.weights.dequant import (
     DEQUANTIZERS,

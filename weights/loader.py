@@ -14,9 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-import gguf
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -28,7 +26,8 @@ from jaxembed.model import Params, param_shapes
 from jaxembed.weights import names
 from jaxembed.weights.dequant import UnsupportedQuantError, dequantize
 from jaxembed.weights.errors import WeightLoadError
-from jaxembed.weights.gguf_tokenizer import gguf_metadata, tokenizer_from_gguf
+from jaxembed.weights.gguf_io import GGUFFile, GGUFTensor
+from jaxembed.weights.gguf_tokenizer import tokenizer_from_gguf
 from jaxembed.weights.safetensors_io import SafetensorsFile, safetensors_files
 from jaxembed.weights.tokenizer import TokenizerBundle, tokenizer_from_hf_folder
 
@@ -108,51 +107,23 @@ def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool
 # ---- GGUF ------------------------------------------------------------------------------------
 
 
-class _StrictGGUFReader(gguf.GGUFReader):
-    """GGUFReader that names the tensor when its data runs past the end of the file."""
-
-    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
-        size = len(self.data)
-        for field in fields:
-            _, name_data, _, dims, raw_type, offset = field.parts
-            name = bytes(name_data).decode("utf-8", "replace")
-            try:
-                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
-            except ValueError:
-                raise WeightLoadError(self._path, f"unknown GGML type id {int(raw_type[0])}",
-                                      name) from None
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            n_bytes = int(np.prod(dims)) * type_size // block
-            end = int(start_offs + offset[0]) + n_bytes
-            if end > size:
-                raise WeightLoadError(
-                    self._path,
-                    f"data ends at byte {end} but the file has {size} bytes (truncated file?)",
-                    name,
-                )
-        super()._build_tensors(start_offs, fields)
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        super().__init__(path, "r")
-
-
 def _load_gguf(path: Path, dtype: np.dtype, progress: bool
                ) -> tuple[ModelConfig, Params, TokenizerBundle]:
+    f = GGUFFile(path)
+    meta, tensors = f.metadata, f.tensors
     try:
-        reader = _StrictGGUFReader(path)
-    except WeightLoadError:
-        raise
-    except (ValueError, OSError, IndexError) as e:
-        raise WeightLoadError(path, f"not a readable GGUF file: {e}") from e
-    meta = gguf_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    tok = tokenizer_from_gguf(meta)
-    vocab = len(meta.get("tokenizer.ggml.tokens", [])) or _gguf_rows(tensors, "token_embd.weight")
+        tok = tokenizer_from_gguf(meta)
+    except ValueError as e:
+        raise WeightLoadError(path, f"tokenizer metadata: {e}") from e
+    vocab = len(meta.get("tokenizer.ggml.tokens", []))
+    if not vocab and "token_embd.weight" in tensors:
+        vocab = tensors["token_embd.weight"].shape[0]
     try:
         cfg = ModelConfig.from_gguf(meta, vocab_size=vocab, tied="output.weight" not in tensors)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightLoadError(path, f"incomplete model metadata: {e!r}") from e
     if "rope_freqs.weight" in tensors:
         factors = _dequantize_tensor(path, tensors["rope_freqs.weight"])
         cfg = dataclasses.replace(
@@ -164,14 +135,9 @@ def _load_gguf(path: Path, dtype: np.dtype, progress: bool
     return cfg, params, tok
 
 
-def _gguf_rows(tensors: dict[str, Any], name: str) -> int:
-    return int(tensors[name].shape[-1]) if name in tensors else 0
-
-
-def _dequantize_tensor(path: Path, t: Any) -> np.ndarray:
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGML lists the fastest dim first
+def _dequantize_tensor(path: Path, t: GGUFTensor) -> np.ndarray:
     try:
-        return dequantize(t.data, t.tensor_type, shape)
+        return dequantize(t.data, t.type, t.shape)
     except UnsupportedQuantError as e:
         raise WeightLoadError(path, str(e), t.name) from e
     except ValueError as e:

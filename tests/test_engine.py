@@ -1,0 +1,213 @@
+"""The engine: Python API shapes, pooling, batch invariance, threads, compile counts, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from jaxembed import (
+    EmbeddingInput,
+    EmbeddingRequest,
+    EmbeddingType,
+    EncodingFormat,
+    EngineBuilder,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from jaxembed.scheduler import Buckets, plan_step
+
+from parity import assert_close_pooled
+
+TEXTS = [
+    "hello world",
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "a",
+    "def add(a, b):\n    return a + b\n",
+    "Naïve café résumé — déjà vu. 日本語 🙂🚀",
+    "Numbers like 3.14159 and 2048 appear in text too. " * 3,
+]
+
+
+def invariant(a: np.ndarray, b: np.ndarray) -> None:
+    """Batch invariance: max|diff| <= 1e-5 * max|v|."""
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_python_api_shape(tiny_engine):
+    req = EmbeddingRequest(model="default", input=EmbeddingInput.String("Hello, world!"),
+                           encoding_format=EncodingFormat.Float, embedding_type=EmbeddingType.Mean)
+    resp = tiny_engine.embed(req)
+    assert resp.object == "list" and resp.model == tiny_engine.model_name
+    assert len(resp.data) == 1 and resp.data[0].object == "embedding" and resp.data[0].index == 0
+    assert len(resp.data[0].embedding) == tiny_engine.embedding_size
+    n = len(tiny_engine.tokenize(["Hello, world!"])[0])
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens == n
+
+
+def test_plain_values_and_forms_agree(tiny_engine):
+    by_text = tiny_engine.embed(EmbeddingRequest(input=TEXTS[:3]))
+    ids = tiny_engine.tokenize(TEXTS[:3])
+    by_ids = tiny_engine.embed(EmbeddingRequest(input=ids))
+    one = tiny_engine.embed(EmbeddingRequest(input=ids[1]))
+    plain = tiny_engine.embed("hello world")
+    v_text = np.array([d.embedding for d in by_text.data])
+    v_ids = np.array([d.embedding for d in by_ids.data])
+    invariant(v_ids, v_text)
+    invariant(np.array(one.data[0].embedding), v_text[1])
+    invariant(np.array(plain.data[0].embedding), v_text[0])
+    assert by_ids.usage.prompt_tokens == sum(map(len, ids))
+
+
+def test_mean_and_last_pooling_match_transformers(tiny_engine, tiny_llama_dir):
+    from transformers import AutoModel
+
+    ref = AutoModel.from_pretrained(tiny_llama_dir, attn_implementation="eager").eval()
+    mean = tiny_engine.encode(TEXTS, embedding_type="mean")
+    last = tiny_engine.encode(TEXTS, embedding_type=EmbeddingType.Last)
+    for i, ids in enumerate(tiny_engine.tokenize(TEXTS)):
+        with torch.no_grad():
+            h = ref(torch.tensor([ids])).last_hidden_state[0].numpy()
+        assert_close_pooled(mean[i], h.mean(0))
+        assert_close_pooled(last[i], h[-1])
+    assert not np.allclose(mean, last)
+
+
+def test_base64_is_little_endian_float32(tiny_engine):
+    f = tiny_engine.embed(EmbeddingRequest(input=TEXTS[:2]))
+    b = tiny_engine.embed(EmbeddingRequest(input=TEXTS[:2], encoding_format="base64"))
+    for df, db in zip(f.data, b.data, strict=True):
+        decoded = np.frombuffer(base64.b64decode(db.embedding), dtype="<f4")
+        np.testing.assert_array_equal(decoded, np.asarray(df.embedding, dtype=np.float32))
+
+
+def test_dimensions_truncate(tiny_engine):
+    full = tiny_engine.encode(TEXTS[0])
+    resp = tiny_engine.embed(EmbeddingRequest(input=TEXTS[0], dimensions=8))
+    np.testing.assert_allclose(resp.data[0].embedding, full[:8], rtol=1e-6)
+
+
+def test_batch_invariance_alone_vs_mixed_batch(tiny_engine):
+    alone = np.stack([tiny_engine.encode([t])[0] for t in TEXTS])
+    batch = tiny_engine.encode(TEXTS[::-1] + TEXTS)  # mixed lengths, duplicates, other order
+    for i in range(len(TEXTS)):
+        invariant(batch[len(TEXTS) + i], alone[i])
+        invariant(batch[len(TEXTS) - 1 - i], alone[i])
+
+
+def test_batch_invariance_across_threads(tiny_engine):
+    alone = {t: tiny_engine.encode([t])[0] for t in TEXTS}
+    steps_before = tiny_engine.stats.steps
+    jobs = [TEXTS[i % len(TEXTS)] for i in range(48)]
+    barrier = threading.Barrier(8)
+
+    def call(i: int) -> tuple[str, np.ndarray]:
+        if i < 8:
+            barrier.wait()
+        return jobs[i], tiny_engine.encode([jobs[i]])[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(len(jobs))))
+    for text, vec in results:
+        invariant(vec, alone[text])
+    # Concurrent calls share steps: fewer steps than calls.
+    assert tiny_engine.stats.steps - steps_before < len(jobs)
+
+
+def test_aembed_from_an_event_loop(tiny_engine):
+    async def main() -> list:
+        return await asyncio.gather(*(tiny_engine.aembed(EmbeddingRequest(input=t)) for t in TEXTS))
+
+    out = asyncio.run(main())
+    for t, r in zip(TEXTS, out, strict=True):
+        invariant(np.array(r.data[0].embedding), tiny_engine.encode(t))
+
+
+def test_large_request_is_split_across_steps(tiny_engine):
+    texts = [f"text number {i} " * (1 + i % 7) for i in range(300)]
+    steps = tiny_engine.stats.steps
+    out = tiny_engine.encode(texts)
+    assert out.shape == (300, tiny_engine.embedding_size)
+    assert tiny_engine.stats.steps - steps > 1  # the 512-token budget forces several steps
+    invariant(out[123], tiny_engine.encode(texts[123]))
+
+
+def test_compile_count_is_bounded_by_the_shape_set(tiny_engine):
+    before = tiny_engine.stats.compilations
+    for _ in range(3):
+        tiny_engine.encode(TEXTS)
+    tiny_engine.encode(TEXTS)
+    # Repeating the same work compiles nothing new.
+    first = tiny_engine.stats.compilations
+    tiny_engine.encode(TEXTS)
+    assert tiny_engine.stats.compilations == first >= before
+    assert tiny_engine.stats.compilations <= len(tiny_engine.buckets.shapes())
+
+
+@pytest.mark.parametrize("bad, code", [
+    ("", "empty_input"),
+    ([], "empty_input"),
+    (["ok", ""], "empty_input"),
+    (["a", 1], "invalid_value"),
+    ([[1, 2], "a"], "invalid_value"),
+    ([[1, -1]], "invalid_token_id"),
+    ([10**6], "invalid_token_id"),
+    ([[]], "empty_input"),
+    (3.5, "invalid_value"),
+    ({"text": "x"}, "invalid_value"),
+    ([True, False], "invalid_value"),
+])
+def test_bad_input_is_rejected_with_a_clear_message(tiny_engine, bad, code):
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_engine.embed(EmbeddingRequest(input=bad))
+    assert e.value.code == code and e.value.param == "input" and len(e.value.message) > 15
+
+
+def test_too_long_and_unknown_model(tiny_engine):
+    with pytest.raises(InvalidRequestError, match="limit of 256") as e:
+        tiny_engine.embed(EmbeddingRequest(input=[[1] * 257]))
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(ModelNotFoundError, match="not served"):
+        tiny_engine.embed(EmbeddingRequest(input="x", model="gpt-4"))
+    with pytest.raises(InvalidRequestError, match="dimensions"):
+        tiny_engine.embed(EmbeddingRequest(input="x", dimensions=0))
+    assert tiny_engine.encode("still serving").shape == (tiny_engine.embedding_size,)
+
+
+def test_shutdown_finishes_queued_work(tiny_llama_dir):
+    engine = EngineBuilder(model=tiny_llama_dir, warmup=False, progress=False,
+                           compilation_cache=False, max_batch_tokens=64).build()
+    futures = [engine.submit(engine.prepare(TEXTS).sequences) for _ in range(5)]
+    engine.shutdown()
+    assert all(f.done() and f.result().shape == (len(TEXTS), engine.embedding_size)
+               for f in futures)
+    assert not engine._thread.is_alive()
+    with pytest.raises(Exception, match="shut down"):
+        engine.encode("too late")
+
+
+def test_plan_step_packs_without_overflow():
+    buckets = Buckets.build(256, 256)
+    rng = np.random.default_rng(0)
+    pending = [(i, rng.integers(0, 9, rng.integers(1, 120)).astype(np.int32)) for i in range(40)]
+    seen: set[int] = set()
+    left = [p[0] for p in pending]
+    while left:
+        todo = [p for p in pending if p[0] in set(left)]
+        step, left = plan_step(todo, buckets)
+        rows, length = step.tokens.shape
+        assert rows * length <= 256 or rows == 1
+        assert (rows, length) in buckets.shapes()
+        for slot, sid in enumerate(step.sequences):
+            seq = pending[sid][1]
+            flat = step.tokens.reshape(-1)
+            mask = step.seq_index.reshape(-1) == slot
+            np.testing.assert_array_equal(flat[mask], seq)
+            assert step.last_index[slot] == np.flatnonzero(mask)[-1]
+            seen.add(sid)
+    assert seen == set(range(40))

@@ -1,0 +1,158 @@
+"""A broken or unsupported checkpoint stops the load with the file, the tensor and the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from jaxembed.config import UnsupportedModelError
+from jaxembed.weights.errors import WeightLoadError
+from jaxembed.weights.loader import load_checkpoint
+
+from tiny_models import write_llama_gguf
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture()
+def folder(tiny_llama_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, dst)
+    return dst
+
+
+def _rewrite_safetensors(path: Path, edit) -> None:
+    """Apply `edit(header) -> header` to a safetensors file, keeping its data bytes."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = edit(json.loads(raw[8 : 8 + n]))
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+
+
+def test_truncated_safetensors_names_file_and_tensor(folder):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(WeightLoadError, match=r"model\.safetensors.*tensor '.*'.*truncated") as e:
+        load_checkpoint(folder, progress=False)
+    assert e.value.tensor
+
+
+def test_unknown_tensor(folder):
+    def rename(h):
+        h["model.layers.0.mlp.gate_projX.weight"] = h.pop("model.layers.0.mlp.gate_proj.weight")
+        return h
+
+    _rewrite_safetensors(folder / "model.safetensors", rename)
+    with pytest.raises(WeightLoadError, match="gate_projX.*unknown tensor"):
+        load_checkpoint(folder, progress=False)
+
+
+def test_missing_tensor(folder):
+    def drop(h):
+        del h["model.layers.2.self_attn.k_proj.weight"]
+        return h
+
+    _rewrite_safetensors(folder / "model.safetensors", drop)
+    with pytest.raises(WeightLoadError, match=r"model\.layers\.2\.self_attn\.k_proj\.weight.*missing"):
+        load_checkpoint(folder, progress=False)
+
+
+def test_misshaped_tensor(folder):
+    def reshape(h):
+        entry = h["model.layers.1.mlp.up_proj.weight"]
+        entry["shape"] = [entry["shape"][1], entry["shape"][0]]
+        return h
+
+    _rewrite_safetensors(folder / "model.safetensors", reshape)
+    with pytest.raises(WeightLoadError, match=r"up_proj\.weight.*shape"):
+        load_checkpoint(folder, progress=False)
+
+
+def test_unsupported_architecture_lists_what_is_supported(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="'bert'.*supported.*Llama"):
+        load_checkpoint(folder, progress=False)
+
+
+def test_not_a_model():
+    with pytest.raises(WeightLoadError, match="no such file"):
+        load_checkpoint("does/not/exist.gguf", progress=False)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tiny_llama_dir: Path, tmp_path_factory) -> Path:
+    return write_llama_gguf(tiny_llama_dir, tmp_path_factory.mktemp("g") / "tiny.gguf", Q.Q8_0)
+
+
+def test_truncated_gguf_names_file_and_tensor(gguf_file, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    data = gguf_file.read_bytes()
+    broken.write_bytes(data[: len(data) - 5000])
+    with pytest.raises(WeightLoadError, match=r"broken\.gguf, tensor 'blk\.\d+\..*truncated"):
+        load_checkpoint(broken, progress=False)
+
+
+def test_garbage_gguf(tmp_path):
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(b"GGUF" + np.random.default_rng(0).bytes(500))
+    with pytest.raises(WeightLoadError, match="garbage.gguf"):
+        load_checkpoint(bad, progress=False)
+
+
+def test_gguf_unknown_tensor(tiny_llama_dir, tmp_path):
+    path = write_llama_gguf(tiny_llama_dir, tmp_path / "renamed.gguf", Q.F32,
+                            rename={"blk.1.ffn_up.weight": "blk.1.ffn_upper.weight"})
+    with pytest.raises(WeightLoadError, match=r"renamed\.gguf, tensor 'blk\.1\.ffn_upper\.weight'"):
+        load_checkpoint(path, progress=False)
+
+
+def test_gguf_unsupported_quant_type_names_the_tensor(tiny_llama_dir, tmp_path):
+    path = tmp_path / "iq.gguf"
+    src = write_llama_gguf(tiny_llama_dir, tmp_path / "src.gguf", Q.F32)
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        w.add_key_value(field.name, field.contents(), field.types[0],
+                        field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        arr = np.array(t.data)
+        if t.name == "blk.0.attn_v.weight":
+            qt = Q.IQ2_XXS  # a real type this engine does not dequantize
+            block, size = gguf.GGML_QUANT_SIZES[qt]
+            raw = np.zeros((arr.shape[0], arr.shape[1] // block * size), np.uint8)
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=qt)
+        else:
+            w.add_tensor(t.name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(WeightLoadError, match=r"iq\.gguf, tensor 'blk\.0\.attn_v\.weight'.*IQ2_XXS"):
+        load_checkpoint(path, progress=False)
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    path = tmp_path / "bert.gguf"
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b"])
+    w.add_token_merges([])
+    w.add_tensor("token_embd.weight", np.zeros((2, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="'bert'.*supported"):
+        load_checkpoint(path, progress=False)

@@ -1,0 +1,136 @@
+"""A strict, fast reader for GGUF files: metadata as a plain dict, tensors as zero-copy views.
+
+`gguf.GGUFReader` builds a Python object per array element, which takes seconds for a 49k-token
+vocabulary. The format is simple enough to parse directly: numeric arrays become one
+`np.frombuffer`, and strings are sliced out of one memory map.
+
+Layout: magic "GGUF", version u32, tensor count u64, kv count u64; then key/value pairs; then tensor
+infos (name, dims in GGML order, type, offset); then tensor data from an aligned start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from jaxembed.weights.errors import WeightLoadError
+
+_SCALARS: dict[int, tuple[str, int]] = {
+    0: ("<u1", 1), 1: ("<i1", 1), 2: ("<u2", 2), 3: ("<i2", 2), 4: ("<u4", 4), 5: ("<i4", 4),
+    6: ("<f4", 4), 7: ("?", 1), 10: ("<u8", 8), 11: ("<i8", 8), 12: ("<f8", 8),
+}
+_STRING, _ARRAY = 8, 9
+DEFAULT_ALIGNMENT = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # row-major numpy order: the reverse of GGML's dims
+    data: np.ndarray  # raw bytes (uint8), a view into the file
+
+
+class GGUFFile:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise WeightLoadError(self.path, f"cannot open: {e}") from e
+        self._buf = memoryview(self._mm)
+        self._pos = 0
+        try:
+            self._parse()
+        except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
+            if isinstance(e, WeightLoadError):
+                raise
+            raise WeightLoadError(
+                self.path, f"not a readable GGUF file (corrupt or truncated header near byte "
+                f"{self._pos}: {e})") from e
+
+    # ---- primitive reads -----------------------------------------------------------------
+
+    def _read(self, fmt: str) -> Any:
+        value = struct.unpack_from(fmt, self._buf, self._pos)[0]
+        self._pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        n = self._read("<Q")
+        if self._pos + n > len(self._buf):
+            raise ValueError(f"string of {n} bytes runs past the end of the file")
+        s = bytes(self._buf[self._pos : self._pos + n]).decode("utf-8")
+        self._pos += n
+        return s
+
+    def _value(self, vtype: int, key: str) -> Any:
+        if vtype == _STRING:
+            return self._string()
+        if vtype in _SCALARS:
+            fmt, size = _SCALARS[vtype]
+            value = np.frombuffer(self._buf, fmt, 1, self._pos)[0].item()
+            self._pos += size
+            return value
+        if vtype == _ARRAY:
+            etype, count = self._read("<I"), self._read("<Q")
+            if etype in _SCALARS:
+                fmt, size = _SCALARS[etype]
+                if self._pos + count * size > len(self._buf):
+                    raise ValueError(f"array {key!r} runs past the end of the file")
+                arr = np.frombuffer(self._buf, fmt, count, self._pos)
+                self._pos += count * size
+                return arr.tolist()
+            return [self._value(etype, key) for _ in range(count)]
+        raise WeightLoadError(self.path, f"metadata key {key!r} has unknown value type {vtype}")
+
+    # ---- the file ------------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        if bytes(self._buf[:4]) != b"GGUF":
+            raise WeightLoadError(self.path, "not a GGUF file (bad magic bytes)")
+        self._pos = 4
+        self.version = self._read("<I")
+        if self.version not in (2, 3):
+            raise WeightLoadError(self.path, f"unsupported GGUF version {self.version}")
+        n_tensors, n_kv = self._read("<Q"), self._read("<Q")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._read("<I"), key)
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._read("<I")
+            dims = [self._read("<Q") for _ in range(n_dims)]
+            infos.append((name, dims, self._read("<I"), self._read("<Q")))
+        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        start = -(-self._pos // align) * align
+        self.tensors: dict[str, GGUFTensor] = {}
+        for name, dims, raw_type, offset in infos:
+            self.tensors[name] = self._tensor(name, dims, raw_type, start + offset)
+
+    def _tensor(self, name: str, dims: list[int], raw_type: int, begin: int) -> GGUFTensor:
+        if name in self.tensors:
+            raise WeightLoadError(self.path, "appears twice", name)
+        try:
+            qtype = gguf.GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise WeightLoadError(self.path, f"unknown GGML type id {raw_type}", name) from None
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n = math.prod(dims)
+        if n % block:
+            raise WeightLoadError(self.path, f"{n} elements is not a whole number of "
+                                  f"{qtype.name} blocks of {block}", name)
+        end = begin + n // block * type_size
+        if end > len(self._mm):
+            raise WeightLoadError(
+                self.path, f"data ends at byte {end} but the file has {len(self._mm)} bytes "
+                "(truncated file?)", name)
+        return GGUFTensor(name, qtype, tuple(reversed(dims)), self._mm[begin:end])
