@@ -11,10 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import LLAMA3_ROPE, build_llama  # noqa: E402
-
 from jaxembed import EngineBuilder, LLMEngine  # noqa: E402
 from jaxembed.fetch import default_model_path  # noqa: E402
+
+from tiny_models import LLAMA3_ROPE, build_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from parity import assert_close_hidden, assert_close_pooled, hidden_error, our_hidden
-from tiny_models import build_llama, write_llama_gguf
 
 from jaxembed.config import rope_inv_freq
 from jaxembed.weights.loader import load_checkpoint
+
+from parity import assert_close_hidden, assert_close_pooled, hidden_error, our_hidden
+from tiny_models import build_llama, write_llama_gguf
 
 Q = gguf.GGMLQuantizationType
 SPINE_TYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]

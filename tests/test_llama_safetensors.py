@@ -10,6 +10,9 @@ import jax
 import numpy as np
 import pytest
 import torch
+
+from jaxembed.weights.loader import load_checkpoint
+
 from parity import (
     assert_close_hidden,
     assert_close_pooled,
@@ -17,8 +20,6 @@ from parity import (
     our_hidden,
 )
 from tiny_models import LLAMA3_ROPE, build_llama, to_classic_config
-
-from jaxembed.weights.loader import load_checkpoint
 
 SEQ = 100  # past the tiny rope's original context (64), so Llama 3 scaling acts
 
