@@ -188,12 +188,15 @@ class LLMEngine:
             if not ids:
                 raise InvalidRequestError(f"input[{i}] has no tokens; send at least one",
                                           param="input", code="empty_input")
-            arr = np.asarray(ids, dtype=np.int64)
-            bad = np.flatnonzero((arr < 0) | (arr >= vocab))
+            try:
+                arr = np.asarray(ids, dtype=np.int64)
+                bad = np.flatnonzero((arr < 0) | (arr >= vocab))
+            except OverflowError:  # ids beyond int64 cannot even be compared in numpy
+                bad = np.asarray([j for j, t in enumerate(ids) if not 0 <= t < vocab])
             if bad.size:
                 j = int(bad[0])
                 raise InvalidRequestError(
-                    f"input[{i}][{j}] is token id {int(arr[j])}, outside this model's vocabulary "
+                    f"input[{i}][{j}] is token id {ids[j]}, outside this model's vocabulary "
                     f"[0, {vocab - 1}]", param="input", code="invalid_token_id")
             if arr.size > self.max_model_len:
                 raise InvalidRequestError(

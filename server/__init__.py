@@ -1,0 +1,5 @@
+"""The OpenAI-compatible HTTP server over an `LLMEngine`."""
+
+from .app import create_app
+
+__all__ = ["create_app"]
