@@ -37,7 +37,7 @@ def test_repo_id_resolves_from_the_local_hub_cache(tiny_llama_dir, tmp_path, tin
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip().splitlines()[-1]
     assert line.startswith("'hello world': dim=64 [")
-    values = [float(x) for x in line.split("[", 1)[1].rstrip(", ...]").split(",")[:4]]
+    values = [float(x) for x in line.split("[", 1)[1].split(",")[:4]]
     np.testing.assert_allclose(values, tiny_engine.encode("hello world")[:4], atol=2e-5)
 
 

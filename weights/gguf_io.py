@@ -66,7 +66,9 @@ class GGUFFile:
         n = self._read("<Q")
         if self._pos + n > len(self._buf):
             raise ValueError(f"string of {n} bytes runs past the end of the file")
-        s = bytes(self._buf[self._pos : self._pos + n]).decode("utf-8")
+        # Leniently: a vocabulary entry holding part of a multi-byte character must not make the
+        # whole file unreadable.
+        s = bytes(self._buf[self._pos : self._pos + n]).decode("utf-8", errors="replace")
         self._pos += n
         return s
 
