@@ -67,8 +67,8 @@ def test_unpermute_negative_control(plain_llama, tmp_path, ids):
     path = write_llama_gguf(plain_llama, tmp_path / "tiny.gguf", Q.F32)
     ref = transformers_gguf_hidden(path, ids)
     table = names.GGUF_TABLES["llama"]
-    broken = tuple(names.Rule(r.pattern, r.target, names.transpose)
-                   if r.target in ("layers.wq", "layers.wk") else r for r in table)
+    broken = tuple(names.Rule(r.pattern, r.targets, names.transpose)
+                   if r.targets in (("layers.wq",), ("layers.wk",)) else r for r in table)
     orig = names.GGUF_TABLES["llama"]
     names.GGUF_TABLES["llama"] = broken
     try:

@@ -86,9 +86,9 @@ def test_tied_embeddings(tmp_path):
 
 
 def _swap(params: dict, a: str, b: str) -> dict:
-    layers = dict(params["layers"])
-    layers[a], layers[b] = layers[b], layers[a]
-    return {**params, "layers": layers}
+    mlp = dict(params["mlp"])
+    mlp[a], mlp[b] = mlp[b], mlp[a]
+    return {**params, "mlp": mlp}
 
 
 @pytest.mark.parametrize("mutation", ["swap_gate_up", "swap_layers", "norm_ones", "no_rope_scaling"])

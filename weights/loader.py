@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxembed.config import ModelConfig, RopeScaling, UnsupportedModelError
+from jaxembed.config import DENSE, MOE, ModelConfig, UnsupportedModelError
 from jaxembed.model import Params, param_shapes
 from jaxembed.weights import names
 from jaxembed.weights.dequant import UnsupportedQuantError, dequantize
@@ -97,11 +97,21 @@ def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool
         raise UnsupportedModelError(f"{config_path}: {e}") from e
     files = [SafetensorsFile(f) for f in safetensors_files(folder)]
     sources: list[tuple[Path, SourceTensor]] = [
-        (f.path, (name, lambda f=f, name=name: f.get(name))) for f in files for name in f.names()
+        (f.path, (_hf_text_name(name), lambda f=f, name=name: f.get(name)))
+        for f in files for name in f.names()
     ]
     params = _fill_params(cfg, sources, names.HF_TABLES[cfg.family], names.HF_IGNORED, dtype,
                           progress, folder.name)
     return cfg, params, tokenizer_from_hf_folder(folder)
+
+
+def _hf_text_name(name: str) -> str:
+    """The language model's own name for a tensor of a multimodal wrapper (Gemma 3)."""
+    for prefix, repl in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+        if name.startswith(prefix):
+            return repl + name[len(prefix):]
+    return name
 
 
 # ---- GGUF ------------------------------------------------------------------------------------
@@ -118,17 +128,17 @@ def _load_gguf(path: Path, dtype: np.dtype, progress: bool
     vocab = len(meta.get("tokenizer.ggml.tokens", []))
     if not vocab and "token_embd.weight" in tensors:
         vocab = tensors["token_embd.weight"].shape[0]
+    rope_factors = {
+        name: tuple(float(v) for v in _dequantize_tensor(path, tensors[f"{name}.weight"]))
+        for name in names.GGUF_ROPE_TENSORS if f"{name}.weight" in tensors
+    }
     try:
-        cfg = ModelConfig.from_gguf(meta, vocab_size=vocab, tied="output.weight" not in tensors)
+        cfg = ModelConfig.from_gguf(meta, vocab_size=vocab, tied="output.weight" not in tensors,
+                                    rope_factors=rope_factors)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:
         raise WeightLoadError(path, f"incomplete model metadata: {e!r}") from e
-    if "rope_freqs.weight" in tensors:
-        factors = _dequantize_tensor(path, tensors["rope_freqs.weight"])
-        cfg = dataclasses.replace(
-            cfg, rope_scaling=RopeScaling(kind="freq_factors",
-                                          freq_factors=tuple(float(f) for f in factors)))
     sources = [(path, (name, lambda t=t: _dequantize_tensor(path, t))) for name, t in tensors.items()]
     params = _fill_params(cfg, sources, names.GGUF_TABLES[cfg.family], names.GGUF_IGNORED, dtype,
                           progress, path.name)
@@ -147,25 +157,38 @@ def _dequantize_tensor(path: Path, t: GGUFTensor) -> np.ndarray:
 # ---- the strict fill -------------------------------------------------------------------------
 
 
-def _readable(pattern: re.Pattern[str], layer: int | None) -> str:
-    text = pattern.pattern.replace(r"(\d+)", str(layer) if layer is not None else "N")
-    return text.replace("\\", "")
+def _readable(pattern: re.Pattern[str], index: tuple[int, ...]) -> str:
+    text = pattern.pattern
+    for i in index:
+        text = text.replace(r"(\d+)", str(i), 1)
+    return text.replace(r"(\d+)", "N").replace("\\", "")
+
+
+def _slots(cfg: ModelConfig) -> dict[str, list[int | None]]:
+    """For each stack, the slot of every layer in it (None: the layer has no such part)."""
+    out: dict[str, list[int | None]] = {"layers": list(range(cfg.num_layers))}
+    for stack, kind in (("mlp", DENSE), ("moe", MOE)):
+        it = iter(range(cfg.num_layers))
+        out[stack] = [next(it) if k == kind else None for k in cfg.mlp_layer_kinds]
+    return out
 
 
 def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
                  rules: Iterable[names.Rule], ignored: Iterable[re.Pattern[str]], dtype: np.dtype,
                  progress: bool, label: str) -> Params:
+    """Fill exactly the params tree the config implies, or stop naming file, tensor and reason."""
     rules, ignored = tuple(rules), tuple(ignored)
     shapes = param_shapes(cfg)
-    n_layers = cfg.num_layers
-    layer_shapes = {k: v[0] for k, v in shapes["layers"].items()}
-    buffers: dict[str, np.ndarray] = {
-        k: np.empty(shape, dtype) for k, shape in layer_shapes.items()
-    }
-    filled: dict[str, np.ndarray] = {k: np.zeros(n_layers, bool) for k in layer_shapes}
+    slots = _slots(cfg)
+    buffers: dict[str, np.ndarray] = {}  # "stack.leaf" -> preallocated stacked array
+    filled: dict[str, np.ndarray] = {}  # "stack.leaf" -> which slots (and experts) are set
     top: dict[str, np.ndarray] = {}
+    for stack in ("layers", "mlp", "moe"):
+        for leaf, (shape, axes) in shapes.get(stack, {}).items():
+            buffers[f"{stack}.{leaf}"] = np.empty(shape, dtype)
+            per_expert = axes[1] == "experts" and len(shape) == 4
+            filled[f"{stack}.{leaf}"] = np.zeros(shape[:2] if per_expert else shape[:1], bool)
     origin: dict[str, str] = {}
-    tied_head = cfg.tie_word_embeddings
 
     for file, (name, read) in tqdm(sources, desc=f"loading {label}", unit="tensor",
                                    disable=not progress, leave=False):
@@ -175,42 +198,71 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
         if match is None:
             raise WeightLoadError(file, f"unknown tensor for a {cfg.family} model", name)
         rule, m = match
-        if rule.target == "lm_head" and tied_head:
+        if rule.targets == ("lm_head",) and cfg.tie_word_embeddings:
             continue  # some tied checkpoints save the head too; the embedding is used
-        array = rule.transform(read(), cfg)
-        if rule.target.startswith("layers."):
-            key = rule.target.split(".", 1)[1]
-            layer = int(m.group(1))
-            if layer >= n_layers:
-                raise WeightLoadError(file, f"layer {layer} but the config has {n_layers}", name)
-            if filled[key][layer]:
-                raise WeightLoadError(file, "set twice (duplicate tensor)", name)
-            _check_shape(file, name, array.shape, layer_shapes[key][1:])
-            buffers[key][layer] = array
-            filled[key][layer] = True
-        else:
-            if rule.target in top:
-                raise WeightLoadError(file, f"set twice (also by {origin[rule.target]})", name)
-            _check_shape(file, name, array.shape, shapes[rule.target][0])
-            top[rule.target] = np.asarray(array, dtype)
-            origin[rule.target] = name
+        for target in rule.targets:
+            if target not in buffers and target not in shapes:
+                raise WeightLoadError(file, f"not expected by this {cfg.family} config (the "
+                                      f"config has no {target!r})", name)
+        arrays = rule.transform(read(), cfg)
+        for target, array in zip(rule.targets, arrays, strict=True):
+            if target in buffers:
+                _place(file, name, target, m, array, buffers[target], filled[target], slots)
+            else:
+                if target in top:
+                    raise WeightLoadError(file, f"set twice (also by {origin[target]})", name)
+                _check_shape(file, name, array.shape, shapes[target][0])
+                top[target] = np.asarray(array, dtype)
+                origin[target] = name
 
     file = sources[0][0] if sources else Path(label)
-    by_target = {r.target: r.pattern for r in rules}
-    for key, done in filled.items():
+    by_target = {t: r.pattern for r in rules for t in r.targets}
+    for target, done in filled.items():
         if not done.all():
-            layer = int(np.argmin(done))
-            tensor = _readable(by_target[f"layers.{key}"], layer)
-            raise WeightLoadError(file, f"missing tensor ({(~done).sum()} layers lack it)", tensor)
+            missing = np.argwhere(~done)[0]
+            stack = target.split(".")[0]
+            layer = slots[stack].index(int(missing[0]))
+            tensor = _readable(by_target[target], (layer, *map(int, missing[1:])))
+            raise WeightLoadError(file, f"missing tensor ({int((~done).sum())} slots lack it)",
+                                  tensor)
     for target in shapes:
-        if target != "layers" and target not in top:
-            raise WeightLoadError(file, "missing tensor", _readable(by_target[target], None))
+        if target not in ("layers", "mlp", "moe") and target not in top:
+            raise WeightLoadError(file, "missing tensor", _readable(by_target[target], ()))
 
-    to_device = lambda a: jnp.asarray(a)  # noqa: E731
-    params: Params = {k: to_device(v) for k, v in top.items()}
-    params["layers"] = {k: to_device(v) for k, v in buffers.items()}
+    params: Params = {k: jnp.asarray(v) for k, v in top.items()}
+    for key in list(buffers):
+        stack, leaf = key.split(".")
+        params.setdefault(stack, {})[leaf] = jnp.asarray(buffers.pop(key))  # frees as it goes
     jax.block_until_ready(params)
     return params
+
+
+def _place(file: Path, name: str, target: str, m: re.Match[str], array: np.ndarray,
+           buffer: np.ndarray, filled: np.ndarray, slots: dict[str, list[int | None]]) -> None:
+    """Write one layer's (or one expert's) array into its slot of a stacked buffer."""
+    stack = target.split(".")[0]
+    layer = int(m.group(1))
+    if layer >= len(slots[stack]):
+        raise WeightLoadError(file, f"layer {layer} but the config has {len(slots[stack])}", name)
+    slot = slots[stack][layer]
+    if slot is None:
+        raise WeightLoadError(file, f"layer {layer} has no {stack!r} part in this config", name)
+    index: tuple[int, ...] = (slot,)
+    if filled.ndim == 2:  # stacked experts
+        if m.re.groups >= 2:
+            expert = int(m.group(2))
+            if expert >= filled.shape[1]:
+                raise WeightLoadError(file, f"expert {expert} but the config has "
+                                      f"{filled.shape[1]}", name)
+            index = (slot, expert)
+        want = buffer.shape[len(index):]
+    else:
+        want = buffer.shape[1:]
+    if filled[index].any():
+        raise WeightLoadError(file, "set twice (duplicate tensor)", name)
+    _check_shape(file, name, array.shape, want)
+    buffer[index] = array
+    filled[index] = True
 
 
 def _check_shape(file: Path, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
