@@ -191,7 +191,7 @@ class ModelConfig:
         elif family == "glm4":
             extra.update(sandwich_norm=True, rope_interleaved=True)
         if family == "qwen3_moe":
-            n_exp = int(cfg.get("num_experts") or 0)
+            n_exp = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
             step = int(cfg.get("decoder_sparse_step") or 1)
             dense_only = set(cfg.get("mlp_only_layers") or [])
             extra.update(

@@ -106,7 +106,10 @@ def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool
 
 
 def _hf_text_name(name: str) -> str:
-    """The language model's own name for a tensor of a multimodal wrapper (Gemma 3)."""
+    """The causal-LM name of a tensor: base models (many embedding models) save without the
+    `model.` prefix, and multimodal wrappers (Gemma 3) nest the language model one level down."""
+    if name.startswith(("embed_tokens.", "layers.", "norm.")):
+        return "model." + name
     for prefix, repl in (("model.language_model.", "model."), ("language_model.model.", "model."),
                          ("language_model.lm_head.", "lm_head.")):
         if name.startswith(prefix):
@@ -226,8 +229,10 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
             raise WeightLoadError(file, f"missing tensor ({int((~done).sum())} slots lack it)",
                                   tensor)
     for target in shapes:
-        if target not in ("layers", "mlp", "moe") and target not in top:
+        if target not in ("layers", "mlp", "moe", "lm_head") and target not in top:
             raise WeightLoadError(file, "missing tensor", _readable(by_target[target], ()))
+    # A base-model checkpoint (as many embedding models are saved) has no LM head: embeddings
+    # need none, and generation reports its absence.
 
     params: Params = {k: jnp.asarray(v) for k, v in top.items()}
     for key in list(buffers):
