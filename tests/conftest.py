@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from jaxembed import EngineBuilder, LLMEngine  # noqa: E402
-from jaxembed.fetch import default_model_path  # noqa: E402
+from jaxembed.fetch import default_model_path, packaged_model_path  # noqa: E402
 
 from tiny_models import LLAMA3_ROPE, build_llama  # noqa: E402
 
@@ -44,3 +44,9 @@ def smollm2_engine(smollm2_path: Path) -> Iterator[LLMEngine]:
                            compilation_cache=False).build()
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI chunk wheels once."""
+    return packaged_model_path("gemma3-270m")
