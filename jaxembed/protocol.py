@@ -59,9 +59,9 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
+    object: str = "embedding"
     embedding: list[float] | str
     index: int
-    object: str = "embedding"
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -70,10 +70,10 @@ class Usage(msgspec.Struct, kw_only=True):
 
 
 class EmbeddingResponse(msgspec.Struct, kw_only=True):
+    object: str = "list"
     data: list[EmbeddingData]
     model: str
     usage: Usage
-    object: str = "list"
 
 
 # ---- input normalization ---------------------------------------------------------------------
