@@ -1,0 +1,125 @@
+"""The peers, each measured on the same corpus and the same weights in the same process or run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Best wall time of `repeat` calls."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def roofline_flops() -> dict[str, float]:
+    """FLOP/s of a 2048^3 fp32 matrix product, numpy and JAX, best of several runs."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    t_np = timed(lambda: a @ b, repeat=5)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(ja, jb).block_until_ready()
+    t_jax = timed(lambda: mm(ja, jb).block_until_ready(), repeat=5)
+    flop = 2 * n**3
+    return {"numpy": flop / t_np, "jax": flop / t_jax, "best": flop / min(t_np, t_jax)}
+
+
+def jaxembed_peer(model: Path, texts: list[str], dtype: str = "float32") -> dict[str, Any]:
+    from jaxembed import EngineBuilder
+    from jaxembed.weights.loader import load_checkpoint
+
+    load_s = timed(lambda: load_checkpoint(model, progress=False), repeat=3)
+    engine = EngineBuilder(model=model, dtype=dtype, progress=False, warmup=False,
+                           compilation_cache=False).build()
+    try:
+        tokens = sum(len(t) for t in engine.tokenize(texts))
+        start = time.perf_counter()
+        engine.encode(texts)  # compiles the shapes this workload needs
+        first_s = time.perf_counter() - start
+        compiles = engine.stats.compilations
+        before = engine.stats.real_tokens, engine.stats.padded_tokens
+        run_s = timed(lambda: engine.encode(texts), repeat=2)
+        real = (engine.stats.real_tokens - before[0]) / 2
+        padded = (engine.stats.padded_tokens - before[1]) / 2
+        recompiles = engine.stats.compilations - compiles
+        return {
+            "load_s": load_s, "first_pass_s": first_s, "run_s": run_s, "tokens": tokens,
+            "tokens_per_s": tokens / run_s, "compilations": compiles,
+            "recompilations_after_warmup": recompiles, "padding_waste": 1 - real / padded,
+            "_vectors": engine.encode(texts[:16]), "_cfg": engine.config,
+        }
+    finally:
+        engine.shutdown()
+
+
+def transformers_peer(model: Path, texts: list[str], threads: int) -> dict[str, Any]:
+    """transformers on torch CPU, fp32, the same weights; length-sorted batches at its best size."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    kw = {"gguf_file": model.name} if model.suffix == ".gguf" else {}
+    root = model.parent if model.suffix == ".gguf" else model
+    tok = AutoTokenizer.from_pretrained(root, **kw)
+    net = AutoModel.from_pretrained(root, dtype=torch.float32, **kw).eval()
+    load_s = time.perf_counter() - start
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    encoded = [tok(t)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    tokens = sum(map(len, encoded))
+
+    def run(batch: int, idx: list[int]) -> np.ndarray:
+        out = np.zeros((len(texts), net.config.hidden_size), np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(idx), batch):
+                chunk = idx[s : s + batch]
+                width = max(len(encoded[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, i in enumerate(chunk):
+                    ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[r, : len(encoded[i])] = 1
+                h = net(input_ids=ids, attention_mask=mask).last_hidden_state
+                pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                out[chunk] = pooled.numpy()
+        return out
+
+    probe = order[:: max(1, len(order) // 64)]  # a length-spread sample to pick the batch size
+    probe_tokens = sum(len(encoded[i]) for i in probe)
+    by_batch = {b: probe_tokens / timed(lambda b=b: run(b, probe)) for b in (1, 4, 8, 16, 32)}
+    best = max(by_batch, key=by_batch.get)
+    run_s = timed(lambda: run(best, order))
+    return {"load_s": load_s, "best_batch": best, "probe_tokens_per_s": by_batch,
+            "run_s": run_s, "tokens": tokens, "tokens_per_s": tokens / run_s,
+            "_vectors": run(16, list(range(16)))[:16]}
+
+
+def llamacpp_peer(model: Path, texts: list[str], threads: int) -> dict[str, Any]:
+    """llama.cpp through llama-cpp-python: the same GGUF, mean pooling, its quantized kernels."""
+    import llama_cpp
+
+    ctx = 2048
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(model), embedding=True, n_threads=threads,
+                          n_threads_batch=threads, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
+                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
+    load_s = time.perf_counter() - start
+    tokens = sum(len(llm.tokenize(t.encode(), add_bos=True, special=True)) for t in texts)
+    llm.embed(texts[:4])  # warm-up
+    run_s = timed(lambda: llm.embed(texts, normalize=False))
+    vectors = np.asarray(llm.embed(texts[:16], normalize=False), dtype=np.float32)
+    return {"load_s": load_s, "run_s": run_s, "tokens": tokens, "tokens_per_s": tokens / run_s,
+            "threads": threads, "_vectors": vectors}
