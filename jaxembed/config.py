@@ -262,15 +262,18 @@ class ModelConfig:
             extra.update(embed_scale=True, activation="gelu_tanh")
             if family in ("gemma2", "gemma3"):
                 types = _gemma_layer_types(family, n_layers, {})
+                # GGUF has no query_pre_attn_scalar: it is head_dim for every Gemma 2/3 size
+                # but the 27B ones, which use hidden / heads (llama.cpp hardcodes the same).
+                big = (family, n_layers) in (("gemma2", 46), ("gemma3", 62))
                 extra.update(
                     sandwich_norm=True, sliding_window=int(window) if window else 4096,
                     layer_types=tuple(SLIDING if "sliding" in t else FULL for t in types),
-                    query_scale=head_dim**-0.5,
+                    query_scale=(hidden / heads if big else head_dim) ** -0.5,
                     attn_softcap=_opt_float(key("attn_logit_softcapping")))
             if family == "gemma3":
-                # GGUF carries neither the local rope base nor query_pre_attn_scalar: these are
-                # the values every Gemma 3 model uses (and transformers fills in the same way).
-                extra.update(qk_norm=True, rope_local_theta=10000.0)
+                # Older converters write no local rope base: 10000 is every Gemma 3's.
+                extra.update(qk_norm=True,
+                             rope_local_theta=float(key("rope.freq_base_swa", 10000.0)))
         elif family == "glm4":
             extra.update(sandwich_norm=True, rope_interleaved=True, qkv_bias=True)
         if family == "qwen3_moe":
