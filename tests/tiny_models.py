@@ -83,14 +83,32 @@ def build_llama(folder: Path, seed: int = 0, rope: dict | None = None, **overrid
     return folder
 
 
-def to_classic_config(folder: Path) -> None:
-    """Rewrite config.json in the classic style (`rope_theta` + `rope_scaling` at the top level)."""
+def to_classic_config(folder: Path, scaling_key: str = "rope_type") -> None:
+    """Rewrite config.json in the classic style, as checkpoints made before transformers 5 have it.
+
+    `rope_theta` goes to the top level and a non-default scaling to `rope_scaling`, its kind under
+    `scaling_key` ("rope_type", or "type" as in Phi-3 checkpoints). `partial_rotary_factor` goes to
+    the top level, and so does `original_max_position_embeddings` for longrope (Phi-3 keeps it
+    there; Llama 3 keeps it inside `rope_scaling`). Per-layer-type settings (Gemma 3) become the
+    global ones plus `rope_local_base_freq`.
+    """
     path = folder / "config.json"
     cfg = json.loads(path.read_text())
     params = cfg.pop("rope_parameters", None) or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        local = params.get("sliding_attention", {})
+        if "rope_theta" in local:
+            cfg["rope_local_base_freq"] = local["rope_theta"]
+        params = params.get("full_attention", {})
+    params = dict(params)
     cfg["rope_theta"] = params.pop("rope_theta", 10000.0)
-    if params.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = params
+    if "partial_rotary_factor" in params:
+        cfg["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if kind == "longrope" and "original_max_position_embeddings" in params:
+        cfg["original_max_position_embeddings"] = params.pop("original_max_position_embeddings")
+    if kind != "default":
+        cfg["rope_scaling"] = {scaling_key: kind, **params}
     path.write_text(json.dumps(cfg, indent=2))
 
 
