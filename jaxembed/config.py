@@ -90,6 +90,7 @@ class ModelConfig:
     attn_softcap: float | None = None  # gemma2: tanh soft-capping of attention scores
     query_scale: float = 0.0  # multiplier of q.k (0: head_dim ** -0.5)
     sliding_window: int | None = None
+    causal: bool = True  # False: every token sees its whole sequence (EmbeddingGemma)
     layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer (empty: all FULL)
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -188,6 +189,10 @@ class ModelConfig:
             if family == "gemma3":
                 extra.update(qk_norm=True, rope_local_theta=float(rope.get("rope_local_theta",
                                                                             10000.0)))
+                if cfg.get("use_bidirectional_attention"):
+                    # transformers halves the window of bidirectional models (it looks both
+                    # ways): tokens closer than window // 2 + 1 see each other.
+                    extra.update(causal=False, sliding_window=int(window) // 2 + 1)
         elif family == "glm4":
             extra.update(sandwich_norm=True, rope_interleaved=True)
         if family == "qwen3_moe":

@@ -143,7 +143,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: ModelConfig) -
 
 
 def attention_masks(segment_ids: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """[B, T, T] bool, full and sliding: causal, within one segment.
+    """[B, T, T] bool, full and sliding: within one segment, causal unless the model is not.
 
     Padding (segment 0) attends to earlier padding, itself included, so no row of scores is all
     masked (which would give NaN); real tokens never see it because the segments differ.
@@ -151,11 +151,12 @@ def attention_masks(segment_ids: jax.Array, cfg: ModelConfig) -> tuple[jax.Array
     t = segment_ids.shape[1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-    full = same & jnp.asarray(j <= i)[None]
+    seen = (j <= i) if cfg.causal else np.ones((t, t), bool)
+    full = same & jnp.asarray(seen)[None]
     if SLIDING not in cfg.layer_types:
         return full, full
     # Within one segment index distance equals position distance: a window over positions.
-    return full, same & jnp.asarray((j <= i) & (i - j < cfg.sliding_window))[None]
+    return full, same & jnp.asarray(seen & (np.abs(i - j) < cfg.sliding_window))[None]
 
 
 def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -180,8 +181,9 @@ def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax
     block = attention_block(t)
     outs = []
     for start in range(0, t, block):
-        end = min(start + block, t)
-        outs.append(_attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end],
+        end = min(start + block, t) if cfg.causal else t
+        stop = min(start + block, t)
+        outs.append(_attend(q[:, start:stop], k[:, :end], v[:, :end], mask[:, start:stop, :end],
                             cfg))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return out.reshape(b, t, cfg.q_size) @ p["wo"]
