@@ -40,3 +40,13 @@ def assert_close_hidden(ours: np.ndarray, ref: np.ndarray) -> None:
 def assert_close_pooled(ours: np.ndarray, ref: np.ndarray) -> None:
     cos = cosine(ours, ref)
     assert cos.min() > COSINE_MIN, f"pooled cosine {cos.min():.6f} <= {COSINE_MIN}"
+
+
+def transformers_from_gguf(path):
+    """transformers' own model (fp32, eager attention) and tokenizer from the same GGUF file."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                      attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

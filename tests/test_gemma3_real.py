@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from parity import assert_close_pooled
 
 from jaxembed import EngineBuilder
+
+from parity import assert_close_pooled, transformers_from_gguf
 
 TEXTS = [
     "Hello world",
@@ -32,12 +33,7 @@ def engine(gemma3_path):
 
 @pytest.fixture(scope="module")
 def reference(gemma3_path):
-    from transformers import AutoModel, AutoTokenizer
-
-    model = AutoModel.from_pretrained(gemma3_path.parent, gguf_file=gemma3_path.name,
-                                      dtype=torch.float32, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(gemma3_path.parent, gguf_file=gemma3_path.name)
-    return model, tok
+    return transformers_from_gguf(gemma3_path)
 
 
 def test_config(engine):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity import assert_close_hidden, assert_close_pooled, our_hidden
+from parity import assert_close_hidden, assert_close_pooled, our_hidden, transformers_from_gguf
 
 TEXTS = [
     "Hello world",
@@ -20,12 +20,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def reference(smollm2_path):
-    from transformers import AutoModel, AutoTokenizer
-
-    model = AutoModel.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                      dtype=torch.float32, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
-    return model, tok
+    return transformers_from_gguf(smollm2_path)
 
 
 def test_config_and_tokenizer_metadata(smollm2_engine):
