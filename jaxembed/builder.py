@@ -9,8 +9,14 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxembed.engine import DEFAULT_MAX_BATCH_TOKENS, LLMEngine, default_dtype
+from jaxembed.engine import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    LLMEngine,
+    default_dtype,
+)
 from jaxembed.fetch import cache_dir, resolve_model
+from jaxembed.protocol import EmbeddingDefaults
 from jaxembed.weights.loader import load_checkpoint
 
 log = logging.getLogger("jaxembed")
@@ -22,6 +28,9 @@ class EngineBuilder:
 
     model: a GGUF file, an HF folder, an HF repo id, or None for the embedded default model.
     dtype: "float32", "bfloat16" or "float16"; None picks float32 on CPU, bfloat16 on accelerators.
+    max_queued_requests: requests waiting or running at once; past it, submissions are refused.
+    max_request_tokens: the most tokens one request may hold in all (None: no limit).
+    defaults: server-wide values for the request fields a request leaves unset.
     """
 
     model: str | os.PathLike | None = None
@@ -29,6 +38,9 @@ class EngineBuilder:
     max_model_len: int | None = None
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     served_model_names: Sequence[str] | None = None
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    max_request_tokens: int | None = None
+    defaults: EmbeddingDefaults | None = None
     warmup: bool = True
     progress: bool = True
     compilation_cache: bool = True
@@ -42,7 +54,9 @@ class EngineBuilder:
                  checkpoint.load_seconds)
         engine = LLMEngine(checkpoint, max_model_len=self.max_model_len,
                            max_batch_tokens=self.max_batch_tokens,
-                           served_model_names=self.served_model_names)
+                           served_model_names=self.served_model_names,
+                           max_queued_requests=self.max_queued_requests,
+                           max_request_tokens=self.max_request_tokens, defaults=self.defaults)
         if self.warmup:
             engine.warmup()
         return engine

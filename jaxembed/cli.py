@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
-import time
 
 from jaxembed.builder import EngineBuilder
+from jaxembed.engine import DEFAULT_MAX_QUEUED_REQUESTS
+from jaxembed.protocol import EmbeddingDefaults, EmbeddingType
+
+API_KEY_ENV = "JAXEMBED_API_KEY"
+# Idle connections are kept longer than HTTP clients keep them pooled (httpx, and so the openai
+# client, drop them after 5 s): the client closes first, so a request is never sent on a connection
+# the server is closing at that moment. uvicorn's own default, 5 s, races with those clients.
+KEEP_ALIVE_SECONDS = 30
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -30,22 +39,60 @@ def _builder(args: argparse.Namespace, **extra: object) -> EngineBuilder:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from jaxembed.fetch import resolve_model
     from jaxembed.server import create_app
 
-    start = time.perf_counter()
-    engine = _builder(args, served_model_names=args.served_model_name or None).build()
-    logging.getLogger("jaxembed").info(
-        "serving %s as %s on http://%s:%d (ready in %.1fs)", engine.checkpoint.path,
-        engine.served_model_names, args.host, args.port, time.perf_counter() - start)
-    app = create_app(engine, shutdown_engine=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Resolved up front so a mistyped path fails at once rather than after the port is bound.
+    args.model = str(resolve_model(args.model))
+    builder = _builder(
+        args, served_model_names=args.served_model_name or None,
+        max_queued_requests=args.max_queued_requests, max_request_tokens=args.max_request_tokens,
+        defaults=EmbeddingDefaults(
+            embedding_type=(EmbeddingType(args.default_embedding_type)
+                            if args.default_embedding_type else None),
+            normalize=args.default_normalize,
+            truncate_prompt_tokens=args.default_truncate_prompt_tokens))
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def load_failed(error: BaseException) -> None:
+        failed.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    # The app answers at once (503 until the model is loaded and warm; see /health).
+    app = create_app(builder, max_body_bytes=args.max_body_bytes,
+                     api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                     cors_origins=args.cors_origin, request_timeout=args.request_timeout or None,
+                     on_load_error=load_failed)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.log_level,
+                                           timeout_keep_alive=KEEP_ALIVE_SECONDS))
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn drains in-flight requests on SIGTERM, then (the app's shutdown) the engine finishes
+    # its queue; afterwards it re-raises the signal to the handler it found. With this one in
+    # place, that ends the process with status 0, as orchestrators expect of a clean stop.
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failed:
+        print(f"jaxembed: error: the model failed to load: {failed[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
 def embed(args: argparse.Namespace) -> int:
     engine = _builder(args, warmup=False).build()
     try:
-        vectors = engine.encode(args.text, embedding_type=args.embedding_type)
+        vectors = engine.encode(args.text, embedding_type=args.embedding_type,
+                                normalize=args.normalize)
         for text, vec in zip(args.text, vectors, strict=True):
             head = ", ".join(f"{x:.5f}" for x in vec[: args.show])
             print(f"{text[:40]!r}: dim={vec.shape[0]} [{head}, ...]")
@@ -66,12 +113,36 @@ def main(argv: list[str] | None = None) -> int:
                    help="a name clients use for the model (repeatable; default: the file or "
                         "folder name); 'default' always works too")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health "
+                        f"(default: ${API_KEY_ENV}, else no key)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
+                   help="largest request body; larger ones get 413 (default: 2 MiB)")
+    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                   help="requests queued or running at once; past it, 429 with Retry-After "
+                        f"(default: {DEFAULT_MAX_QUEUED_REQUESTS})")
+    p.add_argument("--max-request-tokens", type=int, default=None,
+                   help="most tokens in one request, all inputs together (default: no limit)")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds a request may take before it is cancelled with 503; "
+                        "0 for no limit (default: 120)")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="an origin browsers may call from (repeatable; '*' for any); "
+                        "default: no CORS")
+    p.add_argument("--default-normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalize vectors unless a request says otherwise (default: off)")
+    p.add_argument("--default-embedding-type", choices=[t.value for t in EmbeddingType],
+                   default=None, help="pooling unless a request says otherwise (default: mean)")
+    p.add_argument("--default-truncate-prompt-tokens", type=int, default=None,
+                   help="keep the last N tokens of over-long inputs (-1: the model's limit) "
+                        "unless a request says otherwise (default: refuse them)")
     p.set_defaults(func=serve)
 
     p = sub.add_parser("embed", help="embed texts and print their dimension and first values")
     _add_model_args(p)
     p.add_argument("text", nargs="+")
     p.add_argument("--embedding-type", default="mean", choices=["mean", "last"])
+    p.add_argument("--normalize", action="store_true", help="L2-normalize the vectors")
     p.add_argument("--show", type=int, default=6, help="how many values to print per text")
     p.set_defaults(func=embed)
 

@@ -4,18 +4,25 @@ Embeddings are prefill-only tasks (`max_tokens=0`): they run the decoder over pa
 pooled final hidden states instead of logits, and never touch a KV cache. Callers from any thread
 (Python, or the HTTP server's event loop through `aembed`) tokenize on their own side and submit
 token ids; the engine thread drains the queue between steps, so concurrent work is batched together.
+
+The queue is bounded by `max_queued_requests` (past it `submit` raises `EngineOverloadedError`, so a
+burst is refused at once instead of piling up latency), and a request whose future was cancelled
+(its caller gave up or went away) is dropped before it is computed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
+import contextlib
+import copy
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -23,15 +30,22 @@ import numpy as np
 
 from jaxembed import model
 from jaxembed.errors import (
+    EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
 )
 from jaxembed.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingData,
+    EmbeddingDefaults,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingType,
+    EncodingFormat,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     encode_vector,
     split_input,
@@ -43,7 +57,12 @@ log = logging.getLogger("jaxembed.engine")
 
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_ALIAS = "default"
+
+# Histogram bounds for the per-step metrics: sequences, requests and real tokens in one step.
+COUNT_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BOUNDS = (16, 64, 256, 1024, 4096, 16384, 65536)
 
 
 def default_dtype() -> str:
@@ -52,17 +71,81 @@ def default_dtype() -> str:
 
 
 @dataclasses.dataclass
+class Histogram:
+    """Counts of observations per bucket (value <= bound; the last bucket is +Inf), with their sum:
+    what Prometheus needs to draw a histogram, without the engine depending on a metrics library."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = dataclasses.field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[int]:
+        """Counts at or below each bound, then the total (the +Inf bucket)."""
+        out, running = [], 0
+        for c in self.counts:
+            running += c
+            out.append(running)
+        return out
+
+
+@dataclasses.dataclass
 class EngineStats:
     steps: int = 0
     sequences: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
+    real_tokens: int = 0  # tokens embedded
+    padded_tokens: int = 0  # the steps' full size, padding included
     compilations: int = 0
     busy_seconds: float = 0.0
+    requests: int = 0  # requests completed
+    cancelled: int = 0  # requests dropped before they were computed (their caller gave up)
+    rejected: int = 0  # requests refused because the queue was full
+    step_sequences: Histogram = dataclasses.field(default_factory=lambda: Histogram(COUNT_BOUNDS))
+    step_requests: Histogram = dataclasses.field(default_factory=lambda: Histogram(COUNT_BOUNDS))
+    step_tokens: Histogram = dataclasses.field(default_factory=lambda: Histogram(TOKEN_BOUNDS))
 
     @property
     def padding_ratio(self) -> float:
         return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+@dataclasses.dataclass
+class RequestTiming:
+    """Where a request's time went: waiting in the queue, then in the steps that computed it."""
+
+    submitted: float
+    started: float | None = None  # the start of the first step holding one of its sequences
+    finished: float | None = None
+
+    @property
+    def queue_seconds(self) -> float:
+        end = self.started if self.started is not None else self.finished
+        return max(0.0, (end if end is not None else self.submitted) - self.submitted)
+
+    @property
+    def inference_seconds(self) -> float:
+        if self.started is None or self.finished is None:
+            return 0.0
+        return self.finished - self.started
+
+
+class EmbeddingFuture(concurrent.futures.Future):
+    """The future `submit` returns: float32 [len(sequences), hidden], plus the request's timing.
+
+    Cancelling it before its vectors are computed drops the work from the queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timing = RequestTiming(time.perf_counter())
 
 
 @dataclasses.dataclass
@@ -71,7 +154,7 @@ class _Work:
 
     sequences: list[np.ndarray]
     pooling: EmbeddingType
-    future: concurrent.futures.Future
+    future: EmbeddingFuture
     out: np.ndarray
     remaining: int
 
@@ -87,10 +170,25 @@ class PreparedInput:
         return sum(len(s) for s in self.sequences)
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbeddingOptions:
+    """A request's settings once validated and merged with the server's defaults."""
+
+    model: str
+    pooling: EmbeddingType
+    normalize: bool
+    truncate: int | None  # keep the last this many tokens; None: refuse over-long inputs
+    dimensions: int | None
+    encoding_format: EncodingFormat
+
+
 class LLMEngine:
     def __init__(self, checkpoint: Checkpoint, *, max_model_len: int | None = None,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 served_model_names: Sequence[str] | None = None) -> None:
+                 served_model_names: Sequence[str] | None = None,
+                 max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+                 max_request_tokens: int | None = None,
+                 defaults: EmbeddingDefaults | None = None) -> None:
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -99,18 +197,36 @@ class LLMEngine:
         self.max_model_len = int(max_model_len or limit)
         self.buckets = Buckets.build(self.max_model_len, max_batch_tokens)
         self.served_model_names = list(served_model_names or [checkpoint.name])
+        if max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be at least 1; got {max_queued_requests}")
+        self.max_queued_requests = int(max_queued_requests)
+        self.max_request_tokens = max_request_tokens
+        self.defaults = defaults or EmbeddingDefaults()
         self.stats = EngineStats()
+        self._special_prefix, self._special_suffix = self._special_tokens()
+        try:  # the defaults go through the same checks as a request's own values
+            self.resolve(EmbeddingRequest(input="x"))
+        except InvalidRequestError as e:
+            raise ValueError(f"bad server default: {e.message}") from None
 
         cfg = self.config
 
         def pooled(params: Any, *step_arrays: jax.Array) -> tuple[jax.Array, jax.Array]:
-            self.stats.compilations += 1  # runs once per trace, i.e. once per new step shape
+            with self._stats_lock:
+                self.stats.compilations += 1  # runs once per trace, i.e. once per new step shape
             return model.pooled(params, *step_arrays, cfg=cfg)
 
         self._pooled = jax.jit(pooled)
         self._queue: queue.Queue[_Work | None] = queue.Queue()
         self._closed = False
+        self._outstanding = 0  # requests accepted and not yet finished, cancelled or failed
         self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        # Set while the engine may run steps; `pause()` clears it. `_step_lock` is held for each
+        # step, so `pause()` can wait out a step already running.
+        self._running = threading.Event()
+        self._running.set()
+        self._step_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="jaxembed-engine", daemon=True)
         self._thread.start()
 
@@ -124,6 +240,22 @@ class LLMEngine:
     def embedding_size(self) -> int:
         return self.config.hidden_size
 
+    @property
+    def is_causal(self) -> bool:
+        """Whether each token sees only the tokens before it: true of every decoder served today.
+        A bidirectional model would set `is_causal = False` in its config, and allow `cls`."""
+        return bool(getattr(self.config, "is_causal", True))
+
+    @property
+    def ready(self) -> bool:
+        """Accepting work: false once shutdown has begun (draining, then stopped)."""
+        return not self._closed
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests accepted and not yet finished (waiting or in a step)."""
+        return self._outstanding
+
     def resolve_model(self, name: str | None) -> str:
         """The served name a request's `model` refers to; `default` aliases the served model."""
         if name is None or name == DEFAULT_ALIAS or name in self.served_model_names:
@@ -132,47 +264,123 @@ class LLMEngine:
             f"the model {name!r} is not served here; use one of "
             f"{[*self.served_model_names, DEFAULT_ALIAS]}", param="model")
 
-    def check_request(self, request: EmbeddingRequest) -> str:
-        """Validate what can be checked before tokenizing; return the served model name."""
+    def resolve(self, request: EmbeddingRequest) -> EmbeddingOptions:
+        """Validate the request's settings (not its input) and fill in the server's defaults.
+
+        Precedence for each extension: the request's value, then the server's default, then the
+        built-in one (mean pooling, no normalization, no truncation)."""
+        d = self.defaults
         name = self.resolve_model(request.model)
+        fmt = _enum(EncodingFormat, request.encoding_format, "encoding_format")
+        pooling = _enum(EmbeddingType, _first(request.embedding_type, d.embedding_type,
+                                              EmbeddingType.Mean), "embedding_type")
+        if pooling == EmbeddingType.Cls and self.is_causal:
+            raise InvalidRequestError(
+                f"'embedding_type' 'cls' needs a bidirectional model, and {self.model_name} is a "
+                "causal decoder: its first token sees only itself, so its state says nothing "
+                "about the rest of the input; use 'mean' or 'last'", param="embedding_type",
+                code="unsupported_value")
+        if pooling == EmbeddingType.Cls:
+            raise InvalidRequestError(  # no bidirectional family is loaded by this engine yet
+                "'embedding_type' 'cls' is not available for this model; use 'mean' or 'last'",
+                param="embedding_type", code="unsupported_value")
+        normalize = _first(request.normalize, d.normalize, False)
+        if not isinstance(normalize, bool):
+            raise InvalidRequestError(
+                f"'normalize' must be true or false; got {normalize!r}", param="normalize",
+                code="invalid_type")
         dims = request.dimensions
-        if dims is not None and not 1 <= dims <= self.embedding_size:
+        if dims is not None and (not _is_int(dims) or not 1 <= dims <= self.embedding_size):
             raise InvalidRequestError(
                 f"'dimensions' must be between 1 and {self.embedding_size} for this model; "
-                f"got {dims}", param="dimensions")
-        return name
+                f"got {dims!r}", param="dimensions")
+        truncate = _first(request.truncate_prompt_tokens, d.truncate_prompt_tokens, None)
+        if truncate is not None:
+            if not _is_int(truncate) or not (truncate == -1 or 1 <= truncate <= self.max_model_len):
+                raise InvalidRequestError(
+                    "'truncate_prompt_tokens' must be -1 (this model's limit of "
+                    f"{self.max_model_len} tokens) or between 1 and {self.max_model_len}; "
+                    f"got {truncate!r}", param="truncate_prompt_tokens")
+            truncate = self.max_model_len if truncate == -1 else int(truncate)
+        return EmbeddingOptions(name, pooling, normalize, truncate,
+                                None if dims is None else int(dims), fmt)
+
+    def check_request(self, request: EmbeddingRequest) -> str:
+        """Validate what can be checked before tokenizing; return the served model name."""
+        return self.resolve(request).model
 
     def embed(self, request: EmbeddingRequest | str | list, **fields: Any) -> EmbeddingResponse:
         """Embed synchronously. Safe from any thread; concurrent calls are batched together."""
         request = _as_request(request, fields)
-        name = self.check_request(request)
-        prepared = self.prepare(request.input)
-        vectors = self.submit(prepared.sequences, request.embedding_type).result()
-        return self._response(request, name, prepared, vectors)
+        options = self.resolve(request)
+        prepared = self.prepare(request.input, options.truncate)
+        vectors = self.submit(prepared.sequences, options.pooling).result()
+        return self._response(options, prepared, vectors)
 
     async def aembed(self, request: EmbeddingRequest | str | list, **fields: Any
                      ) -> EmbeddingResponse:
-        """Embed from an event loop: tokenization runs in a worker thread, never on the loop."""
-        request = _as_request(request, fields)
-        name = self.check_request(request)
-        prepared = await asyncio.to_thread(self.prepare, request.input)
-        vectors = await asyncio.wrap_future(self.submit(prepared.sequences, request.embedding_type))
-        return await asyncio.to_thread(self._response, request, name, prepared, vectors)
+        """Embed from an event loop: tokenization runs in a worker thread, never on the loop.
+        Cancelling the call drops its work if the engine has not computed it yet."""
+        response, _ = await self.aembed_timed(request, **fields)
+        return response
 
-    def encode(self, texts: str | Sequence[str], embedding_type: EmbeddingType | str = "mean"
+    async def aembed_timed(self, request: EmbeddingRequest | str | list, **fields: Any
+                           ) -> tuple[EmbeddingResponse, RequestTiming]:
+        """`aembed`, also returning how long the request waited in the queue and ran."""
+        request = _as_request(request, fields)
+        options = self.resolve(request)
+        if self._closed:  # refuse before tokenizing: the work could not be queued anyway
+            raise self._unavailable()
+        prepared = await asyncio.to_thread(self.prepare, request.input, options.truncate)
+        future = self.submit(prepared.sequences, options.pooling)
+        vectors = await asyncio.wrap_future(future)
+        response = await asyncio.to_thread(self._response, options, prepared, vectors)
+        return response, future.timing
+
+    def encode(self, texts: str | Sequence[str], embedding_type: EmbeddingType | str | None = None,
+               *, normalize: bool | None = None, truncate_prompt_tokens: int | None = None
                ) -> np.ndarray:
-        """Embeddings as a float32 array [len(texts), hidden] (for notebooks)."""
+        """Embeddings as a float32 array [len(texts), hidden] (for notebooks). Unset options take
+        the server's defaults, as requests do."""
         single = isinstance(texts, str)
-        prepared = self.prepare([texts] if single else list(texts))
-        out = self.submit(prepared.sequences, EmbeddingType(embedding_type)).result()
+        request = EmbeddingRequest(input=[texts] if single else list(texts),
+                                   embedding_type=embedding_type,  # type: ignore[arg-type]
+                                   normalize=normalize,
+                                   truncate_prompt_tokens=truncate_prompt_tokens)
+        options = self.resolve(request)
+        prepared = self.prepare(request.input, options.truncate)
+        out = self._finish(options, self.submit(prepared.sequences, options.pooling).result())
         return out[0] if single else out
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids exactly as the embedding path feeds them (special tokens per the model)."""
-        return [enc.ids for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+        return [enc.ids for enc in
+                self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
-    def prepare(self, raw: object) -> PreparedInput:
-        """Validate an `input` value and turn it into token-id sequences."""
+    def tokenize_request(self, request: TokenizeRequest) -> TokenizeResponse:
+        """`/tokenize`: the ids the embedding path would feed for the prompt, untruncated."""
+        self.resolve_model(request.model)
+        if not isinstance(request.prompt, str):
+            raise InvalidRequestError(f"'prompt' must be a string; got {type(request.prompt).__name__}",
+                                      param="prompt", code="invalid_type")
+        _check_text(request.prompt, "prompt")
+        ids = self.tokenize([request.prompt], bool(request.add_special_tokens))[0]
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
+
+    def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """`/detokenize`: the text of token ids, special tokens included."""
+        self.resolve_model(request.model)
+        ids = request.tokens
+        if not isinstance(ids, list | tuple) or not all(_is_int(t) for t in ids):
+            raise InvalidRequestError("'tokens' must be a list of token ids (integers)",
+                                      param="tokens", code="invalid_type")
+        self._check_vocab(ids, "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode([int(t) for t in ids],
+                                                               skip_special_tokens=False))
+
+    def prepare(self, raw: object, truncate: int | None = None) -> PreparedInput:
+        """Validate an `input` value and turn it into token-id sequences, each cut to its last
+        `truncate` tokens when given (keeping the special tokens the tokenizer adds)."""
         texts, seqs = split_input(raw)
         if texts is not None:
             for i, t in enumerate(texts):
@@ -180,42 +388,53 @@ class LLMEngine:
                     raise InvalidRequestError(
                         f"input[{i}] is an empty string; send non-empty text", param="input",
                         code="empty_input")
+                _check_text(t, f"input[{i}]")
             seqs = self.tokenize(texts)
         assert seqs is not None
-        vocab = self.config.vocab_size
         out = []
         for i, ids in enumerate(seqs):
             if not ids:
                 raise InvalidRequestError(f"input[{i}] has no tokens; send at least one",
                                           param="input", code="empty_input")
-            try:
-                arr = np.asarray(ids, dtype=np.int64)
-                bad = np.flatnonzero((arr < 0) | (arr >= vocab))
-            except OverflowError:  # ids beyond int64 cannot even be compared in numpy
-                bad = np.asarray([j for j, t in enumerate(ids) if not 0 <= t < vocab])
-            if bad.size:
-                j = int(bad[0])
+            self._check_vocab(ids, f"input[{i}]")
+            if truncate is not None and len(ids) > truncate:
+                ids = self._truncate(ids, truncate)
+            if len(ids) > self.max_model_len:
                 raise InvalidRequestError(
-                    f"input[{i}][{j}] is token id {ids[j]}, outside this model's vocabulary "
-                    f"[0, {vocab - 1}]", param="input", code="invalid_token_id")
-            if arr.size > self.max_model_len:
-                raise InvalidRequestError(
-                    f"input[{i}] has {arr.size} tokens, more than this model's limit of "
-                    f"{self.max_model_len}; shorten it or split it", param="input",
+                    f"input[{i}] has {len(ids)} tokens, more than this model's limit of "
+                    f"{self.max_model_len}; shorten it, split it, or send "
+                    "'truncate_prompt_tokens' to keep its end", param="input",
                     code="context_length_exceeded")
-            out.append(arr.astype(np.int32))
-        return PreparedInput(out)
+            out.append(np.asarray(ids, dtype=np.int32))
+        prepared = PreparedInput(out)
+        if self.max_request_tokens is not None and prepared.prompt_tokens > self.max_request_tokens:
+            raise InvalidRequestError(
+                f"the input has {prepared.prompt_tokens} tokens in all, more than this server's "
+                f"limit of {self.max_request_tokens} per request; split it into several requests",
+                param="input", code="request_too_large")
+        return prepared
 
     def submit(self, sequences: list[np.ndarray], pooling: EmbeddingType = EmbeddingType.Mean
-               ) -> concurrent.futures.Future:
-        """Queue validated sequences; the future gives float32 [len(sequences), hidden]."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+               ) -> EmbeddingFuture:
+        """Queue validated sequences; the future gives float32 [len(sequences), hidden].
+
+        Raises EngineOverloadedError when `max_queued_requests` are already waiting or running,
+        and EngineUnavailableError once shutdown has begun."""
+        fut = EmbeddingFuture()
         work = _Work(list(sequences), EmbeddingType(pooling), fut,
                      np.empty((len(sequences), self.embedding_size), np.float32), len(sequences))
         with self._lock:
             if self._closed:
-                raise EngineUnavailableError("the engine is shut down")
+                raise self._unavailable()
+            if self._outstanding >= self.max_queued_requests:
+                with self._stats_lock:
+                    self.stats.rejected += 1
+                raise EngineOverloadedError(
+                    f"the server is busy: {self._outstanding} requests are already queued, its "
+                    "limit; retry after a short wait")
+            self._outstanding += 1
             self._queue.put(work)
+        fut.add_done_callback(self._release)  # runs at once if the work is already done
         return fut
 
     def warmup(self, shapes: Sequence[tuple[int, int]] | None = None) -> None:
@@ -226,13 +445,39 @@ class LLMEngine:
             step = Step.empty(rows, length, self.buckets.seq_slots(rows, length))
             jax.block_until_ready(self._run(step))
 
+    def pause(self) -> None:
+        """Hold the engine before its next step; a step already running finishes first. Work can
+        still be submitted and queues up (to the bound). A hook for tests and maintenance: it lets
+        overload and draining be driven deterministically rather than by timing."""
+        self._running.clear()
+        with self._step_lock:  # returns once no step is running
+            pass
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def stats_snapshot(self) -> EngineStats:
+        """A consistent copy of the statistics (the engine thread updates them under a lock)."""
+        with self._stats_lock:
+            return copy.deepcopy(self.stats)
+
     def shutdown(self, timeout: float | None = None) -> None:
-        """Finish the queued work, then stop the engine thread."""
+        """Refuse new work, finish the queued work, then stop the engine thread. Ends a pause,
+        since queued work could not finish otherwise."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._queue.put(None)
+        self.resume()
         self._thread.join(timeout)
 
     def __enter__(self) -> LLMEngine:
@@ -240,6 +485,54 @@ class LLMEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+    # ---- helpers for callers' threads -----------------------------------------------------
+
+    def _unavailable(self) -> EngineUnavailableError:
+        return EngineUnavailableError("the engine is shut down or shutting down; retry on "
+                                      "another replica or after the restart", code="draining")
+
+    def _release(self, _: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._outstanding -= 1
+
+    def _check_vocab(self, ids: Sequence[int], where: str) -> None:
+        vocab = self.config.vocab_size
+        try:
+            arr = np.asarray(ids, dtype=np.int64)
+            bad = np.flatnonzero((arr < 0) | (arr >= vocab))
+        except OverflowError:  # ids beyond int64 cannot even be compared in numpy
+            bad = np.asarray([j for j, t in enumerate(ids) if not 0 <= t < vocab])
+        if bad.size:
+            j = int(bad[0])
+            param = where.split("[", 1)[0]
+            raise InvalidRequestError(
+                f"{where}[{j}] is token id {ids[j]}, outside this model's vocabulary "
+                f"[0, {vocab - 1}]", param=param, code="invalid_token_id")
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after any text (e.g. BOS), found by comparing a
+        probe encoded with and without special tokens; truncation keeps them in place."""
+        with_special = self.tokenize(["a"])[0]
+        plain = self.tokenize(["a"], add_special_tokens=False)[0]
+        n = len(plain)
+        for i in range(len(with_special) - n + 1):
+            if with_special[i : i + n] == plain:
+                return with_special[:i], with_special[i + n :]
+        return [], []
+
+    def _truncate(self, ids: list[int], keep: int) -> list[int]:
+        prefix, suffix = self._special_prefix, self._special_suffix
+        head = len(prefix) if prefix and ids[: len(prefix)] == prefix else 0
+        tail = len(suffix) if suffix and ids[len(ids) - len(suffix) :] == suffix else 0
+        body = keep - head - tail
+        if body < 1:
+            raise InvalidRequestError(
+                f"'truncate_prompt_tokens' {keep} leaves no room for text beside the {head + tail} "
+                f"special tokens this model adds; use at least {head + tail + 1}",
+                param="truncate_prompt_tokens")
+        end = len(ids) - tail
+        return ids[:head] + ids[end - body : end] + ids[end:]
 
     # ---- the engine thread ---------------------------------------------------------------
 
@@ -250,37 +543,66 @@ class LLMEngine:
     def _loop(self) -> None:
         pending: dict[int, tuple[_Work, int]] = {}
         waiting: list[tuple[int, np.ndarray]] = []
-        next_id = 0
+        ids = iter(range(1 << 62))
         stopping = False
+
+        def take(item: _Work | None) -> None:
+            nonlocal stopping
+            if item is None:
+                stopping = True
+                return
+            if item.remaining == 0 and not item.future.done():
+                item.future.set_result(item.out)
+            for i, seq in enumerate(item.sequences):
+                sid = next(ids)
+                pending[sid] = (item, i)
+                waiting.append((sid, seq))
+
         while True:
-            block = not waiting and not stopping
-            while True:
-                try:
-                    work = self._queue.get(block=block)
-                except queue.Empty:
-                    break
-                block = False
-                if work is None:
-                    stopping = True
+            if not waiting and not stopping:
+                take(self._queue.get())  # idle: block until work (or shutdown) arrives
+            self._running.wait()
+            with self._step_lock:
+                if not self._running.is_set():  # paused between the wait and the lock
                     continue
-                if work.remaining == 0:
-                    work.future.set_result(work.out)
-                for i, seq in enumerate(work.sequences):
-                    pending[next_id] = (work, i)
-                    waiting.append((next_id, seq))
-                    next_id += 1
-            if not waiting:
-                if stopping:
-                    return
-                continue
-            step, left = plan_step(waiting, self.buckets)
-            left_ids = set(left)
-            waiting = [w for w in waiting if w[0] in left_ids]
-            self._execute(step, pending)
+                while True:
+                    try:
+                        take(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                waiting = self._drop_cancelled(waiting, pending)
+                if not waiting:
+                    if stopping:
+                        return
+                    continue
+                step, left = plan_step(waiting, self.buckets)
+                left_ids = set(left)
+                waiting = [w for w in waiting if w[0] in left_ids]
+                self._execute(step, pending)
+
+    def _drop_cancelled(self, waiting: list[tuple[int, np.ndarray]],
+                        pending: dict[int, tuple[_Work, int]]) -> list[tuple[int, np.ndarray]]:
+        """Forget the sequences of requests whose future was cancelled: nobody awaits them."""
+        dropped: set[int] = set()
+        kept = []
+        for sid, seq in waiting:
+            work = pending[sid][0]
+            if work.future.cancelled():
+                pending.pop(sid)
+                dropped.add(id(work))
+            else:
+                kept.append((sid, seq))
+        if dropped:
+            with self._stats_lock:
+                self.stats.cancelled += len(dropped)
+        return kept
 
     def _execute(self, step: Step, pending: dict[int, tuple[_Work, int]]) -> None:
         start = time.perf_counter()
         works = {id(pending[s][0]): pending[s][0] for s in step.sequences}
+        for w in works.values():
+            if w.future.timing.started is None:
+                w.future.timing.started = start
         try:
             mean, last = self._run(step)
             mean, last = np.asarray(mean), np.asarray(last)
@@ -292,29 +614,47 @@ class LLMEngine:
                 if not w.future.done():
                     w.future.set_exception(e)
             return
+        finished = time.perf_counter()
+        completed = 0
         for slot, s in enumerate(step.sequences):
             work, i = pending.pop(s)
             work.out[i] = mean[slot] if work.pooling == EmbeddingType.Mean else last[slot]
             work.remaining -= 1
             if work.remaining == 0 and not work.future.done():
-                work.future.set_result(work.out)
-        st = self.stats
-        st.steps += 1
-        st.sequences += len(step.sequences)
-        st.real_tokens += step.real_tokens
-        st.padded_tokens += step.padded_tokens
-        st.busy_seconds += time.perf_counter() - start
+                work.future.timing.finished = finished
+                with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled now
+                    work.future.set_result(work.out)
+                    completed += 1
+        with self._stats_lock:
+            st = self.stats
+            st.steps += 1
+            st.sequences += len(step.sequences)
+            st.requests += completed
+            st.real_tokens += step.real_tokens
+            st.padded_tokens += step.padded_tokens
+            st.busy_seconds += finished - start
+            st.step_sequences.observe(len(step.sequences))
+            st.step_requests.observe(len(works))
+            st.step_tokens.observe(step.real_tokens)
 
     # ---- responses -----------------------------------------------------------------------
 
-    def _response(self, request: EmbeddingRequest, name: str, prepared: PreparedInput,
-                  vectors: np.ndarray) -> EmbeddingResponse:
-        if request.dimensions is not None:
-            vectors = vectors[:, : request.dimensions]
-        data = [EmbeddingData(embedding=encode_vector(v, request.encoding_format), index=i)
+    def _finish(self, options: EmbeddingOptions, vectors: np.ndarray) -> np.ndarray:
+        """Cut to `dimensions`, then normalize if asked: a cut vector is re-normalized."""
+        if options.dimensions is not None:
+            vectors = vectors[:, : options.dimensions]
+        if options.normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+        return vectors
+
+    def _response(self, options: EmbeddingOptions, prepared: PreparedInput, vectors: np.ndarray
+                  ) -> EmbeddingResponse:
+        vectors = self._finish(options, vectors)
+        data = [EmbeddingData(embedding=encode_vector(v, options.encoding_format), index=i)
                 for i, v in enumerate(vectors)]
         n = prepared.prompt_tokens
-        return EmbeddingResponse(data=data, model=name,
+        return EmbeddingResponse(data=data, model=options.model,
                                  usage=Usage(prompt_tokens=n, total_tokens=n))
 
 
@@ -323,3 +663,31 @@ def _as_request(request: EmbeddingRequest | str | list, fields: dict[str, Any]
     if isinstance(request, EmbeddingRequest):
         return request
     return EmbeddingRequest(input=request, **fields)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _enum(kind: type[EncodingFormat] | type[EmbeddingType], value: object, param: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = [v.value for v in kind]
+        raise InvalidRequestError(f"{param!r} must be one of {allowed}; got {value!r}",
+                                  param=param) from None
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _check_text(text: str, where: str) -> None:
+    # JSON escapes can spell lone surrogates, which are not text and which tokenizers refuse.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            f"{where} is not valid Unicode: it holds a lone surrogate (an unpaired \\ud800-\\udfff "
+            "escape); send well-formed text", param=where.split("[", 1)[0],
+            code="invalid_value") from None

@@ -1,7 +1,8 @@
 """Errors the engine raises for requests. The server turns each into OpenAI's error body.
 
 Each carries what OpenAI's body needs (`type`, `param`, `code`) and an HTTP status, so the server
-maps errors without knowing the reasons behind them.
+maps errors without knowing the reasons behind them. `retry_after` (seconds) marks the errors a
+client should simply retry later; the server sends it as `Retry-After`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ class EngineError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    retry_after: float | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidRequestError(EngineError):
@@ -34,9 +39,27 @@ class ModelNotFoundError(EngineError):
     code = "model_not_found"
 
 
+class EngineOverloadedError(EngineError):
+    """The queue is full: the request was refused before any work, so retrying is safe."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+    retry_after = 1.0
+
+
 class EngineUnavailableError(EngineError):
-    """The engine is shutting down or not started."""
+    """The engine is loading, draining before shutdown, or stopped."""
 
     status = 503
     type = "server_error"
     code = "engine_unavailable"
+    retry_after = 5.0
+
+
+class RequestTimeoutError(EngineError):
+    """The request did not finish in the time allowed; its work was cancelled."""
+
+    status = 503
+    type = "server_error"
+    code = "timeout"

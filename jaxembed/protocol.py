@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 
 import msgspec
@@ -27,6 +28,7 @@ class EmbeddingType(enum.StrEnum):
 
     Mean = "mean"  # over every token fed to the model
     Last = "last"  # the last real token
+    Cls = "cls"  # the first token: meaningful only where it attends to the whole input
 
 
 class EmbeddingInput:
@@ -50,12 +52,31 @@ class EmbeddingInput:
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenAI's embeddings request, plus `embedding_type`, `normalize` and `truncate_prompt_tokens`.
+
+    The extensions default to None, meaning the server's default (`EmbeddingDefaults`), so one
+    served model can be configured once and still be overridden per request.
+    """
+
     input: RawInput
     model: str = "default"
     encoding_format: EncodingFormat = EncodingFormat.Float
-    embedding_type: EmbeddingType = EmbeddingType.Mean
+    embedding_type: EmbeddingType | None = None  # None: the server's default, else mean
     dimensions: int | None = None
+    normalize: bool | None = None  # L2-normalize each vector; None: the server's default, else off
+    # Keep the last N tokens of each input (special tokens the tokenizer adds stay), or -1 for the
+    # model's limit; None: the server's default, else over-long inputs are refused.
+    truncate_prompt_tokens: int | None = None
     user: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingDefaults:
+    """Server-wide values for the request fields left unset (None). A request's own value wins."""
+
+    embedding_type: EmbeddingType | None = None
+    normalize: bool | None = None
+    truncate_prompt_tokens: int | None = None
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
@@ -74,6 +95,29 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
     data: list[EmbeddingData]
     model: str
     usage: Usage
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's `/tokenize` body: the token ids the embedding path would feed for `prompt`."""
+
+    prompt: str
+    model: str = "default"
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(msgspec.Struct, kw_only=True):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    tokens: list[int]
+    model: str = "default"
+
+
+class DetokenizeResponse(msgspec.Struct, kw_only=True):
+    prompt: str
 
 
 # ---- input normalization ---------------------------------------------------------------------

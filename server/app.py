@@ -1,30 +1,57 @@
-"""The HTTP app: OpenAI's embeddings and models routes over an `LLMEngine`.
+"""The HTTP app: OpenAI's embeddings and models routes, tokenize/detokenize, health and metrics.
 
-Handlers stay thin: they check the transport (content type, body size), decode the body, and hand
-the request to the engine, which does all validation of what the request means.
+Handlers stay thin: they check the transport (auth, content type, body size, time, whether the
+client is still there), decode the body, and hand the request to the engine, which does all
+validation of what the request means.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import importlib.metadata
+import logging
+import threading
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import msgspec
-from litestar import Litestar, Request, get, post
-from litestar.exceptions import ClientException
-from litestar.handlers import HTTPRouteHandler
+from litestar import Litestar, Request, Response, get, post
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import ClientException, InternalServerException, NotAuthorizedException
+from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
+from litestar.types import Receive, Send
 
+from jaxembed.builder import EngineBuilder
 from jaxembed.engine import LLMEngine
-from jaxembed.protocol import EmbeddingResponse
+from jaxembed.errors import EngineUnavailableError, RequestTimeoutError
+from jaxembed.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
-from .decoding import decode_embedding_request
-from .errors import ErrorResponse, add_request_id_header, exception_handlers
-from .openapi import EmbeddingsOperation
+from .decoding import decode_body
+from .errors import ClientDisconnected, ErrorResponse, add_request_id_header, exception_handlers
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .openapi import DetokenizeOperation, EmbeddingsOperation, TokenizeOperation
+
+log = logging.getLogger("jaxembed.server")
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+DEFAULT_REQUEST_TIMEOUT = 120.0
+# Routes anyone may call when an API key is set: load balancers probe health without secrets.
+PUBLIC = "public"
+
+T = TypeVar("T")
 
 
 class ModelCard(msgspec.Struct, kw_only=True):
@@ -43,6 +70,109 @@ class Health(msgspec.Struct, kw_only=True):
     status: str = "ok"
 
 
+class EngineHost:
+    """The engine an app serves and its phase: loading, ready, draining, or failed to load.
+
+    Given an engine, the app serves it at once. Given a builder, the app answers from the start
+    (503 with Retry-After, /health included) while a thread loads the weights and compiles the
+    warm-up steps, so orchestrators see the process alive but not ready.
+    """
+
+    def __init__(self, source: LLMEngine | EngineBuilder, *, owned: bool,
+                 on_load_error: Callable[[BaseException], None] | None = None) -> None:
+        self._builder = source if isinstance(source, EngineBuilder) else None
+        self.engine: LLMEngine | None = None if self._builder is not None else source
+        # An engine the app built is the app's to stop; a given one only when asked.
+        self.owned = owned or self._builder is not None
+        self.error: BaseException | None = None
+        self.draining = False
+        self._on_load_error = on_load_error
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._builder is not None and self.engine is None and self._thread is None:
+            self._thread = threading.Thread(target=self._build, name="jaxembed-load", daemon=True)
+            self._thread.start()
+
+    def _build(self) -> None:
+        assert self._builder is not None
+        try:
+            engine = self._builder.build()
+        except BaseException as e:  # reported to the owner (the CLI exits); the app answers 503
+            log.exception("the model failed to load")
+            self.error = e
+            if self._on_load_error is not None:
+                self._on_load_error(e)
+            return
+        with self._lock:
+            if not self.draining:
+                self.engine = engine
+                log.info("ready: serving %s as %s", engine.checkpoint.path,
+                         engine.served_model_names)
+                return
+        engine.shutdown()  # the server stopped while the model was loading
+
+    @property
+    def ready(self) -> bool:
+        engine = self.engine
+        return engine is not None and not self.draining and engine.ready
+
+    def get(self) -> LLMEngine:
+        """The engine, or a 503 saying why there is none to serve with."""
+        engine = self.engine
+        if self.draining:
+            raise EngineUnavailableError("the server is shutting down; retry on another replica "
+                                         "or after the restart", code="draining")
+        if engine is None:
+            if self.error is not None:
+                raise EngineUnavailableError("the model failed to load; see the server's log",
+                                             code="model_load_failed", retry_after=60)
+            raise EngineUnavailableError("the model is still loading; retry shortly",
+                                         code="model_loading")
+        if not engine.ready:
+            raise EngineUnavailableError("the engine is shutting down; retry on another replica "
+                                         "or after the restart", code="draining")
+        return engine
+
+    async def stop(self) -> None:
+        """Stop taking requests; if the engine is the app's, let it finish its queue and stop."""
+        with self._lock:
+            self.draining = True
+            engine = self.engine
+        if engine is not None and self.owned:
+            # shutdown() joins the engine thread after queued work; keep the loop free meanwhile.
+            await asyncio.to_thread(engine.shutdown)
+
+
+class _ObservedLitestar(Litestar):
+    """Litestar, counting and timing every HTTP request it answers. Done here rather than in a
+    middleware because Litestar runs middleware only for matched routes, and 404s count too."""
+
+    metrics: ServerMetrics
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what is counted if the app fails before starting a response
+
+        async def observed(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, observed)
+        finally:
+            # The route's template keeps label values few; unmatched paths share one label.
+            route = scope.get("path_template") if scope.get("route_handler") else None
+            self.metrics.observe_request(route or "unmatched", scope.get("method", ""), status,
+                                         time.perf_counter() - start)
+
+
 def _errors(*statuses: int) -> dict[int, ResponseSpec]:
     return {s: ResponseSpec(data_container=ErrorResponse, generate_examples=False,
                             description="An error, in OpenAI's shape") for s in statuses}
@@ -58,28 +188,134 @@ def _require_json(request: Request) -> None:
             f"got content type {shown}", status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE)
 
 
-def _route_handlers(engine: LLMEngine, created: int) -> list[HTTPRouteHandler]:
-    """The routes, closed over the engine: no dependency injection, so Litestar has nothing to
+def _timed_out(timeout: float | None) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"the request did not finish within this server's limit of {timeout:g} s and was "
+        "cancelled; send fewer or shorter inputs per request, or retry when it is less busy")
+
+
+async def _read_json(request: Request, deadline: float | None, timeout: float | None) -> bytes:
+    _require_json(request)
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await request.body()  # raises RequestEntityTooLarge past the size limit
+    except TimeoutError:
+        raise _timed_out(timeout) from None
+    except InternalServerException:  # Litestar's "client disconnected prematurely"
+        raise ClientDisconnected() from None
+
+
+async def _client_gone(request: Request) -> None:
+    # Once the body is read, the ASGI server's next message is the disconnect (if it comes).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _while_connected(request: Request, work: Awaitable[T], deadline: float | None,
+                           timeout: float | None) -> T:
+    """Await `work` unless the client leaves or the deadline passes first; then cancel it, which
+    drops the request from the engine's queue if it has not been computed yet."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=left,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()  # no-op once done; otherwise (client gone, timeout, our own cancellation)
+    if task in done:
+        return task.result()
+    if gone in done:
+        raise ClientDisconnected()
+    raise _timed_out(timeout)
+
+
+def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
+                    timeout: float | None) -> list[HTTPRouteHandler]:
+    """The routes, closed over the host: no dependency injection, so Litestar has nothing to
     type-check against the engine and any object with its methods (a test's stand-in) serves."""
+
+    def deadline() -> float | None:
+        return None if timeout is None else asyncio.get_running_loop().time() + timeout
 
     @post("/v1/embeddings", status_code=200, operation_class=EmbeddingsOperation,
           summary="Create embeddings", tags=["embeddings"],
-          responses=_errors(400, 404, 413, 415, 500, 503))
-    async def create_embeddings(request: Request) -> EmbeddingResponse:
-        _require_json(request)
-        body = await request.body()  # raises RequestEntityTooLarge past request_max_body_size
-        return await engine.aembed(decode_embedding_request(body))
+          responses=_errors(400, 401, 404, 413, 415, 429, 500, 503))
+    async def create_embeddings(request: Request) -> Response[EmbeddingResponse]:
+        engine = host.get()
+        end = deadline()
+        body = await _read_json(request, end, timeout)
+        embedding = decode_body(body, EmbeddingRequest)
+        response, timing = await _while_connected(request, engine.aembed_timed(embedding), end,
+                                                  timeout)
+        metrics.observe_timing(timing.queue_seconds, timing.inference_seconds)
+        return Response(response, headers={
+            "x-queue-time": f"{timing.queue_seconds * 1e3:.3f}",
+            "x-inference-time": f"{timing.inference_seconds * 1e3:.3f}",
+        })
 
-    @get("/v1/models", summary="List models", tags=["models"])
+    @post("/tokenize", status_code=200, operation_class=TokenizeOperation,
+          summary="Tokenize a prompt as the embeddings route does", tags=["tokenizer"],
+          responses=_errors(400, 401, 404, 413, 415, 503))
+    async def tokenize(request: Request) -> TokenizeResponse:
+        engine = host.get()
+        end = deadline()
+        parsed = decode_body(await _read_json(request, end, timeout), TokenizeRequest)
+        return await _while_connected(
+            request, asyncio.to_thread(engine.tokenize_request, parsed), end, timeout)
+
+    @post("/detokenize", status_code=200, operation_class=DetokenizeOperation,
+          summary="Turn token ids back into text", tags=["tokenizer"],
+          responses=_errors(400, 401, 404, 413, 415, 503))
+    async def detokenize(request: Request) -> DetokenizeResponse:
+        engine = host.get()
+        end = deadline()
+        parsed = decode_body(await _read_json(request, end, timeout), DetokenizeRequest)
+        return await _while_connected(
+            request, asyncio.to_thread(engine.detokenize_request, parsed), end, timeout)
+
+    @get("/v1/models", summary="List models", tags=["models"], responses=_errors(401, 503))
     async def list_models() -> ModelList:
+        engine = host.get()
         return ModelList(data=[ModelCard(id=name, created=created)
                                for name in engine.served_model_names])
 
-    @get("/health", summary="Liveness", tags=["health"])
+    @get("/health", summary="Readiness: 200 once the model is loaded and warm", tags=["health"],
+         opt={PUBLIC: True}, responses=_errors(503))
     async def health() -> Health:
+        if not host.ready:
+            host.get()  # raises the 503 that says why
         return Health()
 
-    return [create_embeddings, list_models, health]
+    @get("/metrics", summary="Prometheus metrics", tags=["metrics"], media_type=CONTENT_TYPE,
+         include_in_schema=True, responses=_errors(401))
+    async def prometheus_metrics() -> str:
+        return metrics.render(host.engine, host.ready)
+
+    return [create_embeddings, tokenize, detokenize, list_models, health, prometheus_metrics]
+
+
+def _bearer_guard(api_key: str) -> Callable[[ASGIConnection, BaseRouteHandler], None]:
+    expected = api_key.encode()
+
+    def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+        # CORS preflights carry no credentials by design; public routes need none.
+        if handler.opt.get(PUBLIC) or connection.scope.get("method") == "OPTIONS":
+            return
+        scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise NotAuthorizedException(
+                "no API key was sent; send it as 'Authorization: Bearer <key>'",
+                headers={"www-authenticate": "Bearer"})
+        # A constant-time comparison, so response timing does not reveal how much of a guess
+        # matched.
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            raise NotAuthorizedException(
+                "the API key is not valid; send the key this server was started with as "
+                "'Authorization: Bearer <key>'", headers={"www-authenticate": "Bearer"})
+
+    return require_api_key
 
 
 def _version() -> str:
@@ -89,25 +325,47 @@ def _version() -> str:
         return "0"
 
 
-def create_app(engine: LLMEngine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               shutdown_engine: bool = False) -> Litestar:
-    """An app serving `engine`. With `shutdown_engine`, the app owns the engine and stops it when
-    the server shuts down (the CLI's case); otherwise the caller keeps it (tests, notebooks)."""
-    created = int(time.time())
+def create_app(source: LLMEngine | EngineBuilder, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               api_key: str | None = None,
+               cors_origins: Sequence[str] = (),
+               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+               shutdown_engine: bool = False,
+               on_load_error: Callable[[BaseException], None] | None = None) -> Litestar:
+    """An app serving an engine, or one it builds at startup from an `EngineBuilder`.
 
-    async def stop_engine() -> None:
-        # shutdown() joins the engine thread after queued work; keep the event loop free meanwhile.
-        await asyncio.to_thread(engine.shutdown)
+    shutdown_engine: the app owns a given engine and stops it when the server shuts down (an
+        engine the app built is always its own); otherwise the caller keeps it (tests, notebooks).
+    api_key: required as `Authorization: Bearer <key>` on every route but /health.
+    cors_origins: origins allowed to call from browsers; none means no CORS headers at all.
+    request_timeout: seconds a request may take, body upload included (None: no limit).
+    on_load_error: called (from the loading thread) if building the engine fails.
 
-    return Litestar(
-        route_handlers=_route_handlers(engine, created),
+    The app's state holds the `EngineHost` as `engine_host`.
+    """
+    host = EngineHost(source, owned=shutdown_engine, on_load_error=on_load_error)
+    metrics = ServerMetrics()
+    cors = None
+    if cors_origins:
+        cors = CORSConfig(
+            allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "x-queue-time", "x-inference-time", "retry-after"])
+    app = _ObservedLitestar(
+        route_handlers=_route_handlers(host, metrics, int(time.time()), request_timeout),
         exception_handlers=exception_handlers(),
         before_send=[add_request_id_header],
-        on_shutdown=[stop_engine] if shutdown_engine else [],
+        guards=[_bearer_guard(api_key)] if api_key else [],
+        cors_config=cors,
+        on_startup=[host.start],
+        on_shutdown=[host.stop],
         request_max_body_size=max_body_bytes,
+        state=State({"engine_host": host}),
         openapi_config=OpenAPIConfig(
             title="jaxembed", version=_version(),
             description="Embeddings from decoder LLMs, in OpenAI's API shape."),
         # The process's logging belongs to whoever runs the server, not to the app.
         logging_config=None,
     )
+    app.metrics = metrics
+    return app

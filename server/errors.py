@@ -7,6 +7,7 @@ as `{"error": {"message", "type", "param", "code"}}`, since OpenAI's clients par
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
 from typing import Any
@@ -46,6 +47,7 @@ class ErrorResponse(msgspec.Struct, kw_only=True):
 # Codes for errors Litestar raises itself, which carry only a status.
 _STATUS_CODES = {
     400: "invalid_request",
+    401: "invalid_api_key",
     404: "not_found",
     405: "method_not_allowed",
     413: "request_too_large",
@@ -92,9 +94,27 @@ def error_response(request: Request, status: int, message: str, *, type: str,
                     headers={**(headers or {}), REQUEST_ID_HEADER: request_id(request.scope)})
 
 
+# Not a status any client sees: it labels, in logs and metrics, requests whose client went away.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response was ready; its work was cancelled."""
+
+
 def _engine_error(request: Request, exc: EngineError) -> Response[ErrorResponse]:
+    headers = None
+    if exc.retry_after is not None:
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))}
     return error_response(request, exc.status, exc.message, type=exc.type, param=exc.param,
-                          code=exc.code)
+                          code=exc.code, headers=headers)
+
+
+def _client_disconnected(request: Request, exc: ClientDisconnected) -> Response[ErrorResponse]:
+    log.info("client went away before %s %s finished [request id %s]", request.method,
+             request.url.path, request_id(request.scope))
+    return error_response(request, CLIENT_CLOSED_REQUEST, "the client closed the connection",
+                          type="invalid_request_error", code="client_closed_request")
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
@@ -159,6 +179,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         NotFoundException: _not_found,
         MethodNotAllowedException: _method_not_allowed,
         RequestEntityTooLarge: _too_large,
+        ClientDisconnected: _client_disconnected,
         Exception: _internal_error,
     }
     return handlers

@@ -18,8 +18,11 @@ from jaxembed import (
     EncodingFormat,
     EngineBuilder,
     InvalidRequestError,
+    LLMEngine,
     ModelNotFoundError,
 )
+from jaxembed.errors import EngineOverloadedError, EngineUnavailableError
+from jaxembed.protocol import EmbeddingDefaults
 from jaxembed.scheduler import Buckets, plan_step
 
 from parity import assert_close_pooled
@@ -211,3 +214,184 @@ def test_plan_step_packs_without_overflow():
             assert step.last_index[slot] == np.flatnonzero(mask)[-1]
             seen.add(sid)
     assert seen == set(range(40))
+
+
+# ---- the contract's extensions: normalize, dimensions, pooling choice, truncation, defaults ----
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_normalize_and_dimensions(tiny_engine):
+    full = tiny_engine.encode(TEXTS)
+    normed = tiny_engine.embed(EmbeddingRequest(input=TEXTS, normalize=True))
+    got = np.array([d.embedding for d in normed.data])
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
+    invariant(got, unit(full))
+    # A cut vector is re-normalized only when normalization is in effect.
+    cut = tiny_engine.embed(EmbeddingRequest(input=TEXTS, normalize=True, dimensions=8))
+    invariant(np.array([d.embedding for d in cut.data]), unit(full[:, :8]))
+    plain = tiny_engine.embed(EmbeddingRequest(input=TEXTS, normalize=False, dimensions=8))
+    invariant(np.array([d.embedding for d in plain.data]), full[:, :8])
+    invariant(tiny_engine.encode(TEXTS, normalize=True), unit(full))
+
+
+def test_server_defaults_and_precedence(tiny_engine):
+    defaults = EmbeddingDefaults(normalize=True, embedding_type=EmbeddingType.Last,
+                                 truncate_prompt_tokens=4)
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, defaults=defaults)
+    try:
+        text = TEXTS[1]
+        ids = tiny_engine.tokenize([text])[0]
+        last4 = last_vectors(tiny_engine, [ids[-4:]])[0]
+        # Unset fields take the server's defaults...
+        resp = engine.embed(EmbeddingRequest(input=text))
+        invariant(np.array(resp.data[0].embedding), unit(last4))
+        assert resp.usage.prompt_tokens == 4
+        # ...and a request's own values win over them.
+        resp = engine.embed(EmbeddingRequest(input=text, normalize=False, embedding_type="mean",
+                                             truncate_prompt_tokens=-1))
+        invariant(np.array(resp.data[0].embedding), tiny_engine.encode(text))
+        assert resp.usage.prompt_tokens == len(ids)
+    finally:
+        engine.shutdown()
+
+
+def last_vectors(engine, seqs) -> np.ndarray:
+    return engine.submit([np.asarray(s, np.int32) for s in seqs], EmbeddingType.Last).result()
+
+
+def test_cls_needs_a_bidirectional_model(tiny_engine):
+    assert tiny_engine.is_causal
+    with pytest.raises(InvalidRequestError, match="causal") as e:
+        tiny_engine.embed(EmbeddingRequest(input="x", embedding_type="cls"))
+    assert e.value.param == "embedding_type" and "'mean' or 'last'" in e.value.message
+    with pytest.raises(ValueError, match="bad server default.*cls"):
+        LLMEngine(tiny_engine.checkpoint, defaults=EmbeddingDefaults(embedding_type="cls"))
+
+
+def test_truncation_keeps_the_last_tokens(tiny_engine):
+    limit = tiny_engine.max_model_len
+    ids = [int(t) for t in np.random.default_rng(3).integers(1, 300, limit + 40)]
+    want = tiny_engine.submit([np.asarray(ids[-limit:], np.int32)]).result()[0]
+    resp = tiny_engine.embed(EmbeddingRequest(input=ids, truncate_prompt_tokens=-1))
+    invariant(np.array(resp.data[0].embedding), want)
+    assert resp.usage.prompt_tokens == limit  # usage counts what was embedded
+    resp = tiny_engine.embed(EmbeddingRequest(input=[ids, ids[:3]], truncate_prompt_tokens=5))
+    assert resp.usage.prompt_tokens == 5 + 3  # shorter inputs are left whole
+    invariant(np.array(resp.data[0].embedding),
+              tiny_engine.submit([np.asarray(ids[-5:], np.int32)]).result()[0])
+    with pytest.raises(InvalidRequestError, match="context_length|limit of"):
+        tiny_engine.embed(EmbeddingRequest(input=ids))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 10**9, 1.5, "4", True])
+def test_bad_truncation_values(tiny_engine, bad):
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_engine.embed(EmbeddingRequest(input="x", truncate_prompt_tokens=bad))
+    assert e.value.param == "truncate_prompt_tokens" and "-1" in e.value.message
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("normalize", "yes"), ("normalize", 1), ("dimensions", 2.0), ("dimensions", True),
+    ("encoding_format", "hex"), ("embedding_type", "max"),
+])
+def test_python_api_checks_field_types(tiny_engine, field, bad):
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_engine.embed(EmbeddingRequest(input="x", **{field: bad}))
+    assert e.value.param == field
+
+
+def test_lone_surrogate_text_is_refused(tiny_engine):
+    with pytest.raises(InvalidRequestError, match="surrogate") as e:
+        tiny_engine.embed(EmbeddingRequest(input=["ok", "bad \ud800"]))
+    assert e.value.param == "input" and "input[1]" in e.value.message
+
+
+def test_request_token_limit(tiny_engine):
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_request_tokens=10)
+    try:
+        with pytest.raises(InvalidRequestError, match="limit of 10") as e:
+            engine.embed(EmbeddingRequest(input=[[1] * 6, [2] * 6]))
+        assert e.value.code == "request_too_large"
+        assert engine.embed(EmbeddingRequest(input=[[1] * 6, [2] * 4])).usage.prompt_tokens == 10
+    finally:
+        engine.shutdown()
+
+
+# ---- queue bound, pause, cancellation, timing --------------------------------------------------
+
+
+@pytest.fixture
+def small_queue_engine(tiny_engine):
+    """An engine over the shared weights whose queue holds three requests."""
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_queued_requests=3)
+    yield engine
+    engine.shutdown()
+
+
+def test_queue_bound_and_pause(small_queue_engine):
+    engine = small_queue_engine
+    seqs = engine.prepare(TEXTS[:2]).sequences
+    steps = engine.stats.steps
+    with engine.paused():
+        futures = [engine.submit(seqs) for _ in range(3)]
+        assert engine.queue_depth == 3
+        with pytest.raises(EngineOverloadedError) as e:
+            engine.submit(seqs)
+        assert e.value.status == 429 and e.value.retry_after
+        assert engine.stats.rejected == 1
+        assert not any(f.done() for f in futures) and engine.stats.steps == steps
+    for f in futures:
+        assert f.result(timeout=60).shape == (2, engine.embedding_size)
+        t = f.timing
+        assert t.started is not None and t.finished is not None
+        assert t.queue_seconds > 0 and t.inference_seconds > 0
+    assert engine.queue_depth == 0
+    engine.submit(seqs).result(timeout=60)  # recovered
+
+
+def test_cancelled_work_is_dropped_before_it_runs(small_queue_engine):
+    engine = small_queue_engine
+    a, b = engine.prepare(["first text"]).sequences, engine.prepare(["second one"]).sequences
+    before = engine.stats_snapshot()
+    with engine.paused():
+        fa, fb = engine.submit(a), engine.submit(b)
+        assert fa.cancel()
+        assert engine.queue_depth == 1  # a cancelled request frees its place at once
+    fb.result(timeout=60)
+    after = engine.stats_snapshot()
+    assert after.cancelled - before.cancelled == 1
+    assert after.sequences - before.sequences == 1
+    assert after.requests - before.requests == 1
+
+
+def test_aembed_cancellation_drops_the_work(small_queue_engine):
+    engine = small_queue_engine
+
+    async def main() -> None:
+        task = asyncio.ensure_future(engine.aembed(EmbeddingRequest(input="gone soon")))
+        while engine.queue_depth == 0:  # until the request is queued
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with engine.paused():
+        asyncio.run(main())
+        assert engine.queue_depth == 0
+    assert engine.encode("after").shape == (engine.embedding_size,)
+    assert engine.stats.cancelled == 1
+
+
+def test_shutdown_ends_a_pause_and_finishes_the_queue(tiny_engine):
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512)
+    engine.pause()
+    futures = [engine.submit(engine.prepare([t]).sequences) for t in TEXTS]
+    assert engine.ready
+    engine.shutdown()
+    assert not engine.ready and all(f.done() and not f.exception() for f in futures)
+    with pytest.raises(EngineUnavailableError) as e:
+        engine.submit(engine.prepare(["late"]).sequences)
+    assert e.value.status == 503

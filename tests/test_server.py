@@ -356,7 +356,7 @@ def test_internal_error_hides_details(client: TestClient, tiny_engine: LLMEngine
         raise RuntimeError("secret detail of a bug")
 
     stand_in = _Delegate(tiny_engine)
-    monkeypatch.setattr(stand_in, "aembed", broken, raising=False)
+    monkeypatch.setattr(stand_in, "aembed_timed", broken, raising=False)
     with TestClient(create_app(stand_in)) as c, caplog.at_level(logging.ERROR, "jaxembed.server"):
         r = c.post(URL, json={"input": "a"})
     err = assert_openai_error(r, 500, None, "internal_error")
@@ -378,6 +378,7 @@ def test_token_id_beyond_int64(client: TestClient) -> None:
 
 class _Stub:
     served_model_names = ["stub"]
+    ready = True
 
     def __init__(self) -> None:
         self.shutdowns = 0
