@@ -21,6 +21,8 @@ from jaxembed.weights.loader import load_checkpoint
 
 log = logging.getLogger("jaxembed")
 
+ATTENTION_MODES = ("causal", "bidirectional")
+
 
 @dataclasses.dataclass
 class EngineBuilder:
@@ -31,6 +33,9 @@ class EngineBuilder:
     max_queued_requests: requests waiting or running at once; past it, submissions are refused.
     max_request_tokens: the most tokens one request may hold in all (None: no limit).
     defaults: server-wide values for the request fields a request leaves unset.
+    attention: "causal" or "bidirectional" to override what the model's config says.
+    instruction_template: how `instruction` is placed, e.g. "Instruct: {instruction}\\nQuery:{text}"
+        (ending with `{text}`); None: the family's known template, if any.
     """
 
     model: str | os.PathLike | None = None
@@ -41,6 +46,8 @@ class EngineBuilder:
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     max_request_tokens: int | None = None
     defaults: EmbeddingDefaults | None = None
+    attention: str | None = None
+    instruction_template: str | None = None
     warmup: bool = True
     progress: bool = True
     compilation_cache: bool = True
@@ -52,11 +59,19 @@ class EngineBuilder:
         checkpoint = load_checkpoint(path, self.dtype or default_dtype(), progress=self.progress)
         log.info("loaded %s (%s, %s) in %.2fs", path, checkpoint.format, checkpoint.dtype,
                  checkpoint.load_seconds)
+        if self.attention is not None:
+            if self.attention not in ATTENTION_MODES:
+                raise ValueError(f"attention must be one of {ATTENTION_MODES}; got "
+                                 f"{self.attention!r}")
+            causal = self.attention == "causal"
+            checkpoint = dataclasses.replace(
+                checkpoint, config=dataclasses.replace(checkpoint.config, causal=causal))
         engine = LLMEngine(checkpoint, max_model_len=self.max_model_len,
                            max_batch_tokens=self.max_batch_tokens,
                            served_model_names=self.served_model_names,
                            max_queued_requests=self.max_queued_requests,
-                           max_request_tokens=self.max_request_tokens, defaults=self.defaults)
+                           max_request_tokens=self.max_request_tokens, defaults=self.defaults,
+                           instruction_template=self.instruction_template)
         if self.warmup:
             engine.warmup()
         return engine

@@ -8,9 +8,9 @@ import os
 import signal
 import sys
 
-from jaxembed.builder import EngineBuilder
+from jaxembed.builder import ATTENTION_MODES, EngineBuilder
 from jaxembed.engine import DEFAULT_MAX_QUEUED_REQUESTS
-from jaxembed.protocol import EmbeddingDefaults, EmbeddingType
+from jaxembed.protocol import EmbeddingDefaults, EmbeddingType, InputType
 
 API_KEY_ENV = "JAXEMBED_API_KEY"
 # Idle connections are kept longer than HTTP clients keep them pooled (httpx, and so the openai
@@ -29,11 +29,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="longest input in tokens (default: the model's context, at most 8192)")
     p.add_argument("--max-batch-tokens", type=int, default=8192,
                    help="token budget of one batched step (default: 8192)")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default=None,
+                   help="override the model's attention (default: what its config says)")
+    p.add_argument("--instruction-template", default=None,
+                   help="how a request's 'instruction' is placed before the input, ending with "
+                        "'{text}', e.g. 'Instruct: {instruction}\\nQuery:{text}' (default: the "
+                        "model family's known template, if any)")
 
 
 def _builder(args: argparse.Namespace, **extra: object) -> EngineBuilder:
+    template = args.instruction_template
+    if template is not None:  # a shell passes "\n" literally; templates need real newlines
+        template = template.replace("\\n", "\n")
     return EngineBuilder(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                         max_batch_tokens=args.max_batch_tokens, **extra)
+                         max_batch_tokens=args.max_batch_tokens, attention=args.attention,
+                         instruction_template=template, **extra)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -51,7 +61,9 @@ def serve(args: argparse.Namespace) -> int:
             embedding_type=(EmbeddingType(args.default_embedding_type)
                             if args.default_embedding_type else None),
             normalize=args.default_normalize,
-            truncate_prompt_tokens=args.default_truncate_prompt_tokens))
+            truncate_prompt_tokens=args.default_truncate_prompt_tokens,
+            prompt_name=args.default_prompt_name,
+            input_type=InputType(args.default_input_type) if args.default_input_type else None))
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -92,7 +104,8 @@ def embed(args: argparse.Namespace) -> int:
     engine = _builder(args, warmup=False).build()
     try:
         vectors = engine.encode(args.text, embedding_type=args.embedding_type,
-                                normalize=args.normalize)
+                                normalize=args.normalize, prompt_name=args.prompt_name,
+                                instruction=args.instruction)
         for text, vec in zip(args.text, vectors, strict=True):
             head = ", ".join(f"{x:.5f}" for x in vec[: args.show])
             print(f"{text[:40]!r}: dim={vec.shape[0]} [{head}, ...]")
@@ -130,9 +143,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="an origin browsers may call from (repeatable; '*' for any); "
                         "default: no CORS")
     p.add_argument("--default-normalize", action=argparse.BooleanOptionalAction, default=None,
-                   help="L2-normalize vectors unless a request says otherwise (default: off)")
+                   help="L2-normalize vectors unless a request says otherwise (default: the "
+                        "model's sentence-transformers config, else off)")
     p.add_argument("--default-embedding-type", choices=[t.value for t in EmbeddingType],
-                   default=None, help="pooling unless a request says otherwise (default: mean)")
+                   default=None, help="pooling unless a request says otherwise (default: the "
+                                      "model's sentence-transformers config, else mean)")
+    p.add_argument("--default-prompt-name", default=None,
+                   help="a prompt of the model's to prepend unless a request names one ('' for "
+                        "none; default: the model's default prompt, if any)")
+    p.add_argument("--default-input-type", choices=[t.value for t in InputType], default=None,
+                   help="use the model's prompt for this input type unless a request names one")
     p.add_argument("--default-truncate-prompt-tokens", type=int, default=None,
                    help="keep the last N tokens of over-long inputs (-1: the model's limit) "
                         "unless a request says otherwise (default: refuse them)")
@@ -141,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("embed", help="embed texts and print their dimension and first values")
     _add_model_args(p)
     p.add_argument("text", nargs="+")
-    p.add_argument("--embedding-type", default="mean", choices=["mean", "last"])
-    p.add_argument("--normalize", action="store_true", help="L2-normalize the vectors")
+    p.add_argument("--embedding-type", default=None, choices=[t.value for t in EmbeddingType],
+                   help="pooling (default: the model's sentence-transformers config, else mean)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalize the vectors (default: the model's config, else off)")
+    p.add_argument("--prompt-name", default=None, help="one of the model's prompts to prepend")
+    p.add_argument("--instruction", default=None,
+                   help="an instruction, placed by the model's instruction template")
     p.add_argument("--show", type=int, default=6, help="how many values to print per text")
     p.set_defaults(func=embed)
 

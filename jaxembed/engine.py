@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxembed import model
@@ -44,6 +45,7 @@ from jaxembed.protocol import (
     EmbeddingResponse,
     EmbeddingType,
     EncodingFormat,
+    InputType,
     TokenizeRequest,
     TokenizeResponse,
     Usage,
@@ -51,6 +53,7 @@ from jaxembed.protocol import (
     split_input,
 )
 from jaxembed.scheduler import Buckets, Step, plan_step
+from jaxembed.st_config import SentenceTransformersConfig, read_sentence_transformers
 from jaxembed.weights.loader import Checkpoint
 
 log = logging.getLogger("jaxembed.engine")
@@ -59,6 +62,21 @@ DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_ALIAS = "default"
+
+# Instruction templates per family, as the instruction-tuned embedding models of each were trained
+# (Qwen3-Embedding; gte-Qwen2 and e5-mistral; EmbeddingGemma). `{instruction}` is the request's
+# text and `{text}` the input, which must end the template: what comes before it is the prompt.
+INSTRUCTION_TEMPLATES = {
+    "qwen3": "Instruct: {instruction}\nQuery:{text}",
+    "qwen2": "Instruct: {instruction}\nQuery: {text}",
+    "mistral": "Instruct: {instruction}\nQuery: {text}",
+    "gemma3": "task: {instruction} | query: {text}",
+}
+# The names a model's prompts go by for each input type, in order of preference.
+INPUT_TYPE_PROMPTS = {
+    InputType.Query: ("query",),
+    InputType.Document: ("document", "passage", "doc", "corpus"),
+}
 
 # Histogram bounds for the per-step metrics: sequences, requests and real tokens in one step.
 COUNT_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -157,13 +175,15 @@ class _Work:
     future: EmbeddingFuture
     out: np.ndarray
     remaining: int
+    skip: list[int] | None = None  # leading tokens of each sequence left out of its pooling
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedInput:
-    """Validated token ids for one request."""
+    """Validated token ids for one request, the prompt included."""
 
     sequences: list[np.ndarray]
+    skip: list[int] | None = None  # prompt tokens to leave out of each sequence's pooling
 
     @property
     def prompt_tokens(self) -> int:
@@ -180,6 +200,7 @@ class EmbeddingOptions:
     truncate: int | None  # keep the last this many tokens; None: refuse over-long inputs
     dimensions: int | None
     encoding_format: EncodingFormat
+    prompt: str | None = None  # prepended to each text input
 
 
 class LLMEngine:
@@ -188,12 +209,32 @@ class LLMEngine:
                  served_model_names: Sequence[str] | None = None,
                  max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
                  max_request_tokens: int | None = None,
-                 defaults: EmbeddingDefaults | None = None) -> None:
+                 defaults: EmbeddingDefaults | None = None,
+                 instruction_template: str | None = None) -> None:
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
         self.tokenizer = checkpoint.tokenizer.tokenizer
+        # A sentence-transformers folder says how the model is meant to be used; its settings
+        # are the model's defaults (a plain causal LM has none: mean pooling, no normalization).
+        st = read_sentence_transformers(checkpoint.path) if checkpoint.path.is_dir() else None
+        self.sentence_transformers: SentenceTransformersConfig | None = st
+        self.model_defaults = EmbeddingDefaults(
+            embedding_type=st.pooling, normalize=st.normalize,
+            prompt_name=st.default_prompt_name) if st else EmbeddingDefaults()
+        if st and st.dense and st.dense[0].in_features != self.config.hidden_size:
+            raise ValueError(f"the first Dense module takes {st.dense[0].in_features} features, "
+                             f"but the model's hidden size is {self.config.hidden_size}")
+        if st and st.pooling == EmbeddingType.Cls and self.config.causal:
+            raise ValueError("the model's pooling is 'cls', which needs bidirectional attention, "
+                             "but the model is causal; serve it with bidirectional attention")
+        template = instruction_template or INSTRUCTION_TEMPLATES.get(self.config.family)
+        if template is not None and not template.endswith("{text}"):
+            raise ValueError(f"an instruction template must end with '{{text}}'; got {template!r}")
+        self.instruction_template = template
         limit = min(self.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if st and st.max_seq_length:
+            limit = min(limit, st.max_seq_length)
         self.max_model_len = int(max_model_len or limit)
         self.buckets = Buckets.build(self.max_model_len, max_batch_tokens)
         self.served_model_names = list(served_model_names or [checkpoint.name])
@@ -204,6 +245,9 @@ class LLMEngine:
         self.defaults = defaults or EmbeddingDefaults()
         self.stats = EngineStats()
         self._special_prefix, self._special_suffix = self._special_tokens()
+        self._special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items()
+                             if t.special}
+        self._prompt_lengths: dict[str, int] = {}
         try:  # the defaults go through the same checks as a request's own values
             self.resolve(EmbeddingRequest(input="x"))
         except InvalidRequestError as e:
@@ -211,10 +255,18 @@ class LLMEngine:
 
         cfg = self.config
 
-        def pooled(params: Any, *step_arrays: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def pooled(params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                   seq_index: jax.Array, last_index: jax.Array, first_index: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
             with self._stats_lock:
                 self.stats.compilations += 1  # runs once per trace, i.e. once per new step shape
-            return model.pooled(params, *step_arrays, cfg=cfg)
+            # The first tokens' states ride along as extra "last" indexes: the model gathers both
+            # sets at once. Its mean then has twice the segments; the padding slot (N) falls in
+            # the second half, which is dropped, so the first N means are unchanged.
+            n = last_index.shape[0]
+            mean, picked = model.pooled(params, tokens, positions, segment_ids, seq_index,
+                                        jnp.concatenate([last_index, first_index]), cfg=cfg)
+            return mean[:n], picked[:n], picked[n:]
 
         self._pooled = jax.jit(pooled)
         self._queue: queue.Queue[_Work | None] = queue.Queue()
@@ -237,14 +289,26 @@ class LLMEngine:
         return self.served_model_names[0]
 
     @property
-    def embedding_size(self) -> int:
+    def hidden_size(self) -> int:
+        """The size of the pooled hidden states (what `submit` returns)."""
         return self.config.hidden_size
 
     @property
+    def embedding_size(self) -> int:
+        """The size of the vectors served: the hidden size, or the last Dense module's output."""
+        st = self.sentence_transformers
+        return st.output_size(self.hidden_size) if st else self.hidden_size
+
+    @property
     def is_causal(self) -> bool:
-        """Whether each token sees only the tokens before it: true of every decoder served today.
-        A bidirectional model would set `is_causal = False` in its config, and allow `cls`."""
-        return bool(getattr(self.config, "is_causal", True))
+        """Whether each token sees only the tokens before it (decoders); bidirectional models
+        (EmbeddingGemma) see the whole input from every token, which makes `cls` meaningful."""
+        return bool(self.config.causal)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The model's named prompts (from its sentence-transformers configuration)."""
+        return dict(self.sentence_transformers.prompts) if self.sentence_transformers else {}
 
     @property
     def ready(self) -> bool:
@@ -268,23 +332,21 @@ class LLMEngine:
         """Validate the request's settings (not its input) and fill in the server's defaults.
 
         Precedence for each extension: the request's value, then the server's default, then the
-        built-in one (mean pooling, no normalization, no truncation)."""
-        d = self.defaults
+        model's (its sentence-transformers configuration), then the built-in one (mean pooling,
+        no normalization, no truncation, no prompt)."""
+        d, md = self.defaults, self.model_defaults
         name = self.resolve_model(request.model)
         fmt = _enum(EncodingFormat, request.encoding_format, "encoding_format")
         pooling = _enum(EmbeddingType, _first(request.embedding_type, d.embedding_type,
-                                              EmbeddingType.Mean), "embedding_type")
+                                              md.embedding_type, EmbeddingType.Mean),
+                        "embedding_type")
         if pooling == EmbeddingType.Cls and self.is_causal:
             raise InvalidRequestError(
                 f"'embedding_type' 'cls' needs a bidirectional model, and {self.model_name} is a "
                 "causal decoder: its first token sees only itself, so its state says nothing "
                 "about the rest of the input; use 'mean' or 'last'", param="embedding_type",
                 code="unsupported_value")
-        if pooling == EmbeddingType.Cls:
-            raise InvalidRequestError(  # no bidirectional family is loaded by this engine yet
-                "'embedding_type' 'cls' is not available for this model; use 'mean' or 'last'",
-                param="embedding_type", code="unsupported_value")
-        normalize = _first(request.normalize, d.normalize, False)
+        normalize = _first(request.normalize, d.normalize, md.normalize, False)
         if not isinstance(normalize, bool):
             raise InvalidRequestError(
                 f"'normalize' must be true or false; got {normalize!r}", param="normalize",
@@ -294,6 +356,11 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"'dimensions' must be between 1 and {self.embedding_size} for this model; "
                 f"got {dims!r}", param="dimensions")
+        supported = self.supported_dimensions
+        if dims is not None and supported and dims not in supported:
+            raise InvalidRequestError(
+                f"'dimensions' {dims} is not a size {self.model_name} was trained to give; use "
+                f"one of {list(supported)}", param="dimensions", code="unsupported_value")
         truncate = _first(request.truncate_prompt_tokens, d.truncate_prompt_tokens, None)
         if truncate is not None:
             if not _is_int(truncate) or not (truncate == -1 or 1 <= truncate <= self.max_model_len):
@@ -303,7 +370,82 @@ class LLMEngine:
                     f"got {truncate!r}", param="truncate_prompt_tokens")
             truncate = self.max_model_len if truncate == -1 else int(truncate)
         return EmbeddingOptions(name, pooling, normalize, truncate,
-                                None if dims is None else int(dims), fmt)
+                                None if dims is None else int(dims), fmt,
+                                self._resolve_prompt(request))
+
+    @property
+    def supported_dimensions(self) -> tuple[int, ...]:
+        """The Matryoshka sizes the model declares (its full size included); empty: any size."""
+        st = self.sentence_transformers
+        if not st or not st.matryoshka_dimensions:
+            return ()
+        return tuple(sorted({*st.matryoshka_dimensions, self.embedding_size}))
+
+    def _resolve_prompt(self, request: EmbeddingRequest) -> str | None:
+        """The prompt text for a request: its own `instruction`, `prompt_name` or `input_type`
+        (at most one), else the server's default, else the model's default prompt."""
+        given = [f for f in ("instruction", "prompt_name", "input_type")
+                 if getattr(request, f) is not None]
+        if len(given) > 1:
+            raise InvalidRequestError(
+                f"send at most one of 'instruction', 'prompt_name' and 'input_type'; got {given}",
+                param=given[1])
+        if request.instruction is not None:
+            return self._instruction_prompt(request.instruction)
+        if request.prompt_name is not None:
+            return self._named_prompt(request.prompt_name, "prompt_name")
+        if request.input_type is not None:
+            return self._input_type_prompt(request.input_type, "input_type")
+        d, md = self.defaults, self.model_defaults
+        if d.input_type is not None:
+            return self._input_type_prompt(d.input_type, "input_type")
+        name = _first(d.prompt_name, md.prompt_name)
+        return None if name is None else self._named_prompt(name, "prompt_name")
+
+    def _instruction_prompt(self, instruction: object) -> str:
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise InvalidRequestError("'instruction' must be a non-empty string",
+                                      param="instruction", code="invalid_value")
+        _check_text(instruction, "instruction")
+        if self.instruction_template is None:
+            names = f"; use 'prompt_name' with one of {sorted(self.prompts)}" if self.prompts else ""
+            raise InvalidRequestError(
+                f"{self.model_name} has no known instruction template ({self.config.family} "
+                f"models have none), so 'instruction' cannot be placed{names}", param="instruction",
+                code="unsupported_value")
+        return self.instruction_template[: -len("{text}")].replace("{instruction}", instruction)
+
+    def _named_prompt(self, name: object, param: str) -> str | None:
+        if not isinstance(name, str):
+            raise InvalidRequestError(f"'{param}' must be a string; got {name!r}", param=param,
+                                      code="invalid_type")
+        if name == "":  # explicitly none, even where the model has a default prompt
+            return None
+        if name not in self.prompts:
+            known = (f"one of {sorted(self.prompts)}" if self.prompts
+                     else "none: this model declares no prompts")
+            raise InvalidRequestError(f"'{param}' {name!r} is not one of this model's prompts; "
+                                      f"they are {known}", param=param, code="invalid_value")
+        return self.prompts[name] or None
+
+    def _input_type_prompt(self, kind: object, param: str) -> str | None:
+        """The model's prompt for that kind of input; none if the model has no such prompt
+        (documents usually have none)."""
+        kind = _enum(InputType, kind, param)
+        name = next((n for n in INPUT_TYPE_PROMPTS[kind] if n in self.prompts), None)
+        if name is None:
+            return None
+        return self.prompts[name] or None
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of the prompt at the start of a prompted input, as sentence-transformers counts
+        them: the prompt tokenized alone, less a special token the tokenizer appends (EOS)."""
+        n = self._prompt_lengths.get(prompt)
+        if n is None:
+            ids = self.tokenize([prompt])[0]
+            n = len(ids) - (1 if ids and ids[-1] in self._special_ids else 0)
+            self._prompt_lengths[prompt] = n
+        return n
 
     def check_request(self, request: EmbeddingRequest) -> str:
         """Validate what can be checked before tokenizing; return the served model name."""
@@ -313,8 +455,8 @@ class LLMEngine:
         """Embed synchronously. Safe from any thread; concurrent calls are batched together."""
         request = _as_request(request, fields)
         options = self.resolve(request)
-        prepared = self.prepare(request.input, options.truncate)
-        vectors = self.submit(prepared.sequences, options.pooling).result()
+        prepared = self.prepare(request.input, options.truncate, options.prompt)
+        vectors = self.submit(prepared.sequences, options.pooling, prepared.skip).result()
         return self._response(options, prepared, vectors)
 
     async def aembed(self, request: EmbeddingRequest | str | list, **fields: Any
@@ -331,25 +473,32 @@ class LLMEngine:
         options = self.resolve(request)
         if self._closed:  # refuse before tokenizing: the work could not be queued anyway
             raise self._unavailable()
-        prepared = await asyncio.to_thread(self.prepare, request.input, options.truncate)
-        future = self.submit(prepared.sequences, options.pooling)
+        prepared = await asyncio.to_thread(self.prepare, request.input, options.truncate,
+                                           options.prompt)
+        future = self.submit(prepared.sequences, options.pooling, prepared.skip)
         vectors = await asyncio.wrap_future(future)
         response = await asyncio.to_thread(self._response, options, prepared, vectors)
         return response, future.timing
 
     def encode(self, texts: str | Sequence[str], embedding_type: EmbeddingType | str | None = None,
-               *, normalize: bool | None = None, truncate_prompt_tokens: int | None = None
+               *, normalize: bool | None = None, truncate_prompt_tokens: int | None = None,
+               dimensions: int | None = None, prompt_name: str | None = None,
+               instruction: str | None = None, input_type: InputType | str | None = None
                ) -> np.ndarray:
-        """Embeddings as a float32 array [len(texts), hidden] (for notebooks). Unset options take
-        the server's defaults, as requests do."""
+        """Embeddings as a float32 array [len(texts), size] (for notebooks). Unset options take
+        the server's defaults, then the model's, as requests do."""
         single = isinstance(texts, str)
         request = EmbeddingRequest(input=[texts] if single else list(texts),
                                    embedding_type=embedding_type,  # type: ignore[arg-type]
                                    normalize=normalize,
-                                   truncate_prompt_tokens=truncate_prompt_tokens)
+                                   truncate_prompt_tokens=truncate_prompt_tokens,
+                                   dimensions=dimensions, prompt_name=prompt_name,
+                                   instruction=instruction,
+                                   input_type=input_type)  # type: ignore[arg-type]
         options = self.resolve(request)
-        prepared = self.prepare(request.input, options.truncate)
-        out = self._finish(options, self.submit(prepared.sequences, options.pooling).result())
+        prepared = self.prepare(request.input, options.truncate, options.prompt)
+        vectors = self.submit(prepared.sequences, options.pooling, prepared.skip).result()
+        out = self._finish(options, vectors)
         return out[0] if single else out
 
     def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
@@ -378,10 +527,16 @@ class LLMEngine:
         return DetokenizeResponse(prompt=self.tokenizer.decode([int(t) for t in ids],
                                                                skip_special_tokens=False))
 
-    def prepare(self, raw: object, truncate: int | None = None) -> PreparedInput:
+    def prepare(self, raw: object, truncate: int | None = None, prompt: str | None = None
+                ) -> PreparedInput:
         """Validate an `input` value and turn it into token-id sequences, each cut to its last
-        `truncate` tokens when given (keeping the special tokens the tokenizer adds)."""
+        `truncate` tokens when given (keeping the special tokens the tokenizer adds).
+
+        A prompt is prepended to text inputs before tokenizing, as sentence-transformers does;
+        token-id inputs are fed as they are. Where the model leaves prompts out of its pooling,
+        the prompt's tokens still kept after truncation are marked to be skipped."""
         texts, seqs = split_input(raw)
+        prompt_tokens = 0
         if texts is not None:
             for i, t in enumerate(texts):
                 if not t:
@@ -389,16 +544,27 @@ class LLMEngine:
                         f"input[{i}] is an empty string; send non-empty text", param="input",
                         code="empty_input")
                 _check_text(t, f"input[{i}]")
+            if prompt:
+                texts = [prompt + t for t in texts]
+                prompt_tokens = self.prompt_length(prompt)
             seqs = self.tokenize(texts)
         assert seqs is not None
-        out = []
+        st = self.sentence_transformers
+        exclude = bool(prompt_tokens) and st is not None and not st.include_prompt
+        out, skip = [], []
         for i, ids in enumerate(seqs):
             if not ids:
                 raise InvalidRequestError(f"input[{i}] has no tokens; send at least one",
                                           param="input", code="empty_input")
             self._check_vocab(ids, f"input[{i}]")
+            left_out = prompt_tokens
             if truncate is not None and len(ids) > truncate:
+                head = self._kept_prefix(ids)
+                removed = len(ids) - truncate
                 ids = self._truncate(ids, truncate)
+                # The cut takes the tokens right after the kept special prefix: the prompt's.
+                left_out = head + max(0, prompt_tokens - head - removed) if prompt_tokens else 0
+            skip.append(left_out)
             if len(ids) > self.max_model_len:
                 raise InvalidRequestError(
                     f"input[{i}] has {len(ids)} tokens, more than this model's limit of "
@@ -406,7 +572,7 @@ class LLMEngine:
                     "'truncate_prompt_tokens' to keep its end", param="input",
                     code="context_length_exceeded")
             out.append(np.asarray(ids, dtype=np.int32))
-        prepared = PreparedInput(out)
+        prepared = PreparedInput(out, skip if exclude else None)
         if self.max_request_tokens is not None and prepared.prompt_tokens > self.max_request_tokens:
             raise InvalidRequestError(
                 f"the input has {prepared.prompt_tokens} tokens in all, more than this server's "
@@ -414,15 +580,20 @@ class LLMEngine:
                 param="input", code="request_too_large")
         return prepared
 
-    def submit(self, sequences: list[np.ndarray], pooling: EmbeddingType = EmbeddingType.Mean
-               ) -> EmbeddingFuture:
-        """Queue validated sequences; the future gives float32 [len(sequences), hidden].
+    def submit(self, sequences: list[np.ndarray], pooling: EmbeddingType = EmbeddingType.Mean,
+               skip: Sequence[int] | None = None) -> EmbeddingFuture:
+        """Queue validated sequences; the future gives float32 [len(sequences), hidden]: the
+        pooled hidden states, before the model's Dense modules and normalization.
 
-        Raises EngineOverloadedError when `max_queued_requests` are already waiting or running,
-        and EngineUnavailableError once shutdown has begun."""
+        `skip`: per sequence, how many leading tokens (a prompt) attend but are left out of its
+        pooling. Raises EngineOverloadedError when `max_queued_requests` are already waiting or
+        running, and EngineUnavailableError once shutdown has begun."""
         fut = EmbeddingFuture()
+        if skip is not None and len(skip) != len(sequences):
+            raise ValueError("skip needs one count per sequence")
         work = _Work(list(sequences), EmbeddingType(pooling), fut,
-                     np.empty((len(sequences), self.embedding_size), np.float32), len(sequences))
+                     np.empty((len(sequences), self.hidden_size), np.float32), len(sequences),
+                     None if skip is None or not any(skip) else [int(n) for n in skip])
         with self._lock:
             if self._closed:
                 raise self._unavailable()
@@ -521,6 +692,11 @@ class LLMEngine:
                 return with_special[:i], with_special[i + n :]
         return [], []
 
+    def _kept_prefix(self, ids: list[int]) -> int:
+        """How many leading special tokens (BOS) truncation keeps in place."""
+        prefix = self._special_prefix
+        return len(prefix) if prefix and ids[: len(prefix)] == prefix else 0
+
     def _truncate(self, ids: list[int], keep: int) -> list[int]:
         prefix, suffix = self._special_prefix, self._special_suffix
         head = len(prefix) if prefix and ids[: len(prefix)] == prefix else 0
@@ -536,9 +712,9 @@ class LLMEngine:
 
     # ---- the engine thread ---------------------------------------------------------------
 
-    def _run(self, step: Step) -> tuple[jax.Array, jax.Array]:
+    def _run(self, step: Step) -> tuple[jax.Array, jax.Array, jax.Array]:
         return self._pooled(self.params, step.tokens, step.positions, step.segment_ids,
-                            step.seq_index, step.last_index)
+                            step.seq_index, step.last_index, step.first_index)
 
     def _loop(self) -> None:
         pending: dict[int, tuple[_Work, int]] = {}
@@ -575,7 +751,12 @@ class LLMEngine:
                     if stopping:
                         return
                     continue
-                step, left = plan_step(waiting, self.buckets)
+                skips = {}
+                for sid, _ in waiting:
+                    work, i = pending[sid]
+                    if work.skip is not None and work.skip[i]:
+                        skips[sid] = work.skip[i]
+                step, left = plan_step(waiting, self.buckets, skips)
                 left_ids = set(left)
                 waiting = [w for w in waiting if w[0] in left_ids]
                 self._execute(step, pending)
@@ -604,8 +785,9 @@ class LLMEngine:
             if w.future.timing.started is None:
                 w.future.timing.started = start
         try:
-            mean, last = self._run(step)
-            mean, last = np.asarray(mean), np.asarray(last)
+            pooled = {kind: np.asarray(v) for kind, v in zip(
+                (EmbeddingType.Mean, EmbeddingType.Last, EmbeddingType.Cls), self._run(step),
+                strict=True)}
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("step %s failed", step.tokens.shape)
             for s in step.sequences:
@@ -618,7 +800,7 @@ class LLMEngine:
         completed = 0
         for slot, s in enumerate(step.sequences):
             work, i = pending.pop(s)
-            work.out[i] = mean[slot] if work.pooling == EmbeddingType.Mean else last[slot]
+            work.out[i] = pooled[work.pooling][slot]
             work.remaining -= 1
             if work.remaining == 0 and not work.future.done():
                 work.future.timing.finished = finished
@@ -640,7 +822,10 @@ class LLMEngine:
     # ---- responses -----------------------------------------------------------------------
 
     def _finish(self, options: EmbeddingOptions, vectors: np.ndarray) -> np.ndarray:
-        """Cut to `dimensions`, then normalize if asked: a cut vector is re-normalized."""
+        """Run the model's Dense modules (float32), cut to `dimensions`, then normalize if asked:
+        a cut vector is re-normalized."""
+        if self.sentence_transformers is not None:
+            vectors = self.sentence_transformers.project(vectors)
         if options.dimensions is not None:
             vectors = vectors[:, : options.dimensions]
         if options.normalize:

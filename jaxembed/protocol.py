@@ -31,6 +31,14 @@ class EmbeddingType(enum.StrEnum):
     Cls = "cls"  # the first token: meaningful only where it attends to the whole input
 
 
+class InputType(enum.StrEnum):
+    """What an input is for, as retrieval models distinguish it: picks the model's prompt of that
+    name (`query`; `document`, or its other usual names `passage`, `doc`, `corpus`)."""
+
+    Query = "query"
+    Document = "document"
+
+
 class EmbeddingInput:
     """Constructors for the four input forms; each returns the plain value OpenAI's API takes."""
 
@@ -52,10 +60,12 @@ class EmbeddingInput:
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """OpenAI's embeddings request, plus `embedding_type`, `normalize` and `truncate_prompt_tokens`.
+    """OpenAI's embeddings request, plus `embedding_type`, `normalize`, `truncate_prompt_tokens`
+    and the prompt fields (`prompt_name`, `instruction`, `input_type`; at most one of them).
 
-    The extensions default to None, meaning the server's default (`EmbeddingDefaults`), so one
-    served model can be configured once and still be overridden per request.
+    The extensions default to None, meaning the server's default (`EmbeddingDefaults`), then the
+    model's own (its sentence-transformers configuration), so one served model can be configured
+    once and still be overridden per request.
     """
 
     input: RawInput
@@ -67,16 +77,27 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     # Keep the last N tokens of each input (special tokens the tokenizer adds stay), or -1 for the
     # model's limit; None: the server's default, else over-long inputs are refused.
     truncate_prompt_tokens: int | None = None
+    # A prompt prepended to each text input: one of the model's named prompts ("" for none),
+    # free-text instructions formatted by the model's instruction template, or the prompt the
+    # model has for that kind of input. None for all three: the server's, else the model's default.
+    prompt_name: str | None = None
+    instruction: str | None = None
+    input_type: InputType | None = None
     user: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingDefaults:
-    """Server-wide values for the request fields left unset (None). A request's own value wins."""
+    """Values for the request fields left unset (None). A request's own value wins.
+
+    The server's flags give one set and the model's sentence-transformers configuration another;
+    the server's wins over the model's, and the model's over the built-in defaults."""
 
     embedding_type: EmbeddingType | None = None
     normalize: bool | None = None
     truncate_prompt_tokens: int | None = None
+    prompt_name: str | None = None
+    input_type: InputType | None = None
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):

@@ -8,7 +8,7 @@ in attention, and positions restart per sequence, so packing never changes a res
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -79,8 +79,11 @@ class Step:
     tokens: np.ndarray
     positions: np.ndarray
     segment_ids: np.ndarray  # 0 is padding; 1, 2, ... the sequences of a row
-    seq_index: np.ndarray  # which planned sequence each token belongs to; slots for padding
+    # Which planned sequence each token is pooled into; `slots` (the padding slot) for padding
+    # and for the leading tokens a sequence leaves out of its mean (a prompt), which still attend.
+    seq_index: np.ndarray
     last_index: np.ndarray  # [slots] flat index (row * length + col) of each sequence's last token
+    first_index: np.ndarray  # [slots] flat index of each sequence's first pooled token
     sequences: tuple[int, ...]  # the caller's ids of the sequences, in slot order
 
     @classmethod
@@ -88,7 +91,7 @@ class Step:
         """A step of padding only (for compiling a shape ahead of traffic)."""
         zeros = np.zeros((rows, length), np.int32)
         return cls(zeros, zeros, zeros, np.full((rows, length), slots, np.int32),
-                   np.zeros(slots, np.int32), ())
+                   np.zeros(slots, np.int32), np.zeros(slots, np.int32), ())
 
     @property
     def real_tokens(self) -> int:
@@ -99,13 +102,17 @@ class Step:
         return int(self.tokens.size)
 
 
-def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets
-              ) -> tuple[Step, list[int]]:
+def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets,
+              skip: Mapping[int, int] | None = None) -> tuple[Step, list[int]]:
     """Pack as many pending sequences as fit one step; return it and the ids left over.
 
     `pending` holds (id, token ids) pairs. The longest sequence sets the row length; sequences are
     placed first-fit in decreasing length order, so short ones fill the gaps left by long ones.
+    `skip` maps an id to how many of its leading tokens are left out of its pooling (a prompt the
+    model was trained to exclude). A sequence that is all prompt pools to zero in the mean, as in
+    sentence-transformers, and its first token stands for it in `cls` pooling.
     """
+    skip = skip or {}
     order = sorted(range(len(pending)), key=lambda i: -len(pending[i][1]))
     length = buckets.length_for(len(pending[order[0]][1]))
     max_rows = buckets.max_rows(length)
@@ -133,6 +140,7 @@ def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets
     segments = np.zeros((n_rows, length), np.int32)
     seq_index = np.full((n_rows, length), slots, np.int32)
     last_index = np.zeros(slots, np.int32)
+    first_index = np.zeros(slots, np.int32)
     ids = []
     for r, members in enumerate(rows):
         col = 0
@@ -143,9 +151,11 @@ def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets
             tokens[r, col : col + n] = seq
             positions[r, col : col + n] = np.arange(n)
             segments[r, col : col + n] = seg
-            seq_index[r, col : col + n] = slot
+            left_out = min(skip.get(pending[i][0], 0), n)
+            seq_index[r, col + left_out : col + n] = slot
             last_index[slot] = r * length + col + n - 1
+            first_index[slot] = r * length + col + (left_out if left_out < n else 0)
             ids.append(pending[i][0])
             col += n
-    step = Step(tokens, positions, segments, seq_index, last_index, tuple(ids))
+    step = Step(tokens, positions, segments, seq_index, last_index, first_index, tuple(ids))
     return step, left

@@ -74,19 +74,34 @@ def embedding_request_schema() -> Schema:
         "embedding_type": _enum(
             "embedding_type", "Pooling of the final hidden states: 'mean' over all tokens, the "
             "'last' token's state, or 'cls' (the first token's; bidirectional models only). "
-            "Unset: the server's default, else 'mean'."),
+            "Unset: the server's default, else the model's (sentence-transformers), else 'mean'."),
         "dimensions": _optional(Schema(type=OpenAPIType.INTEGER, minimum=1),
                                 "Keep only the first this many components of each vector; at "
-                                "most the model's embedding size. Re-normalized when "
+                                "most the model's embedding size, and one of the sizes it declares "
+                                "(Matryoshka) if it declares any. Re-normalized when "
                                 "normalization is on."),
         "normalize": _optional(Schema(type=OpenAPIType.BOOLEAN),
-                               "L2-normalize each vector. Unset: the server's default, else off."),
+                               "L2-normalize each vector. Unset: the server's default, else the "
+                               "model's (a sentence-transformers Normalize module), else off."),
         "truncate_prompt_tokens": _optional(
             Schema(one_of=[Schema(type=OpenAPIType.INTEGER, minimum=1),
                            Schema(type=OpenAPIType.INTEGER, const=-1)]),
             "Keep only the last this many tokens of each input (the special tokens the "
             "tokenizer adds stay), or -1 for the model's limit; usage counts what was kept. "
             "Unset: the server's default, else over-long inputs are refused."),
+        "prompt_name": _optional(
+            Schema(type=OpenAPIType.STRING),
+            "One of the model's named prompts (its sentence-transformers 'prompts'), prepended to "
+            "each text input; '' for none. Unset: the server's default, else the model's default "
+            "prompt, else none. At most one of 'prompt_name', 'instruction' and 'input_type'."),
+        "instruction": _optional(
+            Schema(type=OpenAPIType.STRING, min_length=1),
+            "A task instruction, placed before each text input by the model's instruction "
+            "template (Qwen3-Embedding: 'Instruct: {instruction}\\nQuery:{text}'); a model with "
+            "no known template answers 400."),
+        "input_type": _enum(
+            "input_type", "'query' or 'document': use the model's prompt for that kind of input "
+            "(none if the model has no such prompt). Unset: the server's default, if any."),
         "user": Schema(one_of=[Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.NULL)],
                        description="Accepted for compatibility with OpenAI's API; unused."),
     }
