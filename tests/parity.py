@@ -50,3 +50,16 @@ def transformers_from_gguf(path):
     model = AutoModel.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                       attn_implementation="eager").eval()
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def response_vectors(body: dict) -> np.ndarray:
+    """An embeddings response's vectors, decoding base64 (little-endian float32) where sent so."""
+    import base64
+
+    out = []
+    for i, item in enumerate(body["data"]):
+        assert item["index"] == i
+        emb = item["embedding"]
+        out.append(np.frombuffer(base64.b64decode(emb), dtype="<f4") if isinstance(emb, str)
+                   else np.asarray(emb, dtype=np.float32))
+    return np.stack(out)

@@ -27,6 +27,8 @@ from jaxembed import LLMEngine
 from jaxembed.protocol import EmbeddingRequest, EmbeddingType
 from jaxembed.server import create_app
 
+from parity import response_vectors as vectors
+
 URL = "/v1/embeddings"
 TEXTS = ["The quick brown fox jumps over the lazy dog.",
          "JAX compiles numerical programs with XLA.",
@@ -43,17 +45,6 @@ def assert_close(got: Any, want: np.ndarray) -> None:
     want = np.asarray(want, dtype=np.float32)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
-
-
-def vectors(body: dict) -> np.ndarray:
-    """The response's vectors, decoding base64 (little-endian float32) where sent so."""
-    out = []
-    for i, item in enumerate(body["data"]):
-        assert item["index"] == i
-        emb = item["embedding"]
-        out.append(np.frombuffer(base64.b64decode(emb), dtype="<f4") if isinstance(emb, str)
-                   else np.asarray(emb, dtype=np.float32))
-    return np.stack(out)
 
 
 def embed(client: TestClient, **body: Any) -> dict:

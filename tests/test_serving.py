@@ -7,7 +7,6 @@ paused engine queues work without computing it, so each test decides when the wo
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -38,6 +37,8 @@ from jaxembed.cli import KEEP_ALIVE_SECONDS, main
 from jaxembed.protocol import EmbeddingDefaults, EmbeddingType
 from jaxembed.server import create_app
 
+from parity import response_vectors as vectors
+
 URL = "/v1/embeddings"
 KEY = "test-key-123"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -46,16 +47,6 @@ WORDS = ("fox dog quick brown lazy jumps over the vectors text embeddings JAX co
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def vectors(body: dict) -> np.ndarray:
-    out = []
-    for i, item in enumerate(body["data"]):
-        assert item["index"] == i
-        emb = item["embedding"]
-        out.append(np.frombuffer(base64.b64decode(emb), dtype="<f4") if isinstance(emb, str)
-                   else np.asarray(emb, dtype=np.float32))
-    return np.stack(out)
 
 
 def invariant(got: np.ndarray, want: np.ndarray) -> None:
