@@ -91,21 +91,6 @@ def param_axes(cfg: ModelConfig) -> dict[str, Any]:
     return jax.tree.map(lambda s: s[1], param_shapes(cfg), is_leaf=_is_spec)
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.float32) -> Params:
-    """Random params of the right shapes (for benchmarks and tests with no checkpoint)."""
-    rng = np.random.default_rng(seed)
-
-    def make(path: tuple, spec: tuple) -> jax.Array:
-        shape, _ = spec
-        if str(path[-1].key).endswith("norm"):
-            arr = 1.0 + 0.1 * rng.standard_normal(shape)  # norm weights: around 1, not 1
-        else:
-            arr = rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 1 else 1)
-        return jnp.asarray(arr, dtype=dtype)
-
-    return jax.tree_util.tree_map_with_path(make, param_shapes(cfg), is_leaf=_is_spec)
-
-
 # ---- layers ----------------------------------------------------------------------------------
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -35,7 +34,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 class SafetensorsFile:
-    """Tensors of one file as read-only numpy views; `tensors()` yields (name, array)."""
+    """Tensors of one file as read-only numpy views, by name (`names()`, `get(name)`)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -98,9 +97,6 @@ class SafetensorsFile:
         raw = self._mm[self._start + begin : self._start + end]
         return raw.view(dtype).reshape(shape)
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        for name in self._entries:
-            yield name, self.get(name)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
