@@ -36,6 +36,8 @@ class EngineBuilder:
     attention: "causal" or "bidirectional" to override what the model's config says.
     instruction_template: how `instruction` is placed, e.g. "Instruct: {instruction}\\nQuery:{text}"
         (ending with `{text}`); None: the family's known template, if any.
+    max_num_seqs: sequences generated at once, each with its own KV cache rows (None: 16 on a
+        CPU, 64 on an accelerator).
     """
 
     model: str | os.PathLike | None = None
@@ -48,6 +50,7 @@ class EngineBuilder:
     defaults: EmbeddingDefaults | None = None
     attention: str | None = None
     instruction_template: str | None = None
+    max_num_seqs: int | None = None
     warmup: bool = True
     progress: bool = True
     compilation_cache: bool = True
@@ -71,7 +74,8 @@ class EngineBuilder:
                            served_model_names=self.served_model_names,
                            max_queued_requests=self.max_queued_requests,
                            max_request_tokens=self.max_request_tokens, defaults=self.defaults,
-                           instruction_template=self.instruction_template)
+                           instruction_template=self.instruction_template,
+                           max_num_seqs=self.max_num_seqs)
         if self.warmup:
             engine.warmup()
         return engine

@@ -88,6 +88,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling()
     rope_local_theta: float | None = None  # gemma3: the sliding layers' own base
     attn_softcap: float | None = None  # gemma2: tanh soft-capping of attention scores
+    final_softcap: float | None = None  # gemma2: tanh soft-capping of the output logits
     query_scale: float = 0.0  # multiplier of q.k (0: head_dim ** -0.5)
     sliding_window: int | None = None
     causal: bool = True  # False: every token sees its whole sequence (EmbeddingGemma)
@@ -185,7 +186,8 @@ class ModelConfig:
                     sandwich_norm=True, sliding_window=int(window),
                     layer_types=tuple(SLIDING if "sliding" in t else FULL for t in types),
                     query_scale=float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
-                    attn_softcap=cfg.get("attn_logit_softcapping"))
+                    attn_softcap=cfg.get("attn_logit_softcapping"),
+                    final_softcap=cfg.get("final_logit_softcapping"))
             if family == "gemma3":
                 extra.update(qk_norm=True, rope_local_theta=float(rope.get("rope_local_theta",
                                                                             10000.0)))
@@ -274,7 +276,8 @@ class ModelConfig:
                     sandwich_norm=True, sliding_window=int(window) if window else 4096,
                     layer_types=tuple(SLIDING if "sliding" in t else FULL for t in types),
                     query_scale=(hidden / heads if big else head_dim) ** -0.5,
-                    attn_softcap=_opt_float(key("attn_logit_softcapping")))
+                    attn_softcap=_opt_float(key("attn_logit_softcapping")),
+                    final_softcap=_opt_float(key("final_logit_softcapping")))
             if family == "gemma3":
                 # Older converters write no local rope base: 10000 is every Gemma 3's.
                 extra.update(qk_norm=True,

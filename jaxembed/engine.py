@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import concurrent.futures
 import contextlib
 import copy
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,12 +31,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import model
+from jaxembed import model, sampling
 from jaxembed.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
+)
+from jaxembed.generation import (
+    ChatTemplate,
+    Delta,
+    FinishReason,
+    GenerationResult,
+    GenerationStream,
+    IncrementalDetokenizer,
+    StopStrings,
+    TokenLogprob,
+    normalize_messages,
 )
 from jaxembed.protocol import (
     DetokenizeRequest,
@@ -52,7 +65,8 @@ from jaxembed.protocol import (
     encode_vector,
     split_input,
 )
-from jaxembed.scheduler import Buckets, Step, plan_step
+from jaxembed.sampling import SamplingParams
+from jaxembed.scheduler import Buckets, Step, plan_step, row_buckets
 from jaxembed.st_config import SentenceTransformersConfig, read_sentence_transformers
 from jaxembed.weights.loader import Checkpoint
 
@@ -60,6 +74,10 @@ log = logging.getLogger("jaxembed.engine")
 
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_MAX_MODEL_LEN = 8192
+# On a CPU every slot of the KV cache costs host memory, and long contexts are slow anyway.
+DEFAULT_MAX_MODEL_LEN_CPU = 2048
+DEFAULT_MAX_NUM_SEQS = 16
+DEFAULT_MAX_NUM_SEQS_ACCELERATOR = 64
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_ALIAS = "default"
 
@@ -130,6 +148,10 @@ class EngineStats:
     step_sequences: Histogram = dataclasses.field(default_factory=lambda: Histogram(COUNT_BOUNDS))
     step_requests: Histogram = dataclasses.field(default_factory=lambda: Histogram(COUNT_BOUNDS))
     step_tokens: Histogram = dataclasses.field(default_factory=lambda: Histogram(TOKEN_BOUNDS))
+    generated_tokens: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    generation_requests: int = 0  # generation requests finished (all their choices)
 
     @property
     def padding_ratio(self) -> float:
@@ -178,6 +200,33 @@ class _Work:
     skip: list[int] | None = None  # leading tokens of each sequence left out of its pooling
 
 
+@dataclasses.dataclass
+class _GenWork:
+    """One submitted generation request: a prompt continued `n` times."""
+
+    prompt: np.ndarray
+    params: SamplingParams
+    stream: GenerationStream
+    seeds: list[int]
+    stop_ids: frozenset[int]
+    open: int  # choices not finished yet
+
+
+@dataclasses.dataclass
+class _Seq:
+    """One choice of a generation request, from waiting for a slot to finished."""
+
+    work: _GenWork
+    index: int
+    seed: int
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    slot: int = -1
+    pos: int = 0  # tokens in its cache rows; the next token is written here
+    last: int = 0  # the last token drawn, fed to the next decode step
+    out: list[int] = dataclasses.field(default_factory=list)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedInput:
     """Validated token ids for one request, the prompt included."""
@@ -210,7 +259,8 @@ class LLMEngine:
                  max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
                  max_request_tokens: int | None = None,
                  defaults: EmbeddingDefaults | None = None,
-                 instruction_template: str | None = None) -> None:
+                 instruction_template: str | None = None,
+                 max_num_seqs: int | None = None) -> None:
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -232,7 +282,9 @@ class LLMEngine:
         if template is not None and not template.endswith("{text}"):
             raise ValueError(f"an instruction template must end with '{{text}}'; got {template!r}")
         self.instruction_template = template
-        limit = min(self.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        accelerated = jax.default_backend() != "cpu"
+        limit = min(self.config.max_position_embeddings,
+                    DEFAULT_MAX_MODEL_LEN if accelerated else DEFAULT_MAX_MODEL_LEN_CPU)
         if st and st.max_seq_length:
             limit = min(limit, st.max_seq_length)
         self.max_model_len = int(max_model_len or limit)
@@ -269,7 +321,9 @@ class LLMEngine:
             return mean[:n], picked[:n], picked[n:]
 
         self._pooled = jax.jit(pooled)
-        self._queue: queue.Queue[_Work | None] = queue.Queue()
+        self._init_generation(max_num_seqs or (DEFAULT_MAX_NUM_SEQS_ACCELERATOR if accelerated
+                                               else DEFAULT_MAX_NUM_SEQS))
+        self._queue: queue.Queue[_Work | _GenWork | None] = queue.Queue()
         self._closed = False
         self._outstanding = 0  # requests accepted and not yet finished, cancelled or failed
         self._lock = threading.Lock()
@@ -657,6 +711,409 @@ class LLMEngine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    # ---- generation ----------------------------------------------------------------------
+
+    def _init_generation(self, max_num_seqs: int) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1; got {max_num_seqs}")
+        self.max_num_seqs = int(max_num_seqs)
+        self.decode_rows = tuple(row_buckets(self.max_num_seqs))
+        bundle = self.checkpoint.tokenizer
+        ids = {*bundle.stop_token_ids, bundle.eos_token_id, self.config.eos_token_id}
+        self.stop_token_ids = frozenset(i for i in ids if i is not None)
+        self.eos_token_ids = frozenset(
+            i for i in (bundle.eos_token_id, self.config.eos_token_id) if i is not None)
+        self.chat_template: ChatTemplate | None = None
+        if bundle.chat_template:
+            def text(i: int | None) -> str:
+                return "" if i is None else self.tokenizer.id_to_token(i) or ""
+            self.chat_template = ChatTemplate(bundle.chat_template, text(bundle.bos_token_id),
+                                              text(bundle.eos_token_id))
+        # The cache is allocated on the first generation request: an engine that only embeds
+        # never holds one.
+        self._gen_state: dict[str, Any] | None = None
+        self._free_slots = list(range(self.max_num_seqs))
+        self._active: dict[int, _Seq] = {}
+        self._gen_waiting: collections.deque[_Seq] = collections.deque()
+        cfg = self.config
+
+        def count_compile() -> None:
+            with self._stats_lock:
+                self.stats.compilations += 1
+
+        def prefill(params: Any, state: dict[str, Any], tokens: jax.Array, positions: jax.Array,
+                    segment_ids: jax.Array, slots: jax.Array, last_col: jax.Array,
+                    rows: dict[str, jax.Array]) -> tuple[Any, ...]:
+            count_compile()
+            kv, hidden = model.prefill(params, state["kv"], tokens, positions, segment_ids, slots,
+                                       last_col, cfg)
+            scratch = state["counts"].shape[0] - 1
+            counts = state["counts"].at[slots].set(0)
+            seen = state["seen"].at[slots].set(False)
+            seen = seen.at[jnp.where(segment_ids > 0, slots[:, None], scratch), tokens].set(True)
+            out = sampling.sample(model.logits(params, hidden, cfg), counts[slots], seen[slots],
+                                  rows)
+            return {"kv": kv, "counts": counts, "seen": seen}, *out
+
+        def decode(params: Any, state: dict[str, Any], tokens: jax.Array, positions: jax.Array,
+                   slots: jax.Array, rows: dict[str, jax.Array], kv_len: int) -> tuple[Any, ...]:
+            count_compile()
+            kv, hidden = model.decode(params, state["kv"], tokens, positions, slots, kv_len, cfg)
+            # The fed token is the one drawn last step: it now counts for the penalties.
+            counts = state["counts"].at[slots, tokens].add(1)
+            seen = state["seen"].at[slots, tokens].set(True)
+            out = sampling.sample(model.logits(params, hidden, cfg), counts[slots], seen[slots],
+                                  rows)
+            return {"kv": kv, "counts": counts, "seen": seen}, *out
+
+        # The state is donated: XLA updates the cache in place instead of copying it each step.
+        self._prefill = jax.jit(prefill, donate_argnums=(1,))
+        self._decode = jax.jit(decode, donate_argnums=(1,), static_argnames=("kv_len",))
+
+    def _ensure_gen_state(self) -> dict[str, Any]:
+        if self._gen_state is None:
+            cfg, s = self.config, self.max_num_seqs
+            dtype = self.params["embed"].dtype
+            self._gen_state = {
+                "kv": model.init_cache(cfg, s, self.max_model_len, dtype),
+                "counts": jnp.zeros((s + 1, cfg.vocab_size), jnp.int32),
+                "seen": jnp.zeros((s + 1, cfg.vocab_size), bool),
+            }
+        return self._gen_state
+
+    def sampling_params(self, params: SamplingParams | None = None, **fields: Any
+                        ) -> SamplingParams:
+        """Validated sampling settings: `params` with `fields` replacing some of them."""
+        p = dataclasses.replace(params or SamplingParams(), **fields)
+        checks = [
+            ("max_tokens", _is_int(p.max_tokens) and p.max_tokens >= 1,
+             "an integer of at least 1"),
+            ("temperature", _is_number(p.temperature) and 0 <= p.temperature <= 100,
+             "a number between 0 and 100 (0 is greedy)"),
+            ("top_p", _is_number(p.top_p) and 0 < p.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", _is_int(p.top_k) and p.top_k >= -1, "-1 or 0 (off), or a positive integer"),
+            ("min_p", _is_number(p.min_p) and 0 <= p.min_p <= 1, "a number in [0, 1]"),
+            ("presence_penalty", _is_number(p.presence_penalty)
+             and -2 <= p.presence_penalty <= 2, "a number between -2 and 2"),
+            ("frequency_penalty", _is_number(p.frequency_penalty)
+             and -2 <= p.frequency_penalty <= 2, "a number between -2 and 2"),
+            ("repetition_penalty", _is_number(p.repetition_penalty)
+             and 0 < p.repetition_penalty <= 100, "a number above 0 (1 is off)"),
+            ("n", _is_int(p.n) and 1 <= p.n <= self.max_num_seqs,
+             f"an integer between 1 and {self.max_num_seqs} (this server's slots)"),
+            ("seed", p.seed is None or _is_int(p.seed), "an integer"),
+            ("logprobs", p.logprobs is None or (_is_int(p.logprobs)
+                                                and 0 <= p.logprobs <= sampling.TOP_LOGPROBS),
+             f"an integer between 0 and {sampling.TOP_LOGPROBS}"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise InvalidRequestError(f"'{name}' must be {want}; got {getattr(p, name)!r}",
+                                          param=name)
+        if len(p.stop) > 16 or not all(isinstance(x, str) and x for x in p.stop):
+            raise InvalidRequestError("'stop' must be a non-empty string or a list of at most 16 "
+                                      "of them", param="stop")
+        self._check_vocab(list(p.stop_token_ids), "stop_token_ids")
+        return dataclasses.replace(p, top_k=max(p.top_k, 0), stop=tuple(p.stop),
+                                   stop_token_ids=tuple(int(i) for i in p.stop_token_ids))
+
+    def prepare_prompt(self, prompt: str | Sequence[int], add_special_tokens: bool = True,
+                       param: str = "prompt") -> np.ndarray:
+        """Token ids of a prompt: a text (tokenized with the model's special tokens unless told
+        otherwise) or token ids as they are."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError(f"'{param}' is empty; send some text", param=param,
+                                          code="empty_input")
+            _check_text(prompt, param)
+            ids = self.tokenize([prompt], add_special_tokens)[0]
+        elif isinstance(prompt, list | tuple | np.ndarray) and all(_is_int(t) for t in prompt):
+            ids = [int(t) for t in prompt]
+            self._check_vocab(ids, param)
+        else:
+            raise InvalidRequestError(f"'{param}' must be a string or a list of token ids",
+                                      param=param, code="invalid_type")
+        if not ids:
+            raise InvalidRequestError(f"'{param}' has no tokens; send at least one", param=param,
+                                      code="empty_input")
+        return np.asarray(ids, np.int32)
+
+    def render_chat(self, messages: object, add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> str:
+        """The prompt text of a conversation, by the model's own chat template."""
+        if self.chat_template is None:
+            raise InvalidRequestError(
+                f"{self.model_name} has no chat template (its files carry none), so it cannot "
+                "serve chat; send the text to /v1/completions instead", param="messages",
+                code="no_chat_template")
+        return self.chat_template.render(normalize_messages(messages), add_generation_prompt,
+                                         **template_kwargs)
+
+    def chat_prompt(self, messages: object, **template_kwargs: Any) -> np.ndarray:
+        """Token ids of a conversation. The template writes the special tokens itself (BOS
+        included), so they are not added again."""
+        return self.prepare_prompt(self.render_chat(messages, **template_kwargs),
+                                   add_special_tokens=False, param="messages")
+
+    def submit_generation(self, prompt: np.ndarray, params: SamplingParams,
+                          loop: asyncio.AbstractEventLoop | None = None) -> GenerationStream:
+        """Queue a validated prompt; the stream yields its deltas (from a thread, or on `loop`).
+        Raises like `submit` when the queue is full or the engine is shutting down."""
+        n = len(prompt)
+        if n + params.max_tokens > self.max_model_len:
+            room = self.max_model_len - n
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens and 'max_tokens' is {params.max_tokens}: together "
+                f"more than this model's context of {self.max_model_len} tokens; "
+                + (f"ask for at most {room} tokens" if room > 0 else "shorten the prompt"),
+                param="max_tokens" if room > 0 else "prompt", code="context_length_exceeded")
+        stream = GenerationStream(params.n, n, loop)
+        stream.queued_at = time.perf_counter()
+        base = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        # Each choice has its own stream of random numbers, fixed by the seed and its index.
+        seeds = [(int(base) + 0x9E3779B9 * i) & 0xFFFFFFFF for i in range(params.n)]
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.stop_token_ids
+        work = _GenWork(prompt, params, stream, seeds, frozenset(stop_ids), params.n)
+        with self._lock:
+            if self._closed:
+                raise self._unavailable()
+            if self._outstanding >= self.max_queued_requests:
+                with self._stats_lock:
+                    self.stats.rejected += 1
+                raise EngineOverloadedError(
+                    f"the server is busy: {self._outstanding} requests are already queued, its "
+                    "limit; retry after a short wait")
+            self._outstanding += 1
+            self._queue.put(work)
+        return stream
+
+    def generate_stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                        **fields: Any) -> GenerationStream:
+        """Start generating; iterate the stream for deltas as they come (from any thread)."""
+        p = self.sampling_params(params, **fields)
+        return self.submit_generation(self.prepare_prompt(prompt), p)
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                 **fields: Any) -> GenerationResult:
+        """Generate to the end. Safe from any thread; concurrent calls share decode steps."""
+        stream = self.generate_stream(prompt, params, **fields)
+        return stream.collect(list(stream))
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
+             **fields: Any) -> GenerationResult:
+        """Continue a conversation (rendered by the model's chat template)."""
+        p = self.sampling_params(params, **fields)
+        stream = self.submit_generation(self.chat_prompt(messages), p)
+        return stream.collect(list(stream))
+
+    async def agenerate_stream(self, prompt: str | Sequence[int] | np.ndarray,
+                               params: SamplingParams | None = None, **fields: Any
+                               ) -> GenerationStream:
+        """`generate_stream` for an event loop: async-iterate the result. Leaving the iteration
+        early (or cancelling it) stops the generation and frees its slots."""
+        p = self.sampling_params(params, **fields)
+        if self._closed:
+            raise self._unavailable()
+        ids = prompt if isinstance(prompt, np.ndarray) else await asyncio.to_thread(
+            self.prepare_prompt, prompt)
+        return self.submit_generation(ids, p, asyncio.get_running_loop())
+
+    async def agenerate(self, prompt: str | Sequence[int] | np.ndarray,
+                        params: SamplingParams | None = None, **fields: Any) -> GenerationResult:
+        stream = await self.agenerate_stream(prompt, params, **fields)
+        return stream.collect([d async for d in stream])
+
+    def warmup_generation(self) -> None:
+        """Compile every decode shape (slots x KV length) and single-prompt prefills up to 128
+        tokens, so that steady generation never waits for the compiler."""
+        state = self._ensure_gen_state()
+        for rows in self.decode_rows:
+            for kv_len in self.buckets.lengths:
+                z = np.zeros(rows, np.int32)
+                slots = np.full(rows, self.max_num_seqs, np.int32)
+                state, *_ = self._decode(self.params, state, z, z, slots,
+                                         sampling.row_arrays([None] * rows), kv_len=kv_len)
+        for length in self.buckets.lengths:
+            if length > 128:
+                break
+            z = np.zeros((1, length), np.int32)
+            state, *_ = self._prefill(self.params, state, z, z, z,
+                                      np.full(1, self.max_num_seqs, np.int32), np.zeros(1, np.int32),
+                                      sampling.row_arrays([None]))
+        self._gen_state = jax.block_until_ready(state)
+
+    # ---- generation on the engine thread ---------------------------------------------------
+
+    def _take_generation(self, work: _GenWork) -> None:
+        skip = work.params.skip_special_tokens
+        for i, seed in enumerate(work.seeds):
+            self._gen_waiting.append(_Seq(
+                work, i, seed, IncrementalDetokenizer(self.tokenizer, work.prompt, skip),
+                StopStrings(work.params.stop)))
+
+    def _drop_cancelled_generation(self) -> None:
+        kept: collections.deque[_Seq] = collections.deque()
+        for seq in self._gen_waiting:
+            if seq.work.stream.cancelled:
+                self._end_seq(seq, cancelled=True)
+            else:
+                kept.append(seq)
+        self._gen_waiting = kept
+        for seq in list(self._active.values()):
+            if seq.work.stream.cancelled:
+                self._end_seq(seq, cancelled=True)
+
+    def _end_seq(self, seq: _Seq, cancelled: bool = False) -> None:
+        """A choice is done: free its slot; the request is done with its last choice."""
+        if seq.slot >= 0:
+            self._active.pop(seq.slot, None)
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+        work = seq.work
+        work.open -= 1
+        if work.open == 0:
+            work.stream.finished_at = time.perf_counter()
+            with self._stats_lock:
+                if cancelled:
+                    self.stats.cancelled += 1
+                else:
+                    self.stats.generation_requests += 1
+            self._release(None)  # type: ignore[arg-type]
+
+    def _fail_seqs(self, seqs: Sequence[_Seq], error: Exception) -> None:
+        for seq in seqs:
+            if seq.work.open > 0 and not seq.work.stream.cancelled:
+                seq.work.stream.fail(error)
+                seq.work.stream.cancel()
+            self._end_seq(seq, cancelled=True)
+
+    def _prefill_step(self) -> None:
+        """Admit waiting prompts into free slots: one prefill step, one prompt per row."""
+        batch: list[_Seq] = []
+        longest = 0
+        for seq in self._gen_waiting:
+            n = max(longest, len(seq.work.prompt))
+            length = self.buckets.length_for(n)
+            if len(batch) == len(self._free_slots) or len(batch) + 1 > self.buckets.max_rows(
+                    length):
+                break
+            batch.append(seq)
+            longest = n
+        for _ in batch:
+            self._gen_waiting.popleft()
+        length = self.buckets.length_for(longest)
+        rows = self.buckets.rows_for(len(batch), length)
+        tokens = np.zeros((rows, length), np.int32)
+        positions = np.zeros((rows, length), np.int32)
+        segments = np.zeros((rows, length), np.int32)
+        slots = np.full(rows, self.max_num_seqs, np.int32)
+        last_col = np.zeros(rows, np.int32)
+        for r, seq in enumerate(batch):
+            n = len(seq.work.prompt)
+            tokens[r, :n] = seq.work.prompt
+            positions[r, :n] = np.arange(n)
+            segments[r, :n] = 1
+            seq.slot = self._free_slots.pop(0)
+            self._active[seq.slot] = seq
+            seq.pos = n
+            slots[r] = seq.slot
+            last_col[r] = n - 1
+            if seq.work.stream.started_at is None:
+                seq.work.stream.started_at = time.perf_counter()
+        rows_params = sampling.row_arrays(
+            [(s.work.params, s.seed, 0) for s in batch] + [None] * (rows - len(batch)))
+        start = time.perf_counter()
+        try:
+            state, *out = self._prefill(self.params, self._ensure_gen_state(), tokens, positions,
+                                        segments, slots, last_col, rows_params)
+            self._gen_state = state
+            self._emit_tokens(batch, out)
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("prefill step %s failed", tokens.shape)
+            self._recover_state()
+            self._fail_seqs(batch, e)
+            return
+        with self._stats_lock:
+            self.stats.prefill_steps += 1
+            self.stats.busy_seconds += time.perf_counter() - start
+
+    def _decode_step(self) -> None:
+        seqs = [self._active[s] for s in sorted(self._active)]
+        rows = next(b for b in self.decode_rows if b >= len(seqs))
+        tokens = np.zeros(rows, np.int32)
+        positions = np.zeros(rows, np.int32)
+        slots = np.full(rows, self.max_num_seqs, np.int32)
+        for r, seq in enumerate(seqs):
+            tokens[r], positions[r], slots[r] = seq.last, seq.pos, seq.slot
+        kv_len = self.buckets.length_for(int(positions.max()) + 1)
+        rows_params = sampling.row_arrays(
+            [(s.work.params, s.seed, len(s.out)) for s in seqs] + [None] * (rows - len(seqs)))
+        start = time.perf_counter()
+        try:
+            state, *out = self._decode(self.params, self._gen_state, tokens, positions, slots,
+                                       rows_params, kv_len=kv_len)
+            self._gen_state = state
+            for seq in seqs:
+                seq.pos += 1
+            self._emit_tokens(seqs, out)
+        except Exception as e:
+            log.exception("decode step of %d rows failed", rows)
+            self._recover_state()
+            self._fail_seqs(seqs, e)
+            return
+        with self._stats_lock:
+            self.stats.decode_steps += 1
+            self.stats.busy_seconds += time.perf_counter() - start
+
+    def _recover_state(self) -> None:
+        """After a failed step the donated cache may be gone: start a fresh one (the sequences
+        that used it are failed with the step)."""
+        state = self._gen_state
+        if state is None or any(x.is_deleted() for x in jax.tree.leaves(state)):
+            for seq in list(self._active.values()):
+                seq.work.stream.fail(EngineUnavailableError(
+                    "the engine lost this request's cache after a failed step; retry it"))
+                seq.work.stream.cancel()
+            self._gen_state = None
+
+    def _emit_tokens(self, seqs: Sequence[_Seq], out: Sequence[jax.Array]) -> None:
+        tokens, chosen, top_ids, top_lp = (np.asarray(x) for x in out)
+        generated = 0
+        for r, seq in enumerate(seqs):
+            token = int(tokens[r])
+            seq.out.append(token)
+            seq.last = token
+            generated += 1
+            p = seq.work.params
+            logprobs: tuple[TokenLogprob, ...] = ()
+            if p.logprobs is not None:
+                top = tuple((int(i), float(v)) for i, v in
+                            zip(top_ids[r, : p.logprobs], top_lp[r, : p.logprobs], strict=True))
+                logprobs = (TokenLogprob(token, float(chosen[r]), top),)
+            finish, hit, text = None, False, ""
+            if token in seq.work.stop_ids:
+                finish = FinishReason.STOP
+            else:
+                text, hit = seq.stops.add(seq.detok.add(token))
+                if hit:
+                    finish = FinishReason.STOP
+            if finish is None and (len(seq.out) >= p.max_tokens or seq.pos >= self.max_model_len):
+                finish = FinishReason.LENGTH
+            if finish is not None and not hit:  # release what was held back
+                tail, hit = seq.stops.add(seq.detok.flush())
+                text += tail
+                if hit:
+                    finish = FinishReason.STOP
+                else:
+                    text += seq.stops.flush()
+            seq.work.stream.push(Delta(seq.index, text, (token,), logprobs, finish))
+            if finish is not None:
+                self._end_seq(seq)
+        with self._stats_lock:
+            self.stats.generated_tokens += generated
+
     # ---- helpers for callers' threads -----------------------------------------------------
 
     def _unavailable(self) -> EngineUnavailableError:
@@ -722,10 +1179,13 @@ class LLMEngine:
         ids = iter(range(1 << 62))
         stopping = False
 
-        def take(item: _Work | None) -> None:
+        def take(item: _Work | _GenWork | None) -> None:
             nonlocal stopping
             if item is None:
                 stopping = True
+                return
+            if isinstance(item, _GenWork):
+                self._take_generation(item)
                 return
             if item.remaining == 0 and not item.future.done():
                 item.future.set_result(item.out)
@@ -735,7 +1195,7 @@ class LLMEngine:
                 waiting.append((sid, seq))
 
         while True:
-            if not waiting and not stopping:
+            if not (waiting or self._gen_waiting or self._active) and not stopping:
                 take(self._queue.get())  # idle: block until work (or shutdown) arrives
             self._running.wait()
             with self._step_lock:
@@ -747,19 +1207,28 @@ class LLMEngine:
                     except queue.Empty:
                         break
                 waiting = self._drop_cancelled(waiting, pending)
-                if not waiting:
+                self._drop_cancelled_generation()
+                if not (waiting or self._gen_waiting or self._active):
                     if stopping:
                         return
                     continue
-                skips = {}
-                for sid, _ in waiting:
-                    work, i = pending[sid]
-                    if work.skip is not None and work.skip[i]:
-                        skips[sid] = work.skip[i]
-                step, left = plan_step(waiting, self.buckets, skips)
-                left_ids = set(left)
-                waiting = [w for w in waiting if w[0] in left_ids]
-                self._execute(step, pending)
+                # One step of each kind that has work, so neither starves the other: new
+                # prompts join free slots, an embedding batch runs, then every active
+                # sequence gains a token.
+                if self._gen_waiting and self._free_slots:
+                    self._prefill_step()
+                if waiting:
+                    skips = {}
+                    for sid, _ in waiting:
+                        work, i = pending[sid]
+                        if work.skip is not None and work.skip[i]:
+                            skips[sid] = work.skip[i]
+                    step, left = plan_step(waiting, self.buckets, skips)
+                    left_ids = set(left)
+                    waiting = [w for w in waiting if w[0] in left_ids]
+                    self._execute(step, pending)
+                if self._active:
+                    self._decode_step()
 
     def _drop_cancelled(self, waiting: list[tuple[int, np.ndarray]],
                         pending: dict[int, tuple[_Work, int]]) -> list[tuple[int, np.ndarray]]:
@@ -865,6 +1334,11 @@ def _enum(kind: type[EncodingFormat] | type[EmbeddingType], value: object, param
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool) \
+        and bool(np.isfinite(x))
 
 
 def _check_text(text: str, where: str) -> None:

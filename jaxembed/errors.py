@@ -24,6 +24,11 @@ class EngineError(Exception):
         if retry_after is not None:
             self.retry_after = retry_after
 
+    def to_dict(self) -> dict[str, str | None]:
+        """OpenAI's error object (the value of the body's `error`)."""
+        return {"message": self.message, "type": self.type, "param": self.param,
+                "code": self.code}
+
 
 class InvalidRequestError(EngineError):
     """The request cannot be served as sent; the message says what to change."""

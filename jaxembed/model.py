@@ -144,8 +144,9 @@ def attention_masks(segment_ids: jax.Array, cfg: ModelConfig) -> tuple[jax.Array
     return full, same & jnp.asarray(seen & (np.abs(i - j) < cfg.sliding_window))[None]
 
 
-def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-              cfg: ModelConfig) -> jax.Array:
+def project_qkv(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: ModelConfig
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries [B, T, K, G, Dh] and keys, values [B, T, K, Dh], rope applied."""
     b, t, _ = x.shape
     k_heads, dh = cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // k_heads
@@ -158,8 +159,15 @@ def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
-    q = apply_rope(q, cos, sin, cfg).reshape(b, t, k_heads, g, dh)  # [B, T, K, G, Dh]
-    k = apply_rope(k, cos, sin, cfg)
+    q = apply_rope(q, cos, sin, cfg).reshape(b, t, k_heads, g, dh)
+    return q, apply_rope(k, cos, sin, cfg), v
+
+
+def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+              cfg: ModelConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Self-attention over the rows [B, T, D]; also returns the keys and values (for a cache)."""
+    b, t, _ = x.shape
+    q, k, v = project_qkv(p, x, cos, sin, cfg)
     # Queries go in blocks, each against only the keys at or before its end: causal masking
     # makes the rest zero, so this skips nearly half the work, and each block's scores stay
     # small enough to be cache-friendly.
@@ -171,7 +179,7 @@ def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax
         outs.append(_attend(q[:, start:stop], k[:, :end], v[:, :end], mask[:, start:stop, :end],
                             cfg))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out.reshape(b, t, cfg.q_size) @ p["wo"]
+    return out.reshape(b, t, cfg.q_size) @ p["wo"], (k, v)
 
 
 def attention_block(t: int) -> int:
@@ -225,10 +233,12 @@ def moe(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.zeros_like(flat).at[token].add(out).reshape(b, t, d)
 
 
-def decoder_layer(p: Params, ffn: Params, kind: str, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+def decoder_layer(p: Params, ffn: Params, kind: str, x: jax.Array, attend: Any,
+                  cfg: ModelConfig) -> tuple[jax.Array, Any]:
+    """One block; `attend(normed x)` is the attention (over the row, or over a KV cache), which
+    returns its output and whatever it wants carried out (keys and values, or the cache)."""
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
-    a = attention(p, rms_norm(x, p["attn_norm"], eps, off), cos, sin, mask, cfg)
+    a, extra = attend(rms_norm(x, p["attn_norm"], eps, off))
     if cfg.sandwich_norm:
         a = rms_norm(a, p["post_attn_norm"], eps, off)
     x = x + a
@@ -236,20 +246,20 @@ def decoder_layer(p: Params, ffn: Params, kind: str, x: jax.Array, cos: jax.Arra
     m = moe(ffn, h, cfg) if kind == MOE else mlp(ffn, h, cfg)
     if cfg.sandwich_norm:
         m = rms_norm(m, p["post_mlp_norm"], eps, off)
-    return x + m
+    return x + m, extra
 
 
 # ---- the model -------------------------------------------------------------------------------
 
 
-def _rope(positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig
+def _rope(positions: jax.Array, lengths: jax.Array, cfg: ModelConfig
           ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    """(cos, sin) for global and for sliding layers."""
+    """(cos, sin) for global and for sliding layers. lengths: [B, T] each token's sequence length
+    (only long-rope reads it)."""
     rs = cfg.rope_scaling
     if rs.kind == "longrope":
         # Long-rope picks its factors per sequence, by that sequence's own length, so that
         # packing and batching never change a result.
-        lengths = (segment_ids[:, :, None] == segment_ids[:, None, :]).sum(-1)  # [B, T]
         long = (lengths > rs.original_max_position_embeddings)[..., None]
         short_t = rope_tables(positions, rope_inv_freq(cfg), cfg, rs.attention_factor)
         long_t = rope_tables(positions, rope_inv_freq(cfg, long=True), cfg, rs.attention_factor)
@@ -272,35 +282,144 @@ def _runs(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
     return runs
 
 
-def forward(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-            cfg: ModelConfig, kv_cache: Any = None) -> jax.Array:
-    """Final hidden states [B, T, D] (after the final norm, before the LM head).
-
-    tokens, positions, segment_ids: [B, T] int32. `kv_cache` is reserved for decoding; prefill-only
-    work (embeddings) passes None and never touches a cache.
-    """
-    if kv_cache is not None:
-        raise NotImplementedError("decoding with a KV cache is not available yet")
+def _embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     x = params["embed"][tokens]  # [B, T, D]
     if cfg.embed_scale:  # the scale is rounded to the compute dtype, as transformers does
         x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype=x.dtype)
-    (gcos, gsin), (lcos, lsin) = _rope(positions, segment_ids, cfg)
-    full_mask, sliding_mask = attention_masks(segment_ids, cfg)
-    is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])  # [L]
+    return x
 
+
+def _scan_layers(params: Params, x: jax.Array, carry: Any, layer_fn: Any, cfg: ModelConfig
+                 ) -> tuple[jax.Array, Any, list[Any]]:
+    """Run every layer over x. `layer_fn(layer, ffn, kind, x, carry, sliding, index)` returns
+    (x, carry, out); the outs of each run of layers come back stacked, one entry per run."""
+    is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])  # [L]
+    index = jnp.arange(cfg.num_layers)
+    outs = []
     for kind, lo, hi, first in _runs(cfg):
         stack = params["moe" if kind == MOE else "mlp"]
 
-        def body(h: jax.Array, xs: tuple, kind: str = kind) -> tuple[jax.Array, None]:
-            layer, ffn, sliding = xs
-            cos, sin = jnp.where(sliding, lcos, gcos), jnp.where(sliding, lsin, gsin)
-            mask = jnp.where(sliding, sliding_mask, full_mask)
-            return decoder_layer(layer, ffn, kind, h, cos, sin, mask, cfg), None
+        def body(c: tuple, xs: tuple, kind: str = kind) -> tuple[tuple, Any]:
+            h, state = c
+            layer, ffn, sliding, i = xs
+            h, state, out = layer_fn(layer, ffn, kind, h, state, sliding, i)
+            return (h, state), out
 
         layers = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], params["layers"])
         ffns = jax.tree.map(lambda a, f=first, n=hi - lo: a[f : f + n], stack)
-        x, _ = jax.lax.scan(body, x, (layers, ffns, is_sliding[lo:hi]))
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+        (x, carry), out = jax.lax.scan(body, (x, carry),
+                                       (layers, ffns, is_sliding[lo:hi], index[lo:hi]))
+        outs.append(out)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), carry, outs
+
+
+def forward_with_kv(params: Params, tokens: jax.Array, positions: jax.Array,
+                    segment_ids: jax.Array, cfg: ModelConfig, keep_kv: bool = True
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Final hidden states [B, T, D], and (if keep_kv) every layer's keys and values
+    [L, B, T, K, Dh] for a cache."""
+    x = _embed(params, tokens, cfg)
+    lengths = (segment_ids[:, :, None] == segment_ids[:, None, :]).sum(-1)  # [B, T]
+    (gcos, gsin), (lcos, lsin) = _rope(positions, lengths, cfg)
+    full_mask, sliding_mask = attention_masks(segment_ids, cfg)
+
+    def layer_fn(layer: Params, ffn: Params, kind: str, h: jax.Array, carry: None,
+                 sliding: jax.Array, _: jax.Array) -> tuple[jax.Array, None, Any]:
+        cos, sin = jnp.where(sliding, lcos, gcos), jnp.where(sliding, lsin, gsin)
+        mask = jnp.where(sliding, sliding_mask, full_mask)
+        h, kv = decoder_layer(layer, ffn, kind, h,
+                              lambda y: attention(layer, y, cos, sin, mask, cfg), cfg)
+        return h, None, kv if keep_kv else None
+
+    hidden, _, outs = _scan_layers(params, x, None, layer_fn, cfg)
+    if not keep_kv:
+        return hidden, None
+    ks = jnp.concatenate([k for k, _ in outs]) if len(outs) > 1 else outs[0][0]
+    vs = jnp.concatenate([v for _, v in outs]) if len(outs) > 1 else outs[0][1]
+    return hidden, (ks, vs)
+
+
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+            cfg: ModelConfig) -> jax.Array:
+    """Final hidden states [B, T, D] (after the final norm, before the LM head).
+
+    tokens, positions, segment_ids: [B, T] int32. Prefill-only work (embeddings) never touches a
+    KV cache.
+    """
+    return forward_with_kv(params, tokens, positions, segment_ids, cfg, keep_kv=False)[0]
+
+
+# ---- decoding with a KV cache ----------------------------------------------------------------
+#
+# The cache is {"k", "v"}: [L, S + 1, M, K, Dh] for S sequence slots of M tokens each. The extra
+# last slot is scratch: padding rows of a step write there, so a step's shape never depends on
+# how many slots are busy.
+
+
+def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype: Any) -> dict[str, jax.Array]:
+    shape = (cfg.num_layers, slots + 1, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def prefill(params: Params, cache: dict[str, jax.Array], tokens: jax.Array, positions: jax.Array,
+            segment_ids: jax.Array, slots: jax.Array, last_col: jax.Array, cfg: ModelConfig
+            ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Run prompts (one per row, [B, T]) and store their keys and values in the cache rows
+    `slots` [B] from position 0; returns the cache and the last prompt token's hidden state
+    [B, D]. last_col: [B] the column of each row's last token."""
+    hidden, kv = forward_with_kv(params, tokens, positions, segment_ids, cfg)
+    assert kv is not None
+    t = tokens.shape[1]
+    # The row's padding lands past its prompt: decoding overwrites it before anything reads it.
+    cache = {"k": cache["k"].at[:, slots, :t].set(kv[0].astype(cache["k"].dtype)),
+             "v": cache["v"].at[:, slots, :t].set(kv[1].astype(cache["v"].dtype))}
+    return cache, hidden[jnp.arange(hidden.shape[0]), last_col]
+
+
+def decode(params: Params, cache: dict[str, jax.Array], tokens: jax.Array, positions: jax.Array,
+           slots: jax.Array, kv_len: int, cfg: ModelConfig
+           ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """One token for each of B sequences: tokens, positions, slots [B]. Writes the token's keys
+    and values at its position, attends over the first `kv_len` (static) cache positions, and
+    returns the cache and the final hidden states [B, D]."""
+    x = _embed(params, tokens[:, None], cfg)  # [B, 1, D]
+    pos = positions[:, None]  # [B, 1]
+    (gcos, gsin), (lcos, lsin) = _rope(pos, pos + 1, cfg)
+    j = jnp.arange(kv_len)[None, None, :]  # [1, 1, S]
+    full_mask = j <= pos[:, :, None]  # [B, 1, S]
+    sliding_mask = full_mask
+    if cfg.sliding_window:
+        sliding_mask = full_mask & (pos[:, :, None] - j < cfg.sliding_window)
+
+    def layer_fn(layer: Params, ffn: Params, kind: str, h: jax.Array, kv: tuple,
+                 sliding: jax.Array, i: jax.Array) -> tuple[jax.Array, tuple, None]:
+        cos, sin = jnp.where(sliding, lcos, gcos), jnp.where(sliding, lsin, gsin)
+        mask = jnp.where(sliding, sliding_mask, full_mask)
+
+        def attend(y: jax.Array) -> tuple[jax.Array, tuple]:
+            q, k, v = project_qkv(layer, y, cos, sin, cfg)
+            ck = kv[0].at[i, slots, positions].set(k[:, 0].astype(kv[0].dtype))
+            cv = kv[1].at[i, slots, positions].set(v[:, 0].astype(kv[1].dtype))
+            # Only the cache in use is read: [B, S, K, Dh].
+            keys = ck[i, slots, :kv_len].astype(q.dtype)
+            values = cv[i, slots, :kv_len].astype(q.dtype)
+            out = _attend(q, keys, values, mask, cfg)
+            return out.reshape(q.shape[0], 1, cfg.q_size) @ layer["wo"], (ck, cv)
+
+        h, kv = decoder_layer(layer, ffn, kind, h, attend, cfg)
+        return h, kv, None
+
+    hidden, (k, v), _ = _scan_layers(params, x, (cache["k"], cache["v"]), layer_fn, cfg)
+    return {"k": k, "v": v}, hidden[:, 0]
+
+
+def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Next-token logits, float32 [..., V], from final hidden states [..., D]."""
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    out = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+    if cfg.final_softcap:
+        out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
+    return out
 
 
 def pooled(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,

@@ -1,4 +1,5 @@
-"""The HTTP app: OpenAI's embeddings and models routes, tokenize/detokenize, health and metrics.
+"""The HTTP app: OpenAI's embeddings, completions, chat and models routes, tokenize/detokenize,
+health and metrics.
 
 Handlers stay thin: they check the transport (auth, content type, body size, time, whether the
 client is still there), decode the body, and hand the request to the engine, which does all
@@ -24,13 +25,19 @@ from litestar.datastructures import State
 from litestar.exceptions import ClientException, InternalServerException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.response import Stream
 from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 from litestar.types import Receive, Send
 
 from jaxembed.builder import EngineBuilder
+from jaxembed.completions import Completions
 from jaxembed.engine import LLMEngine
 from jaxembed.errors import EngineUnavailableError, RequestTimeoutError
 from jaxembed.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingRequest,
@@ -255,6 +262,29 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
             "x-inference-time": f"{timing.inference_seconds * 1e3:.3f}",
         })
 
+    # Generation has no deadline: an answer may rightly take minutes. A client that leaves
+    # (mid-stream too) stops its generation and frees its slots.
+    @post("/v1/completions", status_code=200, summary="Create a completion", tags=["generation"],
+          responses=_errors(400, 401, 404, 413, 415, 429, 500, 503))
+    async def create_completion(request: Request) -> Response[CompletionResponse] | Stream:
+        engine = host.get()
+        req = decode_body(await _read_json(request, deadline(), timeout), CompletionRequest)
+        completions = Completions(engine)
+        if req.stream:
+            return _event_stream(await completions.completion_stream(req))
+        return Response(await _while_connected(request, completions.completion(req), None, None))
+
+    @post("/v1/chat/completions", status_code=200, summary="Create a chat completion",
+          tags=["generation"], responses=_errors(400, 401, 404, 413, 415, 429, 500, 503))
+    async def create_chat_completion(request: Request
+                                     ) -> Response[ChatCompletionResponse] | Stream:
+        engine = host.get()
+        req = decode_body(await _read_json(request, deadline(), timeout), ChatCompletionRequest)
+        completions = Completions(engine)
+        if req.stream:
+            return _event_stream(await completions.chat_stream(req))
+        return Response(await _while_connected(request, completions.chat(req), None, None))
+
     @post("/tokenize", status_code=200, operation_class=TokenizeOperation,
           summary="Tokenize a prompt as the embeddings route does", tags=["tokenizer"],
           responses=_errors(400, 401, 404, 413, 415, 503))
@@ -293,7 +323,14 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
     async def prometheus_metrics() -> str:
         return metrics.render(host.engine, host.ready)
 
-    return [create_embeddings, tokenize, detokenize, list_models, health, prometheus_metrics]
+    return [create_embeddings, create_completion, create_chat_completion, tokenize, detokenize,
+            list_models, health, prometheus_metrics]
+
+
+def _event_stream(events: Any) -> Stream:
+    # No buffering by proxies: each token should reach the client as it is made.
+    return Stream(events, media_type="text/event-stream",
+                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 def _bearer_guard(api_key: str) -> Callable[[ASGIConnection, BaseRouteHandler], None]:

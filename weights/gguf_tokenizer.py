@@ -476,4 +476,8 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> TokenizerBundle:
         add_bos=add_bos,
         add_eos=add_eos,
         chat_template=chat_template if isinstance(chat_template, str) else None,
+        # End of turn (and llama 3's end of message) end a generation as EOS does.
+        stop_token_ids=tuple(dict.fromkeys(
+            i for i in (eos_id, _token_id(meta, "eot_token_id", len(tokens)),
+                        _token_id(meta, "eom_token_id", len(tokens))) if i is not None)),
     )

@@ -23,6 +23,8 @@ class TokenizerBundle:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
+    # Tokens that end a generation: EOS, end-of-turn, and the model's generation config's list.
+    stop_token_ids: tuple[int, ...] = ()
 
 
 def _token_id(tok: Tokenizer, value: Any) -> int | None:
@@ -57,5 +59,20 @@ def tokenizer_from_hf_folder(folder: Path) -> TokenizerBundle:
     probe = tok.encode("a").ids
     add_bos = bos is not None and len(probe) > 0 and probe[0] == bos
     add_eos = eos is not None and len(probe) > 1 and probe[-1] == eos
+    if isinstance(template, list):  # named templates: the default one serves chat
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    stops = [eos, *_listed_ids(folder / "config.json"), *_listed_ids(folder / "generation_config.json")]
     return TokenizerBundle(tok, bos, eos, pad, add_bos, add_eos,
-                           template if isinstance(template, str) else None)
+                           template if isinstance(template, str) else None,
+                           tuple(dict.fromkeys(i for i in stops if i is not None)))
+
+
+def _listed_ids(path: Path) -> list[int]:
+    """`eos_token_id` of a JSON config: one id or a list of them (absent or unreadable: none)."""
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]

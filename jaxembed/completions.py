@@ -1,0 +1,314 @@
+"""OpenAI's completions and chat completions over the engine: requests to sampling settings and
+prompts, engine deltas to responses and server-sent-event chunks.
+
+Nothing here computes; it validates, submits to `LLMEngine`, and shapes what comes back. A stream
+ends with `data: [DONE]`; usage rides in a last chunk of its own when `stream_options` asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from jaxembed.engine import LLMEngine
+from jaxembed.errors import EngineError, InvalidRequestError
+from jaxembed.generation import Delta, GenerationResult, GenerationStream, TokenLogprob
+from jaxembed.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionUsage,
+    TopLogprob,
+    split_input,
+)
+from jaxembed.sampling import SamplingParams
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for the completions route
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the completions route
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: msgspec.Struct | dict[str, Any]) -> bytes:
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+def _usage(prompt: int, completion: int) -> CompletionUsage:
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
+                           total_tokens=prompt + completion)
+
+
+def _unsupported(param: str, why: str) -> InvalidRequestError:
+    return InvalidRequestError(why, param=param, code="unsupported_parameter")
+
+
+def _sampling(engine: LLMEngine, req: CompletionRequest | ChatCompletionRequest,
+              max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "'logit_bias' is not supported; leave it out")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequestError("'stream_options' is only allowed with 'stream': true",
+                                  param="stream_options")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    fields: dict[str, Any] = dict(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, seed=req.seed, n=req.n, stop=tuple(stop),
+        stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+        logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    return engine.sampling_params(**fields)
+
+
+def _room(engine: LLMEngine, prompt: np.ndarray) -> int:
+    """The default length of a chat answer: the rest of the context."""
+    return max(1, engine.max_model_len - len(prompt))
+
+
+def _prompts(raw: object) -> list[str | list[int]]:
+    """The prompts of a request: the embeddings input forms, one choice set per prompt."""
+    try:
+        texts, seqs = split_input(raw)
+    except InvalidRequestError as e:
+        e.message = e.message.replace("'input'", "'prompt'").replace("input[", "prompt[")
+        e.param = "prompt"
+        raise
+    return list(texts) if texts is not None else list(seqs or [])
+
+
+async def _merge(streams: Sequence[GenerationStream]) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of several streams as they come, tagged with the stream's position."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        return
+    iters = [aiter(s) for s in streams]
+    tasks = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iters)}
+    try:
+        while tasks:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                i = tasks.pop(t)
+                try:
+                    delta = t.result()
+                except StopAsyncIteration:
+                    continue
+                tasks[asyncio.ensure_future(anext(iters[i]))] = i
+                yield i, delta
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.cancel()
+
+
+def _token_text(engine: LLMEngine, token: int) -> str:
+    return engine.tokenizer.decode([token], skip_special_tokens=False)
+
+
+class Completions:
+    """The two generation routes of one engine."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
+    # ---- /v1/completions ----
+
+    async def _start_completion(self, req: CompletionRequest
+                                ) -> tuple[str, list[GenerationStream], list[str]]:
+        engine = self.engine
+        model = engine.resolve_model(req.model)
+        if req.suffix:
+            raise _unsupported("suffix", "'suffix' (insertion) is not supported; leave it out")
+        if req.best_of is not None and req.best_of != req.n:
+            raise _unsupported("best_of", "'best_of' is not supported beyond 'n'; leave it out")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidRequestError(f"'logprobs' must be between 0 and {MAX_COMPLETION_LOGPROBS}"
+                                      f"; got {req.logprobs}", param="logprobs")
+        params = _sampling(engine, req, DEFAULT_COMPLETION_TOKENS if req.max_tokens is None
+                           else req.max_tokens, req.logprobs)
+        prompts = _prompts(req.prompt)
+        ids = [await asyncio.to_thread(engine.prepare_prompt, p) for p in prompts]
+        echoes = [engine.tokenizer.decode(list(map(int, i)), skip_special_tokens=True)
+                  if req.echo else "" for i in ids]
+        loop = asyncio.get_running_loop()
+        streams: list[GenerationStream] = []
+        try:
+            for i in ids:
+                streams.append(engine.submit_generation(i, params, loop))
+        except EngineError:
+            for s in streams:
+                s.cancel()
+            raise
+        return model, streams, echoes
+
+    async def completion(self, req: CompletionRequest) -> CompletionResponse:
+        model, streams, echoes = await self._start_completion(req)
+        results = [s.collect([d async for d in s]) for s in streams]
+        return self._completion_response(req, model, results, echoes)
+
+    def _completion_response(self, req: CompletionRequest, model: str,
+                             results: list[GenerationResult], echoes: list[str]
+                             ) -> CompletionResponse:
+        choices = []
+        for p, result in enumerate(results):
+            for c in result.choices:
+                choices.append(CompletionChoice(
+                    index=p * req.n + c.index, text=echoes[p] + c.text,
+                    logprobs=self._completion_logprobs(c.logprobs, len(echoes[p]))
+                    if req.logprobs is not None else None,
+                    finish_reason=c.finish_reason))
+        usage = _usage(sum(r.prompt_tokens for r in results),
+                       sum(r.completion_tokens for r in results))
+        return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                                  model=model, choices=choices, usage=usage)
+
+    def _completion_logprobs(self, entries: Sequence[TokenLogprob], offset: int = 0
+                             ) -> CompletionLogprobs:
+        tokens, lps, tops, offsets = [], [], [], []
+        for e in entries:
+            text = _token_text(self.engine, e.token_id)
+            tokens.append(text)
+            lps.append(e.logprob)
+            tops.append({_token_text(self.engine, t): lp for t, lp in e.top})
+            offsets.append(offset)
+            offset += len(text)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops,
+                                  text_offset=offsets)
+
+    async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+        """Validate and start now (errors raise before any byte is sent); iterate for SSE."""
+        model, streams, echoes = await self._start_completion(req)
+        return self._completion_events(req, model, streams, echoes)
+
+    async def _completion_events(self, req: CompletionRequest, model: str,
+                                 streams: list[GenerationStream], echoes: list[str]
+                                 ) -> AsyncIterator[bytes]:
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        offsets: dict[int, int] = {}
+        try:
+            for p, echo in enumerate(echoes):
+                for j in range(req.n):
+                    if echo:
+                        yield sse(CompletionResponse(
+                            id=rid, created=created, model=model,
+                            choices=[CompletionChoice(index=p * req.n + j, text=echo)]))
+            async for p, d in _merge(streams):
+                index = p * req.n + d.index
+                if not (d.text or d.finish_reason or d.logprobs):
+                    continue
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._completion_logprobs(d.logprobs, offsets.get(index, len(echoes[p])))
+                    offsets[index] = (lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens
+                                      else offsets.get(index, 0))
+                yield sse(CompletionResponse(
+                    id=rid, created=created, model=model,
+                    choices=[CompletionChoice(index=index, text=d.text, logprobs=lp,
+                                              finish_reason=d.finish_reason)]))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(CompletionResponse(
+                    id=rid, created=created, model=model, choices=[],
+                    usage=_usage(sum(s.prompt_tokens for s in streams),
+                                 sum(s.completion_tokens for s in streams))))
+        except EngineError as e:
+            yield sse({"error": e.to_dict()})
+        yield DONE
+
+    # ---- /v1/chat/completions ----
+
+    async def _start_chat(self, req: ChatCompletionRequest) -> tuple[str, GenerationStream]:
+        engine = self.engine
+        model = engine.resolve_model(req.model)
+        if req.tools:
+            raise _unsupported("tools", "tool calling is not supported; leave 'tools' out")
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise _unsupported("response_format", f"'response_format' {fmt!r} is not supported; "
+                               "only 'text' is")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        kwargs = dict(req.chat_template_kwargs or {})
+        ids = await asyncio.to_thread(engine.chat_prompt, req.messages,
+                                      add_generation_prompt=req.add_generation_prompt, **kwargs)
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None \
+            else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        try:
+            params = _sampling(engine, req, _room(engine, ids) if limit is None else limit,
+                               logprobs)
+        except InvalidRequestError as e:
+            if e.param == "max_tokens":
+                e.param = param
+                e.message = e.message.replace("'max_tokens'", f"'{param}'")
+            raise
+        return model, engine.submit_generation(ids, params, asyncio.get_running_loop())
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        model, stream = await self._start_chat(req)
+        result = stream.collect([d async for d in stream])
+        choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
+                              logprobs=self._chat_logprobs(c.logprobs) if req.logprobs else None,
+                              finish_reason=c.finish_reason) for c in result.choices]
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
+            choices=choices, usage=_usage(result.prompt_tokens, result.completion_tokens))
+
+    def _chat_logprobs(self, entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+        def top(token: int, lp: float) -> TopLogprob:
+            text = _token_text(self.engine, token)
+            return TopLogprob(token=text, logprob=lp, bytes=list(text.encode()))
+
+        return ChatLogprobs(content=[
+            ChatTokenLogprob(**msgspec.structs.asdict(top(e.token_id, e.logprob)),
+                             top_logprobs=[top(t, lp) for t, lp in e.top]) for e in entries])
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        model, stream = await self._start_chat(req)
+        return self._chat_events(req, model, stream)
+
+    async def _chat_events(self, req: ChatCompletionRequest, model: str,
+                           stream: GenerationStream) -> AsyncIterator[bytes]:
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choice: ChatChunkChoice) -> bytes:
+            return sse(ChatCompletionChunk(id=rid, created=created, model=model,
+                                           choices=[choice]))
+        try:
+            for i in range(req.n):
+                yield chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant",
+                                                                    content="")))
+            async for d in stream:
+                if not (d.text or d.finish_reason or d.logprobs):
+                    continue
+                yield chunk(ChatChunkChoice(
+                    index=d.index, delta=ChatDelta(content=d.text) if d.text else ChatDelta(),
+                    logprobs=self._chat_logprobs(d.logprobs) if req.logprobs else None,
+                    finish_reason=d.finish_reason))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(ChatCompletionChunk(
+                    id=rid, created=created, model=model, choices=[],
+                    usage=_usage(stream.prompt_tokens, stream.completion_tokens)))
+        except EngineError as e:
+            yield sse({"error": e.to_dict()})
+        finally:
+            stream.cancel()
+        yield DONE
