@@ -1,0 +1,361 @@
+"""Generation in the engine and over HTTP, on the real SmolLM2: continuous batching, sampling,
+stops, cancellation, the OpenAI routes with the official client, and bad input."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from litestar.testing import TestClient
+
+from jaxembed import EngineBuilder, LLMEngine
+from jaxembed.server.app import create_app
+
+from test_serving import bos_model_dir
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a",
+    "def fibonacci(n):",
+    "List three colors:",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "In 1492,",
+    "Water boils at",
+    "My favourite book is about a young wizard who goes to a school of magic and",
+]
+
+
+def wait_idle(engine: LLMEngine, timeout: float = 30.0) -> None:
+    """Until no sequence holds a slot (a cancelled one is freed at the next step)."""
+    deadline = time.monotonic() + timeout
+    while engine._active or engine._gen_waiting:
+        assert time.monotonic() < deadline, "the engine kept sequences it should have freed"
+        time.sleep(0.02)
+    assert sorted(engine._free_slots) == list(range(engine.max_num_seqs))
+
+
+def greedy(engine: LLMEngine, prompt: str, n: int = 12) -> list[int]:
+    return engine.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True
+                           ).choices[0].token_ids
+
+
+# ---- the engine ----------------------------------------------------------------------------
+
+
+def test_concurrent_requests_get_what_they_get_alone(smollm2_engine: LLMEngine) -> None:
+    e = smollm2_engine
+    lengths = [6, 14, 9, 20, 3, 11, 16, 8]  # they finish at different steps
+    alone = [greedy(e, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    texts = ["a text to embed while generation runs", "and another, longer one " * 5]
+    embedded_alone = e.encode(texts)
+    steps_before = e.stats_snapshot().decode_steps
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
+        futures = [pool.submit(greedy, e, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+        time.sleep(0.5)  # the generations are under way
+        embedded = pool.submit(e.encode, texts).result()
+        together = [f.result() for f in futures]
+    assert together == alone
+    np.testing.assert_allclose(embedded, embedded_alone, rtol=1e-5, atol=1e-5)
+    # They shared steps: far fewer than one step per token of each request.
+    assert e.stats_snapshot().decode_steps - steps_before < sum(lengths)
+    wait_idle(e)
+
+
+def test_steady_serving_does_not_compile(smollm2_engine: LLMEngine) -> None:
+    e = smollm2_engine
+
+    def workload() -> None:
+        # Submitted while paused, so both passes batch the same way (not by thread timing).
+        with e.paused():
+            streams = [e.generate_stream(p, temperature=0, max_tokens=n, ignore_eos=True)
+                       for p, n in zip(PROMPTS[:4], (10, 4, 7, 10), strict=True)]
+        for s in streams:
+            list(s)
+
+    workload()  # first pass: whatever shapes it needs are compiled now
+    before = e.stats_snapshot().compilations
+    workload()
+    assert e.stats_snapshot().compilations == before
+
+
+def test_seeded_sampling_repeats_alone_and_among_others(smollm2_engine: LLMEngine) -> None:
+    e = smollm2_engine
+    kw: dict[str, Any] = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16,
+                              ignore_eos=True)
+    first = e.generate(PROMPTS[1], **kw).text
+    assert e.generate(PROMPTS[1], **kw).text == first
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(greedy, e, p, 20) for p in PROMPTS[2:5]]
+        assert pool.submit(e.generate, PROMPTS[1], **kw).result().text == first
+        [f.result() for f in others]
+    other_seeds = {e.generate(PROMPTS[1], **{**kw, "seed": s}).text for s in range(4)}
+    assert len(other_seeds) > 1  # the seed matters
+
+
+def test_n_choices_are_independent_and_repeatable(smollm2_engine: LLMEngine) -> None:
+    e = smollm2_engine
+    r = e.generate(PROMPTS[3], n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.text for c in r.choices}) > 1
+    again = e.generate(PROMPTS[3], n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+    assert r.completion_tokens == 30
+
+
+def test_stop_strings_end_the_text_before_them(smollm2_engine: LLMEngine) -> None:
+    e = smollm2_engine
+    full = e.generate(PROMPTS[1], temperature=0, max_tokens=24, ignore_eos=True)
+    text = full.text
+    stop = text[10:14]
+    assert stop.strip() and text.find(stop) == 10
+    r = e.generate(PROMPTS[1], temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,))
+    assert r.text == text[:10]
+    assert r.choices[0].finish_reason == "stop"
+    assert len(r.choices[0].token_ids) < 24  # the slot was freed early
+
+
+def test_eos_and_length_finish(smollm2_engine: LLMEngine) -> None:
+    e = smollm2_engine
+    r = e.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+               max_tokens=40)
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and c.token_ids[-1] in e.stop_token_ids
+    assert "Paris" in c.text and "<|im_end|>" not in c.text
+    r = e.generate(PROMPTS[0], temperature=0, max_tokens=3, ignore_eos=True)
+    assert r.choices[0].finish_reason == "length" and len(r.choices[0].token_ids) == 3
+
+
+def test_a_closed_stream_frees_its_slot(smollm2_engine: LLMEngine) -> None:
+    e = smollm2_engine
+    stream = e.generate_stream(PROMPTS[0], temperature=0, max_tokens=500, ignore_eos=True)
+    first = next(iter(stream))
+    assert first.token_ids
+    stream.close()
+    wait_idle(e)
+    assert e.stats_snapshot().generated_tokens > 0
+
+
+def test_prompt_plus_max_tokens_must_fit_the_context(smollm2_engine: LLMEngine) -> None:
+    from jaxembed.errors import InvalidRequestError
+
+    e = smollm2_engine
+    with pytest.raises(InvalidRequestError, match="context") as info:
+        e.generate("hello", max_tokens=e.max_model_len)
+    assert info.value.param == "max_tokens"
+    with pytest.raises(InvalidRequestError) as info:
+        e.generate([1] * (e.max_model_len + 1), max_tokens=1)
+    assert info.value.param == "prompt"
+
+
+# ---- HTTP ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_engine: LLMEngine) -> Iterator[TestClient]:
+    with TestClient(create_app(smollm2_engine)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def live_api(smollm2_engine: LLMEngine) -> Iterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(smollm2_engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def oai(live_api: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live_api, api_key="unused", max_retries=0)
+
+
+def test_openai_completions(oai: openai.OpenAI, smollm2_engine: LLMEngine) -> None:
+    r = oai.completions.create(model="default", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                               logprobs=2)
+    want = smollm2_engine.generate(PROMPTS[0], temperature=0, max_tokens=8)
+    c = r.choices[0]
+    assert c.text == want.text and c.finish_reason == want.choices[0].finish_reason
+    assert r.usage.prompt_tokens == len(smollm2_engine.prepare_prompt(PROMPTS[0]))
+    assert r.usage.completion_tokens == len(want.choices[0].token_ids)
+    assert "".join(c.logprobs.tokens) == c.text
+    assert all(len(t) == 2 for t in c.logprobs.top_logprobs)
+    assert r.object == "text_completion" and r.model == smollm2_engine.model_name
+
+
+def test_openai_completions_several_prompts_and_echo(oai: openai.OpenAI) -> None:
+    r = oai.completions.create(model="default", prompt=PROMPTS[:2], max_tokens=4, temperature=0,
+                               n=2, echo=True)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in r.choices}
+    assert by_index[0].startswith(PROMPTS[0]) and by_index[2].startswith(PROMPTS[1])
+    assert by_index[0] == by_index[1]  # greedy: both choices agree
+
+
+def test_openai_chat(oai: openai.OpenAI, smollm2_engine: LLMEngine) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = oai.chat.completions.create(model="default", messages=messages, temperature=0,
+                                    max_tokens=30, logprobs=True, top_logprobs=3)
+    want = smollm2_engine.chat(messages, temperature=0, max_tokens=30)
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.message.content == want.text
+    assert c.finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(smollm2_engine.chat_prompt(messages))
+    assert len(c.logprobs.content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 for t in c.logprobs.content)
+
+
+def test_chat_prompt_has_exactly_one_bos(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A template that writes BOS itself, over a tokenizer that adds one too: tokenizing the
+    rendered text must not add a second."""
+    path = bos_model_dir(tiny_llama_dir, tmp_path / "tiny-chat")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{{ bos_token }}{% for m in messages %}{{ m.role }}: "
+                               "{{ m.content }}\n{% endfor %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    e = EngineBuilder(model=path, warmup=False, progress=False, compilation_cache=False,
+                      max_num_seqs=2).build()
+    try:
+        bos = e.checkpoint.tokenizer.bos_token_id
+        assert e.tokenize(["x"])[0][0] == bos  # the tokenizer adds BOS to plain text
+        ids = list(e.chat_prompt([{"role": "user", "content": "hello there"}]))
+        assert ids[0] == bos and ids.count(bos) == 1
+        r = e.chat([{"role": "user", "content": "hello"}], temperature=0, max_tokens=3,
+                   ignore_eos=True)
+        assert len(r.choices[0].token_ids) == 3
+    finally:
+        e.shutdown()
+
+
+def test_openai_chat_stream_with_emoji(oai: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Write three smiley emojis."}]
+    whole = oai.chat.completions.create(model="default", messages=messages, temperature=0,
+                                        max_tokens=20)
+    stream = oai.chat.completions.create(model="default", messages=messages, temperature=0,
+                                         max_tokens=20, stream=True,
+                                         stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            if ch.delta.content:
+                pieces.append(ch.delta.content)
+            finish = ch.finish_reason or finish
+    text = "".join(pieces)
+    assert text == whole.choices[0].message.content
+    assert any(ord(ch) > 0x1F000 for ch in text)  # the model wrote emoji (3 tokens each)
+    assert all("\ufffd" not in p for p in pieces)
+    assert finish == "length" and usage.completion_tokens == 20
+
+
+def test_openai_seeded_sampling_repeats(oai: openai.OpenAI) -> None:
+    kw: dict[str, Any] = dict(model="default", prompt=PROMPTS[1], max_tokens=16, temperature=1.0,
+                              top_p=0.9, seed=99)
+    assert oai.completions.create(**kw).choices[0].text == \
+        oai.completions.create(**kw).choices[0].text
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(live_api: str,
+                                                     smollm2_engine: LLMEngine) -> None:
+    body = {"prompt": PROMPTS[0], "max_tokens": 1000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{live_api}/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert '"text_completion"' in first
+    wait_idle(smollm2_engine)
+    assert smollm2_engine.stats_snapshot().cancelled >= 1
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param, err
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+BAD = [
+    ("completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ("completions", {"prompt": "hi", "max_tokens": 10**9}, "max_tokens"),
+    ("completions", {"prompt": "hi", "temperature": -0.5}, "temperature"),
+    ("completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ("completions", {"prompt": "hi", "n": 0}, "n"),
+    ("completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": [10**9]}, "prompt"),
+    ("completions", {"prompt": "fox " * 3000}, "prompt"),
+    ("completions", {"prompt": "hi", "stop": [""]}, "stop"),
+    ("completions", {"prompt": "hi", "suffix": "x"}, "suffix"),
+    ("completions", {"prompt": "hi", "logit_bias": {"1": 5}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+     "stream_options"),
+    ("completions", {"prompt": "hi", "bogus": 1}, "bogus"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ("chat/completions", {"messages": [{"content": "hi"}]}, "messages"),
+    ("chat/completions", {"messages": ["hi"]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ("chat/completions", {"messages": CHAT, "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "logprobs"),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "fox " * 3000}]},
+     "prompt"),
+]
+
+
+@pytest.mark.parametrize("route,body,param", BAD, ids=[f"{r}:{p}:{i}" for i, (r, _, p) in
+                                                       enumerate(BAD)])
+def test_bad_generation_input(client: TestClient, route: str, body: dict, param: str) -> None:
+    assert_error(client.post(f"/v1/{route}", json=body), 400, param)
+
+
+def test_still_serves_after_bad_input(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_model_without_chat_template_serves_completions_only(gemma3_path: Path) -> None:
+    engine = EngineBuilder(model=gemma3_path, warmup=False, progress=False,
+                           compilation_cache=False, max_num_seqs=2).build()
+    try:
+        assert engine.chat_template is None
+        with TestClient(create_app(engine)) as c:
+            r = c.post("/v1/chat/completions", json={"messages": CHAT})
+            assert_error(r, 400, "messages")
+            assert "chat template" in r.json()["error"]["message"]
+            r = c.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 3,
+                                                "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        engine.shutdown()
