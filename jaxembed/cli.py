@@ -1,4 +1,5 @@
-"""Command line: `jaxembed serve` runs the HTTP server, `jaxembed embed TEXT...` prints embeddings."""
+"""Command line: `jaxembed serve` runs the HTTP server, `jaxembed embed TEXT...` prints embeddings,
+`jaxembed generate PROMPT` streams a continuation (or a chat answer with `--chat`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 from jaxembed.builder import ATTENTION_MODES, EngineBuilder
 from jaxembed.engine import DEFAULT_MAX_QUEUED_REQUESTS
+from jaxembed.errors import InvalidRequestError
 from jaxembed.protocol import EmbeddingDefaults, EmbeddingType, InputType
 
 API_KEY_ENV = "JAXEMBED_API_KEY"
@@ -26,9 +28,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest input in tokens (default: the model's context, at most 8192)")
+                   help="longest input, and longest prompt plus answer, in tokens (default: the "
+                        "model's context, at most 2048 on a CPU and 8192 on an accelerator)")
     p.add_argument("--max-batch-tokens", type=int, default=8192,
                    help="token budget of one batched step (default: 8192)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences generated at once, each with KV cache rows of --max-model-len "
+                        "tokens, allocated on the first generation request (default: 16 on a "
+                        "CPU, 64 on an accelerator)")
     p.add_argument("--attention", choices=ATTENTION_MODES, default=None,
                    help="override the model's attention (default: what its config says)")
     p.add_argument("--instruction-template", default=None,
@@ -43,7 +50,7 @@ def _builder(args: argparse.Namespace, **extra: object) -> EngineBuilder:
         template = template.replace("\\n", "\n")
     return EngineBuilder(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                          max_batch_tokens=args.max_batch_tokens, attention=args.attention,
-                         instruction_template=template, **extra)
+                         instruction_template=template, max_num_seqs=args.max_num_seqs, **extra)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -114,6 +121,32 @@ def embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    engine = _builder(args, warmup=False).build()
+    try:
+        fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                      seed=args.seed)
+        if args.chat:
+            stream = engine.submit_generation(
+                engine.chat_prompt([{"role": "user", "content": args.prompt}]),
+                engine.sampling_params(**fields))
+        else:
+            stream = engine.generate_stream(args.prompt, **fields)
+            print(args.prompt, end="", flush=True)
+        finish = None
+        for delta in stream:
+            print(delta.text, end="", flush=True)
+            finish = delta.finish_reason or finish
+        print()
+        print(f"[{stream.completion_tokens} tokens, finish: {finish}]", file=sys.stderr)
+    except InvalidRequestError as e:
+        print(f"jaxembed: error: {e.message}", file=sys.stderr)
+        return 2
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +203,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="an instruction, placed by the model's instruction template")
     p.add_argument("--show", type=int, default=6, help="how many values to print per text")
     p.set_defaults(func=embed)
+
+    p = sub.add_parser("generate", help="continue a prompt (or answer it, with --chat) and "
+                                        "stream the text")
+    _add_model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 for greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=generate)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -61,7 +61,21 @@ def test_cli_embed_in_process(tiny_llama_dir, capsys):
     assert len(out) == 2 and "dim=64" in out[0]
 
 
-@pytest.mark.parametrize("argv", [["serve", "--help"], ["embed", "--help"]])
+def test_cli_generate_in_process(tiny_llama_dir, tiny_engine, capsys):
+    assert main(["generate", "--model", str(tiny_llama_dir), "--max-tokens", "5", "hello"]) == 0
+    captured = capsys.readouterr()
+    want = tiny_engine.generate("hello", temperature=0, max_tokens=5)
+    assert captured.out == "hello" + want.text + "\n"
+    assert f"[{len(want.choices[0].token_ids)} tokens, finish: " in captured.err
+
+
+def test_cli_generate_chat_without_template_is_a_clear_error(tiny_llama_dir, capsys):
+    assert main(["generate", "--model", str(tiny_llama_dir), "--chat", "hello"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["serve", "--help"], ["embed", "--help"],
+                                  ["generate", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
