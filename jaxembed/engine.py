@@ -781,6 +781,11 @@ class LLMEngine:
             }
         return self._gen_state
 
+    @property
+    def running_sequences(self) -> int:
+        """Sequences holding KV cache slots right now."""
+        return len(self._active)
+
     def sampling_params(self, params: SamplingParams | None = None, **fields: Any
                         ) -> SamplingParams:
         """Validated sampling settings: `params` with `fields` replacing some of them."""

@@ -89,7 +89,19 @@ class ServerMetrics:
         out.metric("jaxembed_tokens_padded_total", "counter",
                    "Token slots run, padding included.", [({}, st.padded_tokens)])
         out.metric("jaxembed_tokens_generated_total", "counter",
-                   "Tokens generated (this engine serves embeddings only so far).", [({}, 0)])
+                   "Tokens generated (sampled), all choices of all requests.",
+                   [({}, st.generated_tokens)])
+        out.metric("jaxembed_generation_requests_completed_total", "counter",
+                   "Generation requests finished (every choice stopped).",
+                   [({}, st.generation_requests)])
+        out.metric("jaxembed_generation_steps_total", "counter",
+                   "Generation steps: prefill (prompts into free slots) and decode (a token for "
+                   "every running sequence).",
+                   [({"kind": "prefill"}, st.prefill_steps), ({"kind": "decode"}, st.decode_steps)])
+        out.metric("jaxembed_sequences_running", "gauge",
+                   "Sequences holding a KV cache slot.", [({}, engine.running_sequences)])
+        out.metric("jaxembed_sequences_capacity", "gauge",
+                   "KV cache slots (--max-num-seqs).", [({}, engine.max_num_seqs)])
         out.metric("jaxembed_compilations_total", "counter",
                    "Step shapes compiled by XLA (warm-up included).", [({}, st.compilations)])
         out.metric("jaxembed_engine_busy_seconds_total", "counter",

@@ -359,3 +359,15 @@ def test_a_model_without_chat_template_serves_completions_only(gemma3_path: Path
             assert r.json()["usage"]["completion_tokens"] >= 1
     finally:
         engine.shutdown()
+
+
+def test_metrics_count_generation(client: TestClient, smollm2_engine: LLMEngine) -> None:
+    before = smollm2_engine.stats_snapshot().generated_tokens
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3,
+                                                "ignore_eos": True}).status_code == 200
+    text = client.get("/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["jaxembed_tokens_generated_total"] >= before + 3
+    assert values['jaxembed_generation_steps_total{kind="decode"}'] >= 2
+    assert values["jaxembed_sequences_capacity"] == smollm2_engine.max_num_seqs
