@@ -2,13 +2,18 @@
 
     python -m bench.run [--texts 512] [--model PATH] [--peers transformers,llamacpp]
                         [--workloads throughput,http,coldstart] [--out bench/results]
+                        [--tokens 128] [--streams 16] [--gen-repeat 3]
+                        [--gen-warmup workload|full]
 
 Workloads: (a) embedding throughput on a fixed corpus of texts spread from 8 to 512 tokens, with
 GGUF load time (d); (b) the same corpus through HTTP with 32 concurrent clients; (c) cold start,
 `jaxembed serve` to the first 200 on /v1/embeddings, then again with the persistent compilation
-cache warm. Peers run in the same run: transformers (torch CPU, fp32, the same weights dequantized
-from the same GGUF, length-sorted batches at its best batch size), llama.cpp through
-llama-cpp-python (the same GGUF), and a roofline (the FLOP/s of a large fp32 matrix product in the
+cache warm; and, when asked for (`--workloads generation`), (e) generation: single-stream decode
+tokens/s against llama.cpp on the same GGUF, each as a fraction of its memory-bandwidth bound, and
+the aggregate tokens/s of `--streams` concurrent requests (bench/generation.py). Peers run in the
+same run: transformers (torch CPU, fp32, the same weights dequantized from the same GGUF,
+length-sorted batches at its best batch size), llama.cpp through llama-cpp-python (the same
+GGUF), and a roofline (the FLOP/s of a large fp32 matrix product in the
 same process, best of numpy and JAX). Figures are reported as ratios to peers from this run.
 """
 
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import generation
 from bench.peers import jaxembed_peer, llamacpp_peer, roofline_flops, transformers_peer
 from bench.serving import cold_start, http_throughput
 
@@ -64,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="throughput,http,coldstart")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--docs", default=None, help="also write this markdown page")
+    parser.add_argument("--tokens", type=int, default=128,
+                        help="generation: tokens generated per request")
+    parser.add_argument("--streams", type=int, default=16,
+                        help="generation: concurrent requests of the aggregate figure")
+    parser.add_argument("--gen-repeat", type=int, default=3,
+                        help="generation: timed single-stream runs (the best is reported)")
+    parser.add_argument("--gen-warmup", choices=("workload", "full"), default="workload",
+                        help="generation: compile by running the workload once untimed, or "
+                        "also compile every decode shape first (warmup_generation)")
     args = parser.parse_args(argv)
     peers = {p for p in args.peers.split(",") if p}
     workloads = {w for w in args.workloads.split(",") if w}
@@ -115,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         r["http"] = http_throughput(model, texts)
     if "coldstart" in workloads:
         r["coldstart"] = cold_start(model)
+    if "generation" in workloads:
+        r["generation"] = generation.generation_benchmark(
+            model, tokens=args.tokens, streams=args.streams, threads=args.threads, peers=peers,
+            repeat=args.gen_repeat, warmup=args.gen_warmup)
     for value in r.values():
         if isinstance(value, dict):
             for k in [k for k in value if k.startswith("_")]:
@@ -134,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"Run {r['date']}: {r['model']}, {r['texts']} texts of 8-512 tokens, {m['cpus']} CPUs, "
+    corpus = f"{r['texts']} texts of 8-512 tokens, " if "jaxembed" in r or "http" in r else ""
+    lines = [f"Run {r['date']}: {r['model']}, {corpus}{m['cpus']} CPUs, "
              f"JAX backend {m['backend']} ({', '.join(sorted(set(m['devices'])))}).", ""]
     if "jaxembed" in r:
         ours = r["jaxembed"]
@@ -170,6 +190,8 @@ def markdown(r: dict[str, Any]) -> str:
                      f"cache {c['warm_cache_s']:.1f} s | |")
     if "jaxembed" in r:
         lines += ["", f"FLOPs: {r['jaxembed']['flops_arithmetic']}."]
+    if "generation" in r:
+        lines += [""] * (lines[-1] != "") + generation.markdown(r["generation"])
     return "\n".join(lines) + "\n"
 
 

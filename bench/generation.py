@@ -1,0 +1,383 @@
+"""Generation: jaxembed's decode against llama.cpp on the same GGUF, measured in the same run.
+
+    python -m bench.run --workloads generation [--tokens 128] [--streams 16] [--peers llamacpp]
+    python -m bench.generation [--tokens 8] [--streams 2]       (the same, generation only)
+
+Three figures, each a function returning a dict:
+
+- `memory_bandwidth`: this machine's memory read bandwidth (best of numpy, numpy on every core,
+  and a JAX reduction over a 512 MiB array) and the weight bytes each engine reads per generated
+  token: every parameter of jaxembed's (the embedding table is read whole by the tied LM head),
+  and the tensor bytes of the GGUF for llama.cpp. bandwidth / bytes per token is the
+  bandwidth-bound tokens/s of a single stream (KV cache reads left out: small at these lengths).
+- `jaxembed_single_stream` / `llamacpp_single_stream`: a ~16-token prompt continued greedily for
+  `tokens` tokens past any end of text; time to first token (the prefill) apart from the decode
+  rate, (tokens - 1) / (last token - first token). Best of `repeat` runs after an untimed one.
+  llama.cpp twice: its engine through llama-cpp-python's token generator (`Llama.generate`,
+  sampling in C: close to llama-bench's tg figure), and through its public
+  `create_completion(stream=True)`, where end-of-generation tokens are banned with `logit_bias`.
+  The faster of the two is the peer figure.
+- `jaxembed_aggregate`: `streams` threads, each calling `engine.generate` on its own prompt for
+  tokens/2 to tokens-1 tokens, batched by the engine into shared decode steps; total generated
+  tokens / wall time, after the same workload once untimed to compile its shapes. The issue's
+  goal: at least 3x llama.cpp's single stream.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.peers import timed
+
+PROMPTS = [
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "The most important thing to understand about compilers is that they",
+    "Here is a short recipe for a simple tomato soup. First, you need",
+    "In the year 2048, the city of Tokyo had changed beyond recognition, and",
+    "The history of the Roman Empire can be divided into several periods, starting with",
+    "To train a neural network, you first collect a data set and then",
+    "My favourite place in Paris is a small café near the river, where",
+    "The mountain trail was steep and narrow, and the hikers slowly climbed toward",
+    "A good database index speeds up queries because it lets the engine",
+    "When the orchestra began to play, the audience fell silent and listened to",
+    "The three laws of thermodynamics describe how energy behaves, and the first says",
+    "Dear team, I am writing to let you know about the changes to our schedule",
+    "The detective looked at the empty room and noticed that the window was",
+    "Photosynthesis is the process by which green plants turn sunlight into",
+    "Our journey across the desert lasted seven days, and on the third day we",
+    "The best way to learn a new programming language is to write small programs that",
+]
+BANDWIDTH_MIB = 512
+
+
+def prompt(i: int) -> str:
+    """The i-th stream's prompt: distinct for every i."""
+    base = PROMPTS[i % len(PROMPTS)]
+    return base if i < len(PROMPTS) else f"({i // len(PROMPTS)}) {base}"
+
+
+# ---- memory bandwidth and the bytes each engine reads per token ----------------------------
+
+
+def jaxembed_bytes_per_token(params: Any) -> int:
+    """Every parameter is read once per decode step. The embedding table counts whole: the step
+    reads one row of it for the input, but the tied LM head reads all of it."""
+    import jax
+
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))
+
+
+def gguf_bytes_per_token(model: Path) -> int | None:
+    """The tensor bytes of a GGUF: llama.cpp reads its quantized weights as they are."""
+    if model.suffix != ".gguf":
+        return None
+    from jaxembed.weights.gguf_io import GGUFFile
+
+    return int(sum(t.data.nbytes for t in GGUFFile(model).tensors.values()))
+
+
+def memory_bandwidth(model: Path, params: Any | None = None, size_mib: int = BANDWIDTH_MIB,
+                     repeat: int = 5, threads: int | None = None) -> dict[str, Any]:
+    """Read bandwidth in GB/s (a sum over a `size_mib` fp32 array: numpy on one core, numpy split
+    over `threads` cores, JAX), and the bandwidth-bound single-stream tokens/s of each engine."""
+    import jax
+    import jax.numpy as jnp
+
+    threads = threads or os.cpu_count() or 1
+    a = np.random.default_rng(0).standard_normal(size_mib * 2**20 // 4, dtype=np.float32)
+    nbytes = a.nbytes
+    t_np = timed(lambda: a.sum(), repeat=repeat)
+    chunks = np.array_split(a, threads)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy frees the GIL here
+        t_thr = timed(lambda: list(pool.map(np.sum, chunks)), repeat=repeat)
+    ja = jnp.asarray(a)
+    total = jax.jit(jnp.sum)
+    total(ja).block_until_ready()
+    t_jax = timed(lambda: total(ja).block_until_ready(), repeat=repeat)
+    gbs = {"numpy": nbytes / t_np / 1e9, f"numpy_{threads}_threads": nbytes / t_thr / 1e9,
+           "jax": nbytes / t_jax / 1e9}
+    best = max(gbs.values())
+    if params is None:
+        from jaxembed.weights.loader import load_checkpoint
+
+        params = load_checkpoint(model, progress=False).params
+    ours = jaxembed_bytes_per_token(params)
+    theirs = gguf_bytes_per_token(model)
+    r: dict[str, Any] = {
+        "array_mib": size_mib, "gb_per_s": gbs, "best_gb_per_s": best,
+        "jaxembed_bytes_per_token": ours, "jaxembed_bound_tokens_per_s": best * 1e9 / ours,
+        "jaxembed_dtypes": sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(params)}),
+    }
+    if theirs:
+        r["llamacpp_bytes_per_token"] = theirs
+        r["llamacpp_bound_tokens_per_s"] = best * 1e9 / theirs
+    return r
+
+
+# ---- single stream ---------------------------------------------------------------------------
+
+
+def _rates(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """The best run by decode rate, with every run's figures kept."""
+    best = max(runs, key=lambda r: r["decode_tokens_per_s"])
+    return {**best, "runs": runs}
+
+
+def _run_figures(start: float, first: float, last: float, n: int) -> dict[str, float]:
+    return {"tokens": n, "ttft_s": first - start, "decode_s": last - first,
+            "decode_tokens_per_s": (n - 1) / (last - first) if n > 1 and last > first else 0.0,
+            "total_s": last - start}
+
+
+def jaxembed_single_stream(engine: Any, ids: list[int], tokens: int,
+                           repeat: int = 3) -> dict[str, Any]:
+    """One request at a time: time to first token, then the decode rate of the rest."""
+
+    def once() -> dict[str, float]:
+        start = time.perf_counter()
+        stream = engine.generate_stream(ids, temperature=0, max_tokens=tokens, ignore_eos=True)
+        first = last = 0.0
+        n = 0
+        for delta in stream:
+            if delta.token_ids:
+                last = time.perf_counter()
+                if n == 0:
+                    first = last
+                n += len(delta.token_ids)
+        return _run_figures(start, first, last, n)
+
+    once()  # compiles this prompt's prefill and the decode shapes up to its length
+    compiles = engine.stats_snapshot().compilations
+    runs = [once() for _ in range(repeat)]
+    return {**_rates(runs), "recompilations": engine.stats_snapshot().compilations - compiles}
+
+
+def _eog_ids(llm: Any) -> list[int]:
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
+
+def llamacpp_single_stream(model: Path, ids: list[int], tokens: int, threads: int,
+                           repeat: int = 3) -> dict[str, Any]:
+    """llama.cpp through llama-cpp-python, the same GGUF and prompt token ids, greedy."""
+    import llama_cpp
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(model), n_threads=threads, n_threads_batch=threads,
+                          n_ctx=2048, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - start
+    try:
+        def engine_once() -> dict[str, float]:
+            # Its token generator: decode and greedy sampling in C, no end-of-text check (like
+            # ignore_eos). reset() first, so that no prefix of the last run's cache is reused.
+            llm.reset()
+            start = time.perf_counter()
+            first = last = 0.0
+            n = 0
+            for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                last = time.perf_counter()
+                if n == 0:
+                    first = last
+                n += 1
+                if n >= tokens:
+                    break
+            return _run_figures(start, first, last, n)
+
+        bias = {t: -1e9 for t in _eog_ids(llm)}
+
+        def api_once() -> dict[str, float]:
+            # The public API, detokenizing as it goes; banned end-of-generation tokens make it
+            # run to max_tokens (it has no ignore_eos).
+            llm.reset()
+            start = time.perf_counter()
+            first = last = 0.0
+            for _ in llm.create_completion(ids, max_tokens=tokens, temperature=0.0,
+                                           stream=True, logit_bias=bias):
+                last = time.perf_counter()
+                first = first or last
+            # Chunks are not tokens (a split character waits, and an empty chunk carries the
+            # finish reason); every token drawn but the last was fed back through the model.
+            return _run_figures(start, first, last, llm.n_tokens - len(ids) + 1)
+
+        results = {}
+        for name, once in (("generate", engine_once), ("create_completion", api_once)):
+            once()  # warm-up
+            results[name] = _rates([once() for _ in range(repeat)])
+    finally:
+        llm.close()
+    best = max(results, key=lambda k: results[k]["decode_tokens_per_s"])
+    return {**results[best], "path": best, "paths": results, "load_s": load_s,
+            "threads": threads}
+
+
+# ---- many streams at once --------------------------------------------------------------------
+
+
+def jaxembed_aggregate(engine: Any, tokens: int, streams: int,
+                       warmup_passes: int = 3) -> dict[str, Any]:
+    """`streams` threads, one request each, all started at once; lengths spread over
+    [tokens/2, tokens) so that the batch shrinks as they finish."""
+    prompts = [prompt(i) for i in range(streams)]
+    lengths = [max(1, tokens // 2 + i * (tokens - tokens // 2) // max(streams, 1))
+               for i in range(streams)]
+
+    def once() -> tuple[float, list[int], list[float]]:
+        gate = threading.Barrier(streams + 1)
+
+        def one(i: int) -> tuple[int, float]:
+            gate.wait()
+            t = time.perf_counter()
+            out = engine.generate(prompts[i], temperature=0, max_tokens=lengths[i],
+                                  ignore_eos=True)
+            return len(out.choices[0].token_ids), time.perf_counter() - t
+
+        with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+            futures = [pool.submit(one, i) for i in range(streams)]
+            gate.wait()
+            start = time.perf_counter()
+            done = [f.result() for f in futures]
+            wall = time.perf_counter() - start
+        return wall, [n for n, _ in done], [s for _, s in done]
+
+    # Untimed passes compile the prefill and decode shapes this workload produces. How the
+    # requests are admitted (one prefill or several) depends on thread timing, so a pass may still
+    # meet a new shape: repeat until one compiles nothing (at most `warmup_passes`).
+    first_start = time.perf_counter()
+    passes = 0
+    while passes < warmup_passes:
+        compiles = engine.stats_snapshot().compilations
+        once()
+        passes += 1
+        if engine.stats_snapshot().compilations == compiles:
+            break
+    first_s = time.perf_counter() - first_start
+    before = engine.stats_snapshot()
+    wall, counts, latencies = once()
+    after = engine.stats_snapshot()
+    steps = after.decode_steps - before.decode_steps
+    generated = after.generated_tokens - before.generated_tokens
+    return {
+        "streams": streams, "max_tokens": lengths, "generated_tokens": sum(counts),
+        "wall_s": wall, "tokens_per_s": sum(counts) / wall, "warmup_passes": passes,
+        "warmup_s": first_s,
+        "decode_steps": steps, "prefill_steps": after.prefill_steps - before.prefill_steps,
+        # Each request's first token comes from its prefill, the rest from decode steps.
+        "mean_rows_per_decode_step": (generated - streams) / steps if steps else 0.0,
+        "request_p50_s": float(np.percentile(latencies, 50)),
+        "request_max_s": float(max(latencies)),
+        "compilations_before": before.compilations, "compilations_after": after.compilations,
+        "recompilations": after.compilations - before.compilations,
+    }
+
+
+# ---- the workload --------------------------------------------------------------------------
+
+
+def generation_benchmark(model: Path, tokens: int = 128, streams: int = 16,
+                         threads: int | None = None, peers: set[str] | None = None,
+                         repeat: int = 3, warmup: str = "workload",
+                         bandwidth_mib: int = BANDWIDTH_MIB) -> dict[str, Any]:
+    """All three figures, with the ratios between them. warmup "full" also compiles every decode
+    shape first (`engine.warmup_generation`); "workload" relies on the untimed passes."""
+    from jaxembed import EngineBuilder
+
+    threads = threads or os.cpu_count() or 1
+    peers = {"llamacpp"} if peers is None else peers
+    r: dict[str, Any] = {"tokens": tokens, "streams": streams, "repeat": repeat,
+                         "warmup": warmup, "threads": threads}
+    engine = EngineBuilder(model=model, warmup=False, progress=False,
+                           max_num_seqs=max(16, streams)).build()
+    try:
+        bw = memory_bandwidth(model, engine.params, size_mib=bandwidth_mib, threads=threads)
+        r["memory_bandwidth"] = bw
+        ids = [int(t) for t in engine.prepare_prompt(PROMPTS[0])]
+        r["prompt_tokens"] = len(ids)
+        if warmup == "full":
+            start = time.perf_counter()
+            engine.warmup_generation()
+            r["warmup_generation_s"] = time.perf_counter() - start
+        single = jaxembed_single_stream(engine, ids, tokens, repeat)
+        single["bound_fraction"] = (single["decode_tokens_per_s"]
+                                    / bw["jaxembed_bound_tokens_per_s"])
+        r["jaxembed_single"] = single
+        r["jaxembed_aggregate"] = jaxembed_aggregate(engine, tokens, streams)
+        r["compilations"] = engine.stats_snapshot().compilations
+    finally:
+        engine.shutdown()
+    agg = r["jaxembed_aggregate"]
+    agg["vs_jaxembed_single"] = agg["tokens_per_s"] / max(single["decode_tokens_per_s"], 1e-9)
+    if "llamacpp" in peers:
+        try:
+            peer = llamacpp_single_stream(model, ids, tokens, threads, repeat)
+        except ImportError:
+            peer = {"skipped": "llama-cpp-python is not installed (pip install -e '.[bench]')"}
+        if "decode_tokens_per_s" in peer:
+            rate = peer["decode_tokens_per_s"]
+            if "llamacpp_bound_tokens_per_s" in bw:
+                peer["bound_fraction"] = rate / bw["llamacpp_bound_tokens_per_s"]
+            single["vs_llamacpp"] = single["decode_tokens_per_s"] / rate
+            agg["vs_llamacpp_single"] = agg["tokens_per_s"] / rate
+            agg["meets_3x_goal"] = agg["vs_llamacpp_single"] >= 3.0
+        r["llamacpp_single"] = peer
+    return r
+
+
+def markdown(g: dict[str, Any]) -> list[str]:
+    """Lines of the generation section of the results page."""
+    bw, ours, agg = g["memory_bandwidth"], g["jaxembed_single"], g["jaxembed_aggregate"]
+    peer = g.get("llamacpp_single", {})
+    lines = [f"Generation: a {g['prompt_tokens']}-token prompt, {g['tokens']} tokens greedy "
+             f"(past any end of text), best of {g['repeat']}; {g['threads']} threads for "
+             f"llama.cpp. Memory read bandwidth {bw['best_gb_per_s']:.1f} GB/s (best of "
+             + ", ".join(f"{k} {v:.1f}" for k, v in bw["gb_per_s"].items()) + ").", "",
+             "| generation | decode tokens/s | of its bandwidth bound | time to first token | "
+             "jaxembed is |", "|---|---|---|---|---|",
+             f"| jaxembed, 1 stream ({bw['jaxembed_bytes_per_token'] / 1e6:.0f} MB of "
+             f"{'/'.join(bw['jaxembed_dtypes'])} weights per token) | "
+             f"{ours['decode_tokens_per_s']:.1f} | {ours['bound_fraction']:.0%} of "
+             f"{bw['jaxembed_bound_tokens_per_s']:.0f} | {ours['ttft_s'] * 1e3:.0f} ms | |"]
+    if "decode_tokens_per_s" in peer:
+        bound = (f"{peer['bound_fraction']:.0%} of {bw['llamacpp_bound_tokens_per_s']:.0f}"
+                 if "bound_fraction" in peer else "")
+        size = (f" ({bw['llamacpp_bytes_per_token'] / 1e6:.0f} MB of GGUF tensors per token)"
+                if "llamacpp_bytes_per_token" in bw else "")
+        lines.append(f"| llama.cpp (llama-cpp-python `{peer['path']}`), 1 stream{size} | "
+                     f"{peer['decode_tokens_per_s']:.1f} | {bound} | {peer['ttft_s'] * 1e3:.0f} "
+                     f"ms | {ours['vs_llamacpp']:.2f}x |")
+        for name, p in peer["paths"].items():
+            if name != peer["path"]:
+                lines.append(f"| llama.cpp (llama-cpp-python `{name}`), 1 stream | "
+                             f"{p['decode_tokens_per_s']:.1f} | | {p['ttft_s'] * 1e3:.0f} ms | |")
+    elif peer:
+        lines.append(f"| llama.cpp | skipped: {peer['skipped']} | | | |")
+    vs = (f"{agg['vs_llamacpp_single']:.2f}x llama.cpp's single stream (goal 3x: "
+          f"{'met' if agg['meets_3x_goal'] else 'not met'})" if "vs_llamacpp_single" in agg
+          else "")
+    lines += [f"| jaxembed, {agg['streams']} concurrent streams of {min(agg['max_tokens'])}-"
+              f"{max(agg['max_tokens'])} tokens (aggregate) | {agg['tokens_per_s']:.1f} | | | "
+              f"{vs} |", "",
+              f"Aggregate: {agg['generated_tokens']} tokens in {agg['wall_s']:.2f} s, "
+              f"{agg['decode_steps']} decode steps of {agg['mean_rows_per_decode_step']:.1f} "
+              f"sequences on average, {agg['vs_jaxembed_single']:.1f}x jaxembed's single stream; "
+              f"request latency p50 {agg['request_p50_s']:.2f} s, max {agg['request_max_s']:.2f} "
+              f"s. Compilations {agg['compilations_before']} before the timed pass, "
+              f"{agg['compilations_after']} after ({agg['recompilations']} new; "
+              f"{agg['warmup_passes']} untimed passes first); single stream "
+              f"{ours['recompilations']} new after its warm-up."]
+    return lines
+
+
+if __name__ == "__main__":
+    from bench.run import main
+
+    raise SystemExit(main(["--workloads", "generation", *sys.argv[1:]]))
