@@ -423,9 +423,16 @@ class LLMEngine:
                     f"{self.max_model_len} tokens) or between 1 and {self.max_model_len}; "
                     f"got {truncate!r}", param="truncate_prompt_tokens")
             truncate = self.max_model_len if truncate == -1 else int(truncate)
+        prompt = self._resolve_prompt(request)
+        asked = next((f for f in ("instruction", "prompt_name", "input_type")
+                      if getattr(request, f) is not None), None)
+        if prompt is not None and asked is not None and _is_token_input(request.input):
+            raise InvalidRequestError(
+                f"'{asked}' adds a prompt to text, but 'input' is token ids, which are fed as "
+                f"they are; send the input as text, or tokenize the prompt into the ids yourself "
+                f"and leave '{asked}' out", param=asked, code="unsupported_value")
         return EmbeddingOptions(name, pooling, normalize, truncate,
-                                None if dims is None else int(dims), fmt,
-                                self._resolve_prompt(request))
+                                None if dims is None else int(dims), fmt, prompt)
 
     @property
     def supported_dimensions(self) -> tuple[int, ...]:
@@ -1339,6 +1346,12 @@ def _enum(kind: type[EncodingFormat] | type[EmbeddingType], value: object, param
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_token_input(raw: object) -> bool:
+    """Whether an `input` holds token ids (a list of ids, or of lists of ids), not text."""
+    return isinstance(raw, list | tuple) and len(raw) > 0 and (
+        _is_int(raw[0]) or isinstance(raw[0], list | tuple))
 
 
 def _is_number(x: object) -> bool:

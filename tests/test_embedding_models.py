@@ -408,6 +408,21 @@ def test_prompt_errors(qwen, tiny_engine):
         LLMEngine(engine.checkpoint, defaults=EmbeddingDefaults(prompt_name="nope"))
 
 
+def test_a_prompt_asked_for_token_ids_is_refused(qwen):
+    """Token ids are fed as they are: a prompt a request asks for could not be placed."""
+    engine, _ = qwen
+    ids = engine.tokenize(["x y z"])[0]
+    for field, value in (("prompt_name", "query"), ("instruction", "find"),
+                         ("input_type", "query")):
+        for raw in (ids, [ids, ids]):
+            with pytest.raises(InvalidRequestError) as e:
+                engine.embed(EmbeddingRequest(input=raw, **{field: value}))
+            assert e.value.param == field and "token ids" in e.value.message
+    # No prompt asked for ('' names none): the ids are embedded as they are.
+    got = engine.embed(EmbeddingRequest(input=ids, prompt_name=""))
+    assert got.usage.prompt_tokens == len(ids)
+
+
 # ---- configuration parsing and packing ---------------------------------------------------------
 
 
