@@ -739,6 +739,7 @@ class LLMEngine:
         # The cache is allocated on the first generation request: an engine that only embeds
         # never holds one.
         self._gen_state: dict[str, Any] | None = None
+        self._decode_layers: list[tuple[Any, Any]] | None = None
         self._free_slots = list(range(self.max_num_seqs))
         self._active: dict[int, _Seq] = {}
         self._gen_waiting: collections.deque[_Seq] = collections.deque()
@@ -762,10 +763,12 @@ class LLMEngine:
                                   rows)
             return {"kv": kv, "counts": counts, "seen": seen}, *out
 
-        def decode(params: Any, state: dict[str, Any], tokens: jax.Array, positions: jax.Array,
-                   slots: jax.Array, rows: dict[str, jax.Array], kv_len: int) -> tuple[Any, ...]:
+        def decode(params: Any, layers: Any, state: dict[str, Any], tokens: jax.Array,
+                   positions: jax.Array, slots: jax.Array, rows: dict[str, jax.Array],
+                   kv_len: int) -> tuple[Any, ...]:
             count_compile()
-            kv, hidden = model.decode(params, state["kv"], tokens, positions, slots, kv_len, cfg)
+            kv, hidden = model.decode(params, state["kv"], tokens, positions, slots, kv_len, cfg,
+                                      layers)
             # The fed token is the one drawn last step: it now counts for the penalties.
             counts = state["counts"].at[slots, tokens].add(1)
             seen = state["seen"].at[slots, tokens].set(True)
@@ -775,14 +778,19 @@ class LLMEngine:
 
         # The state is donated: XLA updates the cache in place instead of copying it each step.
         self._prefill = jax.jit(prefill, donate_argnums=(1,))
-        self._decode = jax.jit(decode, donate_argnums=(1,), static_argnames=("kv_len",))
+        self._decode = jax.jit(decode, donate_argnums=(2,), static_argnames=("kv_len",))
 
     def _ensure_gen_state(self) -> dict[str, Any]:
+        if self._decode_layers is None and jax.default_backend() == "cpu":
+            # Decoding reads every weight once per step: on a CPU it runs over per-layer
+            # copies, which XLA reads in place (see `model.split_layers`).
+            self._decode_layers = model.split_layers(self.params, self.config)
         if self._gen_state is None:
             cfg, s = self.config, self.max_num_seqs
             dtype = self.params["embed"].dtype
             self._gen_state = {
-                "kv": model.init_cache(cfg, s, self.max_model_len, dtype),
+                "kv": model.init_cache(cfg, s, self.max_model_len, dtype,
+                                       per_layer=self._decode_layers is not None),
                 "counts": jnp.zeros((s + 1, cfg.vocab_size), jnp.int32),
                 "seen": jnp.zeros((s + 1, cfg.vocab_size), bool),
             }
@@ -945,7 +953,7 @@ class LLMEngine:
             for kv_len in self.buckets.lengths:
                 z = np.zeros(rows, np.int32)
                 slots = np.full(rows, self.max_num_seqs, np.int32)
-                state, *_ = self._decode(self.params, state, z, z, slots,
+                state, *_ = self._decode(self.params, self._decode_layers, state, z, z, slots,
                                          sampling.row_arrays([None] * rows), kv_len=kv_len)
         for length in self.buckets.lengths:
             if length > 128:
@@ -1064,8 +1072,8 @@ class LLMEngine:
             [(s.work.params, s.seed, len(s.out)) for s in seqs] + [None] * (rows - len(seqs)))
         start = time.perf_counter()
         try:
-            state, *out = self._decode(self.params, self._gen_state, tokens, positions, slots,
-                                       rows_params, kv_len=kv_len)
+            state, *out = self._decode(self.params, self._decode_layers, self._gen_state,
+                                       tokens, positions, slots, rows_params, kv_len=kv_len)
             self._gen_state = state
             for seq in seqs:
                 seq.pos += 1

@@ -200,6 +200,24 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mode
     return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
+def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig
+                ) -> jax.Array:
+    """One query per row: q [B, 1, K, G, Dh] against k, v [B, S, K, Dh] -> [B, 1, K, G, Dh].
+
+    As products and sums rather than matmuls: each (row, kv head) would be a [G, Dh] x [Dh, S]
+    product, far too small for a matmul kernel, while a fused multiply-reduce streams the cache
+    once (and XLA can fold the cache gather into it)."""
+    qf = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
+    scores = (qf[:, None] * k.astype(jnp.float32)[:, :, :, None]).sum(-1)  # [B, S, K, G]
+    scores = scores * cfg.query_scale
+    if cfg.attn_softcap:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=1)  # over S
+    out = (probs[..., None] * v.astype(jnp.float32)[:, :, :, None]).sum(1)  # [B, K, G, Dh]
+    return out[:, None].astype(q.dtype)
+
+
 def _act(x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jax.nn.gelu(x, approximate=True) if cfg.activation == "gelu_tanh" else jax.nn.silu(x)
 
@@ -356,14 +374,20 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids
 # how many slots are busy.
 
 
-def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype: Any) -> dict[str, jax.Array]:
+def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype: Any, per_layer: bool = False
+               ) -> dict[str, Any]:
+    """Zeros; `per_layer`: a list of L buffers [S + 1, M, K, Dh] each (to go with
+    `split_layers`: XLA updates separate buffers in place where it would copy a stacked one)."""
+    if per_layer:
+        shape = (slots + 1, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n in ("k", "v")}
     shape = (cfg.num_layers, slots + 1, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def prefill(params: Params, cache: dict[str, jax.Array], tokens: jax.Array, positions: jax.Array,
+def prefill(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: jax.Array,
             segment_ids: jax.Array, slots: jax.Array, last_col: jax.Array, cfg: ModelConfig
-            ) -> tuple[dict[str, jax.Array], jax.Array]:
+            ) -> tuple[dict[str, Any], jax.Array]:
     """Run prompts (one per row, [B, T]) and store their keys and values in the cache rows
     `slots` [B] from position 0; returns the cache and the last prompt token's hidden state
     [B, D]. last_col: [B] the column of each row's last token."""
@@ -371,17 +395,41 @@ def prefill(params: Params, cache: dict[str, jax.Array], tokens: jax.Array, posi
     assert kv is not None
     t = tokens.shape[1]
     # The row's padding lands past its prompt: decoding overwrites it before anything reads it.
-    cache = {"k": cache["k"].at[:, slots, :t].set(kv[0].astype(cache["k"].dtype)),
-             "v": cache["v"].at[:, slots, :t].set(kv[1].astype(cache["v"].dtype))}
+    if isinstance(cache["k"], list):
+        cache = {n: [c.at[slots, :t].set(x[i].astype(c.dtype)) for i, c in enumerate(cache[n])]
+                 for n, x in (("k", kv[0]), ("v", kv[1]))}
+    else:
+        cache = {n: cache[n].at[:, slots, :t].set(x.astype(cache[n].dtype))
+                 for n, x in (("k", kv[0]), ("v", kv[1]))}
     return cache, hidden[jnp.arange(hidden.shape[0]), last_col]
 
 
-def decode(params: Params, cache: dict[str, jax.Array], tokens: jax.Array, positions: jax.Array,
-           slots: jax.Array, kv_len: int, cfg: ModelConfig
-           ) -> tuple[dict[str, jax.Array], jax.Array]:
+def split_layers(params: Params, cfg: ModelConfig) -> list[tuple[Params, Params]]:
+    """Each layer's weights as arrays of their own: (attention and norms, MLP or experts).
+
+    For decoding on a CPU. There a layer's slice of a stacked weight is copied before every
+    matmul that reads it (XLA's CPU dot takes whole buffers), which triples the bytes a decode
+    step moves; with a buffer per layer the matmuls read the weights in place. This costs a
+    second copy of the layer weights, so the engine makes it only when it decodes."""
+    out = []
+    for kind, lo, hi, first in _runs(cfg):
+        stack = params["moe" if kind == MOE else "mlp"]
+        for j in range(hi - lo):
+            out.append((jax.tree.map(lambda a, i=lo + j: jnp.array(a[i]), params["layers"]),
+                        jax.tree.map(lambda a, i=first + j: jnp.array(a[i]), stack)))
+    return out
+
+
+def decode(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: jax.Array,
+           slots: jax.Array, kv_len: int, cfg: ModelConfig,
+           layers: list[tuple[Params, Params]] | None = None
+           ) -> tuple[dict[str, Any], jax.Array]:
     """One token for each of B sequences: tokens, positions, slots [B]. Writes the token's keys
     and values at its position, attends over the first `kv_len` (static) cache positions, and
-    returns the cache and the final hidden states [B, D]."""
+    returns the cache and the final hidden states [B, D].
+
+    `layers` (from `split_layers`): run over per-layer weights, unrolled, instead of scanning
+    the stacked ones."""
     x = _embed(params, tokens[:, None], cfg)  # [B, 1, D]
     pos = positions[:, None]  # [B, 1]
     (gcos, gsin), (lcos, lsin) = _rope(pos, pos + 1, cfg)
@@ -390,26 +438,51 @@ def decode(params: Params, cache: dict[str, jax.Array], tokens: jax.Array, posit
     sliding_mask = full_mask
     if cfg.sliding_window:
         sliding_mask = full_mask & (pos[:, :, None] - j < cfg.sliding_window)
+    # Writes go to the rows' slots plus the scratch slot: a write of a single row would become a
+    # dynamic-update-slice, which XLA does by copying the whole cache buffer; a scatter of two
+    # or more rows it does in place.
+    scratch = cache["k"][0].shape[0] - 1 if isinstance(cache["k"], list) else \
+        cache["k"].shape[1] - 1
+    w_slots = jnp.concatenate([slots, jnp.full((1,), scratch, slots.dtype)])
+    w_pos = jnp.concatenate([positions, jnp.zeros((1,), positions.dtype)])
+
+    def _with_scratch_row(x: jax.Array) -> jax.Array:
+        return jnp.concatenate([x, jnp.zeros_like(x[:1])])
 
     def layer_fn(layer: Params, ffn: Params, kind: str, h: jax.Array, kv: tuple,
-                 sliding: jax.Array, i: jax.Array) -> tuple[jax.Array, tuple, None]:
+                 sliding: Any, i: Any) -> tuple[jax.Array, tuple, None]:
         cos, sin = jnp.where(sliding, lcos, gcos), jnp.where(sliding, lsin, gsin)
         mask = jnp.where(sliding, sliding_mask, full_mask)
 
         def attend(y: jax.Array) -> tuple[jax.Array, tuple]:
             q, k, v = project_qkv(layer, y, cos, sin, cfg)
-            ck = kv[0].at[i, slots, positions].set(k[:, 0].astype(kv[0].dtype))
-            cv = kv[1].at[i, slots, positions].set(v[:, 0].astype(kv[1].dtype))
-            # Only the cache in use is read: [B, S, K, Dh].
-            keys = ck[i, slots, :kv_len].astype(q.dtype)
-            values = cv[i, slots, :kv_len].astype(q.dtype)
-            out = _attend(q, keys, values, mask, cfg)
-            return out.reshape(q.shape[0], 1, cfg.q_size) @ layer["wo"], (ck, cv)
+            k, v = _with_scratch_row(k[:, 0]), _with_scratch_row(v[:, 0])  # [B + 1, K, Dh]
+            if isinstance(kv[0], list):  # a cache buffer per layer: [S + 1, M, K, Dh]
+                ck = kv[0][i].at[w_slots, w_pos].set(k.astype(kv[0][i].dtype))
+                cv = kv[1][i].at[w_slots, w_pos].set(v.astype(kv[1][i].dtype))
+                keys, values = ck[slots, :kv_len], cv[slots, :kv_len]  # [B, S, K, Dh]
+                out_kv = ([*kv[0][:i], ck, *kv[0][i + 1:]], [*kv[1][:i], cv, *kv[1][i + 1:]])
+            else:  # the layers stacked: [L, S + 1, M, K, Dh]
+                ck = kv[0].at[i, w_slots, w_pos].set(k.astype(kv[0].dtype))
+                cv = kv[1].at[i, w_slots, w_pos].set(v.astype(kv[1].dtype))
+                keys, values = ck[i, slots, :kv_len], cv[i, slots, :kv_len]
+                out_kv = (ck, cv)
+            # Only the cache in use is read: its first kv_len positions.
+            out = _attend_one(q, keys.astype(q.dtype), values.astype(q.dtype), mask, cfg)
+            return out.reshape(q.shape[0], 1, cfg.q_size) @ layer["wo"], out_kv
 
         h, kv = decoder_layer(layer, ffn, kind, h, attend, cfg)
         return h, kv, None
 
-    hidden, (k, v), _ = _scan_layers(params, x, (cache["k"], cache["v"]), layer_fn, cfg)
+    carry = (cache["k"], cache["v"])
+    if layers is None:
+        hidden, (k, v), _ = _scan_layers(params, x, carry, layer_fn, cfg)
+    else:
+        for i, ((layer, ffn), kind, t) in enumerate(zip(layers, cfg.mlp_layer_kinds,
+                                                        cfg.layer_types, strict=True)):
+            x, carry, _ = layer_fn(layer, ffn, kind, x, carry, t == SLIDING, i)
+        hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+        k, v = carry
     return {"k": k, "v": v}, hidden[:, 0]
 
 
