@@ -66,7 +66,7 @@ from jaxembed.protocol import (
     split_input,
 )
 from jaxembed.sampling import SamplingParams
-from jaxembed.scheduler import Buckets, Step, plan_step, row_buckets
+from jaxembed.scheduler import Buckets, Step, plan_step
 from jaxembed.st_config import SentenceTransformersConfig, read_sentence_transformers
 from jaxembed.weights.loader import Checkpoint
 
@@ -724,7 +724,13 @@ class LLMEngine:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1; got {max_num_seqs}")
         self.max_num_seqs = int(max_num_seqs)
-        self.decode_rows = tuple(row_buckets(self.max_num_seqs))
+        # Decode shapes: rows in powers of two, and cache lengths from 128 (below that the
+        # attention is a sliver of a step that reads every weight), so that a server sees few
+        # of them: each compiles in seconds on a CPU.
+        self.decode_rows = tuple(sorted({*(1 << i for i in range(self.max_num_seqs.bit_length())
+                                           if 1 << i <= self.max_num_seqs), self.max_num_seqs}))
+        self.decode_lengths = tuple(n for n in self.buckets.lengths
+                                    if n >= min(128, self.max_model_len))
         bundle = self.checkpoint.tokenizer
         ids = {*bundle.stop_token_ids, bundle.eos_token_id, self.config.eos_token_id}
         self.stop_token_ids = frozenset(i for i in ids if i is not None)
@@ -950,7 +956,7 @@ class LLMEngine:
         tokens, so that steady generation never waits for the compiler."""
         state = self._ensure_gen_state()
         for rows in self.decode_rows:
-            for kv_len in self.buckets.lengths:
+            for kv_len in self.decode_lengths:
                 z = np.zeros(rows, np.int32)
                 slots = np.full(rows, self.max_num_seqs, np.int32)
                 state, *_ = self._decode(self.params, self._decode_layers, state, z, z, slots,
@@ -1067,7 +1073,7 @@ class LLMEngine:
         slots = np.full(rows, self.max_num_seqs, np.int32)
         for r, seq in enumerate(seqs):
             tokens[r], positions[r], slots[r] = seq.last, seq.pos, seq.slot
-        kv_len = self.buckets.length_for(int(positions.max()) + 1)
+        kv_len = next(n for n in self.decode_lengths if n > int(positions.max()))
         rows_params = sampling.row_arrays(
             [(s.work.params, s.seed, len(s.out)) for s in seqs] + [None] * (rows - len(seqs)))
         start = time.perf_counter()

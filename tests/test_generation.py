@@ -146,6 +146,23 @@ def test_a_closed_stream_frees_its_slot(smollm2_engine: LLMEngine) -> None:
     assert e.stats_snapshot().generated_tokens > 0
 
 
+def test_async_generation_matches_the_sync_one(smollm2_engine: LLMEngine) -> None:
+    import asyncio
+
+    e = smollm2_engine
+    want = e.generate(PROMPTS[2], temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def run() -> tuple[str, list[str]]:
+        whole = await e.agenerate(PROMPTS[2], temperature=0, max_tokens=8, ignore_eos=True)
+        stream = await e.agenerate_stream(PROMPTS[2], temperature=0, max_tokens=8,
+                                          ignore_eos=True)
+        return whole.text, [d.text async for d in stream]
+
+    text, pieces = asyncio.run(run())
+    assert text == want.text == "".join(pieces)
+    wait_idle(e)
+
+
 def test_prompt_plus_max_tokens_must_fit_the_context(smollm2_engine: LLMEngine) -> None:
     from jaxembed.errors import InvalidRequestError
 
