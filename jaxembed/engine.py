@@ -655,17 +655,7 @@ class LLMEngine:
         work = _Work(list(sequences), EmbeddingType(pooling), fut,
                      np.empty((len(sequences), self.hidden_size), np.float32), len(sequences),
                      None if skip is None or not any(skip) else [int(n) for n in skip])
-        with self._lock:
-            if self._closed:
-                raise self._unavailable()
-            if self._outstanding >= self.max_queued_requests:
-                with self._stats_lock:
-                    self.stats.rejected += 1
-                raise EngineOverloadedError(
-                    f"the server is busy: {self._outstanding} requests are already queued, its "
-                    "limit; retry after a short wait")
-            self._outstanding += 1
-            self._queue.put(work)
+        self._enqueue(work)
         fut.add_done_callback(self._release)  # runs at once if the work is already done
         return fut
 
@@ -902,17 +892,7 @@ class LLMEngine:
         if not params.ignore_eos:
             stop_ids |= self.stop_token_ids
         work = _GenWork(prompt, params, stream, seeds, frozenset(stop_ids), params.n)
-        with self._lock:
-            if self._closed:
-                raise self._unavailable()
-            if self._outstanding >= self.max_queued_requests:
-                with self._stats_lock:
-                    self.stats.rejected += 1
-                raise EngineOverloadedError(
-                    f"the server is busy: {self._outstanding} requests are already queued, its "
-                    "limit; retry after a short wait")
-            self._outstanding += 1
-            self._queue.put(work)
+        self._enqueue(work)
         return stream
 
     def generate_stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -1145,6 +1125,20 @@ class LLMEngine:
     def _unavailable(self) -> EngineUnavailableError:
         return EngineUnavailableError("the engine is shut down or shutting down; retry on "
                                       "another replica or after the restart", code="draining")
+
+    def _enqueue(self, work: _Work | _GenWork) -> None:
+        """Admit work to the queue, or refuse it: shut down (503), or the queue full (429)."""
+        with self._lock:
+            if self._closed:
+                raise self._unavailable()
+            if self._outstanding >= self.max_queued_requests:
+                with self._stats_lock:
+                    self.stats.rejected += 1
+                raise EngineOverloadedError(
+                    f"the server is busy: {self._outstanding} requests are already queued, its "
+                    "limit; retry after a short wait")
+            self._outstanding += 1
+            self._queue.put(work)
 
     def _release(self, _: concurrent.futures.Future) -> None:
         with self._lock:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +14,12 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from litestar.testing import TestClient
 
 from jaxembed import EngineBuilder, LLMEngine
 from jaxembed.server.app import create_app
 
+from live import serve_in_thread
 from test_serving import bos_model_dir
 
 PROMPTS = [
@@ -186,23 +184,8 @@ def client(smollm2_engine: LLMEngine) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def live_api(smollm2_engine: LLMEngine) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(smollm2_engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serve_in_thread(create_app(smollm2_engine)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

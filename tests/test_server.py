@@ -9,9 +9,6 @@ from __future__ import annotations
 import base64
 import logging
 import re
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,13 +17,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from litestar.testing import TestClient
 
 from jaxembed import LLMEngine
 from jaxembed.protocol import EmbeddingRequest, EmbeddingType
 from jaxembed.server import create_app
 
+from live import serve_in_thread
 from parity import response_vectors as vectors
 
 URL = "/v1/embeddings"
@@ -103,25 +100,8 @@ class _Delegate:
 @pytest.fixture(scope="module")
 def live_server(tiny_engine: LLMEngine) -> Iterator[str]:
     """uvicorn on a loopback port in a background thread; yields the base URL of the API."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # the OS picks a free port; the bound socket is handed to uvicorn
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(tiny_engine), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-    assert not thread.is_alive()
+    with serve_in_thread(create_app(tiny_engine)) as url:
+        yield url
 
 
 # ---- results ---------------------------------------------------------------------------------
