@@ -884,7 +884,6 @@ class LLMEngine:
                 + (f"ask for at most {room} tokens" if room > 0 else "shorten the prompt"),
                 param="max_tokens" if room > 0 else "prompt", code="context_length_exceeded")
         stream = GenerationStream(params.n, n, loop)
-        stream.queued_at = time.perf_counter()
         base = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         # Each choice has its own stream of random numbers, fixed by the seed and its index.
         seeds = [(int(base) + 0x9E3779B9 * i) & 0xFFFFFFFF for i in range(params.n)]
@@ -980,7 +979,6 @@ class LLMEngine:
         work = seq.work
         work.open -= 1
         if work.open == 0:
-            work.stream.finished_at = time.perf_counter()
             with self._stats_lock:
                 if cancelled:
                     self.stats.cancelled += 1
@@ -1026,8 +1024,6 @@ class LLMEngine:
             seq.pos = n
             slots[r] = seq.slot
             last_col[r] = n - 1
-            if seq.work.stream.started_at is None:
-                seq.work.stream.started_at = time.perf_counter()
         rows_params = sampling.row_arrays(
             [(s.work.params, s.seed, 0) for s in batch] + [None] * (rows - len(batch)))
         start = time.perf_counter()

@@ -93,9 +93,6 @@ class GenerationStream:
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop else None
         self._cancelled = threading.Event()
         self._open = n
-        self.queued_at = 0.0
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
 
     # ---- the engine's side ----
 

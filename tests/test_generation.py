@@ -20,6 +20,7 @@ from jaxembed import EngineBuilder, LLMEngine
 from jaxembed.server.app import create_app
 
 from live import serve_in_thread
+from test_server import assert_openai_error
 from test_serving import bos_model_dir
 
 PROMPTS = [
@@ -292,13 +293,6 @@ def test_a_client_leaving_mid_stream_frees_its_slot(live_api: str,
     assert smollm2_engine.stats_snapshot().cancelled >= 1
 
 
-def assert_error(r: httpx.Response, status: int, param: str | None) -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    assert err["param"] == param, err
-
-
 CHAT = [{"role": "user", "content": "hi"}]
 BAD = [
     ("completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
@@ -336,7 +330,7 @@ BAD = [
 @pytest.mark.parametrize("route,body,param", BAD, ids=[f"{r}:{p}:{i}" for i, (r, _, p) in
                                                        enumerate(BAD)])
 def test_bad_generation_input(client: TestClient, route: str, body: dict, param: str) -> None:
-    assert_error(client.post(f"/v1/{route}", json=body), 400, param)
+    assert_openai_error(client.post(f"/v1/{route}", json=body), 400, param)
 
 
 def test_still_serves_after_bad_input(client: TestClient) -> None:
@@ -351,7 +345,7 @@ def test_a_model_without_chat_template_serves_completions_only(gemma3_path: Path
         assert engine.chat_template is None
         with TestClient(create_app(engine)) as c:
             r = c.post("/v1/chat/completions", json={"messages": CHAT})
-            assert_error(r, 400, "messages")
+            assert_openai_error(r, 400, "messages")
             assert "chat template" in r.json()["error"]["message"]
             r = c.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 3,
                                                 "temperature": 0})
