@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?=
 
-.PHONY: serve test venv dev lint bench clean
+.PHONY: serve test venv dev chromium lint bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,19 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/activate
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
+# The playground's browser tests drive the system's Chromium (Debian's package); nothing downloads
+# a browser at test time. Installed when missing and this is root on Debian; otherwise those tests
+# say what to install (and fail under CI).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "note: no Chromium; install Debian's 'chromium' package for the playground tests"; fi
+
 serve: $(VENV)/.installed
 	$(BIN)/jaxembed serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev

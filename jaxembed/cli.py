@@ -83,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(builder, max_body_bytes=args.max_body_bytes,
                      api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                      cors_origins=args.cors_origin, request_timeout=args.request_timeout or None,
-                     on_load_error=load_failed)
+                     playground=not args.no_playground, on_load_error=load_failed)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level=args.log_level,
                                            timeout_keep_alive=KEEP_ALIVE_SECONDS))
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cors-origin", action="append", default=[],
                    help="an origin browsers may call from (repeatable; '*' for any); "
                         "default: no CORS")
+    p.add_argument("--no-playground", action="store_true",
+                   help="do not serve the playground page at / and /playground")
     p.add_argument("--default-normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalize vectors unless a request says otherwise (default: the "
                         "model's sentence-transformers config, else off)")

@@ -1,5 +1,5 @@
 """The HTTP app: OpenAI's embeddings, completions, chat and models routes, tokenize/detokenize,
-health and metrics.
+health, metrics, /info, and the playground page.
 
 Handlers stay thin: they check the transport (auth, content type, body size, time, whether the
 client is still there), decode the body, and hand the request to the engine, which does all
@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.metadata
+import importlib.resources
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import jax
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.config.cors import CORSConfig
@@ -75,6 +77,93 @@ class ModelList(msgspec.Struct, kw_only=True):
 
 class Health(msgspec.Struct, kw_only=True):
     status: str = "ok"
+
+
+class EmbeddingInfo(msgspec.Struct, kw_only=True):
+    embedding_size: int
+    embedding_type: str  # the pooling a request gets when it names none
+    normalize: bool
+    dimensions: list[int]  # the Matryoshka sizes the model declares; empty: any size
+    prompts: list[str]  # the names a request may give as prompt_name
+
+
+class GenerationInfo(msgspec.Struct, kw_only=True):
+    chat_template: bool
+    max_num_seqs: int
+
+
+class ServerInfo(msgspec.Struct, kw_only=True):
+    """What the playground (and operators) need to know about the served model."""
+
+    model: str
+    served_model_names: list[str]
+    family: str
+    format: str
+    dtype: str
+    backend: str
+    max_model_len: int
+    attention: str
+    embeddings: EmbeddingInfo
+    generation: GenerationInfo
+    version: str
+
+
+def _server_info(engine: LLMEngine) -> ServerInfo:
+    # The defaults a request gets are resolved as for an empty request, so that server flags,
+    # the model's sentence-transformers config and the built-in defaults combine as they do
+    # for real requests.
+    options = engine.resolve(EmbeddingRequest(input="x"))
+    return ServerInfo(
+        model=engine.model_name, served_model_names=list(engine.served_model_names),
+        family=engine.config.family, format=engine.checkpoint.format,
+        dtype=engine.checkpoint.dtype, backend=jax.default_backend(),
+        max_model_len=engine.max_model_len,
+        attention="causal" if engine.is_causal else "bidirectional",
+        embeddings=EmbeddingInfo(
+            embedding_size=engine.embedding_size, embedding_type=options.pooling.value,
+            normalize=options.normalize, dimensions=list(engine.supported_dimensions),
+            prompts=sorted(engine.prompts)),
+        generation=GenerationInfo(chat_template=engine.chat_template is not None,
+                                  max_num_seqs=engine.max_num_seqs),
+        version=_version())
+
+
+# The playground's files, served from memory under fixed names: nothing in a request's path
+# ever reaches the file system.
+PLAYGROUND_ASSETS = {"playground.css": "text/css; charset=utf-8",
+                     "playground.js": "text/javascript; charset=utf-8"}
+# The page talks only to this server and runs only its own script.
+PLAYGROUND_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+
+
+def _playground_handlers() -> list[HTTPRouteHandler]:
+    static = importlib.resources.files(__package__) / "static"
+    page = (static / "index.html").read_bytes()
+
+    # Public even with an API key: the page itself holds no data; it asks for the key and
+    # sends it with each call to the API.
+    @get(["/", "/playground"], include_in_schema=False, opt={PUBLIC: True})
+    async def playground() -> Response[bytes]:
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers=PLAYGROUND_HEADERS)
+
+    def asset(name: str, media: str) -> HTTPRouteHandler:
+        content = (static / name).read_bytes()
+
+        @get(f"/playground/{name}", include_in_schema=False, opt={PUBLIC: True})
+        async def playground_asset() -> Response[bytes]:
+            return Response(content, media_type=media, headers=PLAYGROUND_HEADERS)
+
+        return playground_asset
+
+    return [playground, *(asset(name, media) for name, media in PLAYGROUND_ASSETS.items())]
 
 
 class EngineHost:
@@ -311,6 +400,11 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
         return ModelList(data=[ModelCard(id=name, created=created)
                                for name in engine.served_model_names])
 
+    @get("/info", summary="The served model: family, dtype, context, pooling and generation "
+                          "settings", tags=["models"], responses=_errors(401, 503))
+    async def info() -> ServerInfo:
+        return _server_info(host.get())
+
     @get("/health", summary="Readiness: 200 once the model is loaded and warm", tags=["health"],
          opt={PUBLIC: True}, responses=_errors(503))
     async def health() -> Health:
@@ -324,7 +418,7 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
         return metrics.render(host.engine, host.ready)
 
     return [create_embeddings, create_completion, create_chat_completion, tokenize, detokenize,
-            list_models, health, prometheus_metrics]
+            list_models, info, health, prometheus_metrics]
 
 
 def _event_stream(events: Any) -> Stream:
@@ -368,6 +462,7 @@ def create_app(source: LLMEngine | EngineBuilder, *,
                cors_origins: Sequence[str] = (),
                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                shutdown_engine: bool = False,
+               playground: bool = True,
                on_load_error: Callable[[BaseException], None] | None = None) -> Litestar:
     """An app serving an engine, or one it builds at startup from an `EngineBuilder`.
 
@@ -376,6 +471,7 @@ def create_app(source: LLMEngine | EngineBuilder, *,
     api_key: required as `Authorization: Bearer <key>` on every route but /health.
     cors_origins: origins allowed to call from browsers; none means no CORS headers at all.
     request_timeout: seconds a request may take, body upload included (None: no limit).
+    playground: serve the playground page at / and /playground.
     on_load_error: called (from the loading thread) if building the engine fails.
 
     The app's state holds the `EngineHost` as `engine_host`.
@@ -388,8 +484,11 @@ def create_app(source: LLMEngine | EngineBuilder, *,
             allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["authorization", "content-type", "x-request-id"],
             expose_headers=["x-request-id", "x-queue-time", "x-inference-time", "retry-after"])
+    handlers = _route_handlers(host, metrics, int(time.time()), request_timeout)
+    if playground:
+        handlers += _playground_handlers()
     app = _ObservedLitestar(
-        route_handlers=_route_handlers(host, metrics, int(time.time()), request_timeout),
+        route_handlers=handlers,
         exception_handlers=exception_handlers(),
         before_send=[add_request_id_header],
         guards=[_bearer_guard(api_key)] if api_key else [],
