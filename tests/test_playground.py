@@ -360,3 +360,30 @@ def test_api_key_is_asked_for_and_kept_in_the_tab(page: tuple[Any, Console],
     assert p.evaluate("localStorage.length") == 0
     assert KEY not in p.text_content("#curl")  # the command reads the key from the environment
     assert "$JAXEMBED_API_KEY" in p.text_content("#curl")
+
+
+def test_the_page_waits_for_a_loading_model(page: tuple[Any, Console],
+                                            tiny_llama_dir: Path) -> None:
+    import threading
+
+    from jaxembed import EngineBuilder
+
+    gate = threading.Event()
+
+    class GatedBuilder(EngineBuilder):
+        def build(self) -> LLMEngine:
+            gate.wait(60)
+            return super().build()
+
+    builder = GatedBuilder(model=tiny_llama_dir, warmup=False, progress=False,
+                           compilation_cache=False)
+    p, console = page
+    with serve_in_thread(create_app(builder)) as api:
+        p.goto(api.removesuffix("/v1") + "/")
+        p.wait_for_selector("#status:not([hidden])")
+        assert "still loading" in p.text_content("#status")
+        gate.set()
+        p.wait_for_function("() => document.getElementById('model-name').textContent.length > 0")
+        assert p.is_hidden("#status")
+        assert p.text_content("#model-name") == tiny_llama_dir.name
+    console.assert_clean(allowed_status=503)

@@ -90,11 +90,15 @@ async function loadInfo() {
   try {
     info = await (await api("/info")).json();
   } catch (error) {
-    if (error.status !== 401) showError("auth-error", error);
+    if (error.status !== 401) {  // 401 asks for the key; anything else (503 while loading) retries
+      showError("status", { message: `${error.message} (retrying)` });
+      setTimeout(loadInfo, 2000);
+    }
     return;
   }
   $("auth").hidden = true;
   showError("auth-error", null);
+  showError("status", null);
   state.info = info;
   $("model-name").textContent = info.model;
   const pooling = info.embeddings;
