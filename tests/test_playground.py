@@ -378,7 +378,8 @@ def test_the_page_waits_for_a_loading_model(page: tuple[Any, Console],
     builder = GatedBuilder(model=tiny_llama_dir, warmup=False, progress=False,
                            compilation_cache=False)
     p, console = page
-    with serve_in_thread(create_app(builder)) as api:
+    app = create_app(builder)
+    with serve_in_thread(app) as api:
         p.goto(api.removesuffix("/v1") + "/")
         p.wait_for_selector("#status:not([hidden])")
         assert "still loading" in p.text_content("#status")
@@ -386,4 +387,16 @@ def test_the_page_waits_for_a_loading_model(page: tuple[Any, Console],
         p.wait_for_function("() => document.getElementById('model-name').textContent.length > 0")
         assert p.is_hidden("#status")
         assert p.text_content("#model-name") == tiny_llama_dir.name
+
+        # This model has no chat template: the chat tab sends plain completions instead.
+        p.click("#tab-chat")
+        assert "no chat template" in p.text_content("#chat-mode")
+        p.fill("#temperature", "0")
+        p.fill("#max-tokens", "6")
+        p.fill("#chat-input", "hello world")
+        p.click("#chat-send")
+        p.wait_for_selector(".message.assistant[data-done]")
+        engine = app.state.engine_host.engine
+        expected = engine.generate("hello world", max_tokens=6, temperature=0).text
+        assert p.text_content(".message.assistant") == expected and expected
     console.assert_clean(allowed_status=503)
