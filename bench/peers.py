@@ -19,6 +19,17 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
+def useful_flops(cfg: Any, lengths: list[int]) -> tuple[int, str]:
+    """The FLOPs an embedding pass needs, and the arithmetic: 2 x non-embedding params per token,
+    plus attention, where QK^T and PV cost 2 x 2 x q_size per (query, key) pair and causal
+    masking leaves n(n+1)/2 pairs."""
+    params = cfg.non_embedding_params()
+    attn = sum(2 * n * (n + 1) * cfg.q_size * cfg.num_layers for n in lengths)
+    flop = 2 * params * sum(lengths) + attn
+    return flop, (f"2 x {params:,} params x {sum(lengths):,} tokens + attention {attn:,} = "
+                  f"{flop:,} FLOP")
+
+
 def roofline_flops() -> dict[str, float]:
     """FLOP/s of a 2048^3 fp32 matrix product, numpy and JAX, best of several runs."""
     import jax

@@ -30,8 +30,15 @@ from typing import Any
 import numpy as np
 
 from bench import generation
-from bench.peers import jaxembed_peer, llamacpp_peer, roofline_flops, transformers_peer
-from bench.serving import cold_start, http_throughput
+from bench.memory import peak_memory
+from bench.peers import (
+    jaxembed_peer,
+    llamacpp_peer,
+    roofline_flops,
+    transformers_peer,
+    useful_flops,
+)
+from bench.serving import cold_start, http_throughput, llamacpp_http_throughput, make_sentences
 
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which "
@@ -67,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--peers", default="transformers,llamacpp")
-    parser.add_argument("--workloads", default="throughput,http,coldstart")
+    parser.add_argument("--workloads", default="throughput,http,coldstart,memory")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--docs", default=None, help="also write this markdown page")
+    parser.add_argument("--plot", default=None,
+                        help="also draw the throughput figures against the peers (a PNG)")
+    parser.add_argument("--http-requests", type=int, default=640,
+                        help="HTTP: timed requests per server (after an untimed half as many)")
     parser.add_argument("--tokens", type=int, default=128,
                         help="generation: tokens generated per request")
     parser.add_argument("--streams", type=int, default=16,
@@ -102,16 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         r["roofline_flops"] = roofline_flops()
         ours = jaxembed_peer(model, texts)
         cfg = ours.pop("_cfg")
-        # Useful FLOPs: 2 x non-embedding params per token, plus attention: QK^T and PV cost
-        # 2 x 2 x q_size per (query, key) pair, and causal masking leaves n(n+1)/2 pairs.
         lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
-        attn = sum(2 * n * (n + 1) * cfg.q_size * cfg.num_layers for n in lengths)
-        useful = 2 * cfg.non_embedding_params() * sum(lengths) + attn
+        useful, arithmetic = useful_flops(cfg, lengths)
         ours["useful_flops_per_s"] = useful / ours["run_s"]
         ours["roofline_fraction"] = ours["useful_flops_per_s"] / r["roofline_flops"]["best"]
-        ours["flops_arithmetic"] = (
-            f"2 x {cfg.non_embedding_params():,} params x {sum(lengths):,} tokens + attention "
-            f"{attn:,} = {useful:,} FLOP in {ours['run_s']:.2f} s")
+        ours["flops_arithmetic"] = f"{arithmetic} in {ours['run_s']:.2f} s"
         r["jaxembed"] = ours
         if "transformers" in peers:
             r["transformers"] = transformers_peer(model, texts, args.threads)
@@ -127,9 +133,22 @@ def main(argv: list[str] | None = None) -> int:
                 peer["cosine_vs_jaxembed_min"] = _cosines(ours["_vectors"], peer["_vectors"])
                 peer["jaxembed_speedup"] = ours["tokens_per_s"] / peer["tokens_per_s"]
     if "http" in workloads:
-        r["http"] = http_throughput(model, texts)
+        sentences = make_sentences()
+        r["http"] = http_throughput(model, sentences, requests=args.http_requests)
+        if "llamacpp" in peers:
+            try:
+                peer = llamacpp_http_throughput(model, sentences, args.threads,
+                                                requests=args.http_requests)
+                peer["jaxembed_throughput_ratio"] = (r["http"]["requests_per_s"]
+                                                     / peer["requests_per_s"])
+                r["http_llamacpp"] = peer
+            except ImportError:
+                r["http_llamacpp"] = {"skipped": "llama-cpp-python[server] is not installed "
+                                      "(pip install -e '.[bench]')"}
     if "coldstart" in workloads:
         r["coldstart"] = cold_start(model)
+    if "memory" in workloads:
+        r["memory"] = peak_memory(model, args.texts)
     if "generation" in workloads:
         r["generation"] = generation.generation_benchmark(
             model, tokens=args.tokens, streams=args.streams, threads=args.threads, peers=peers,
@@ -147,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.docs:
         Path(args.docs).write_text(text)
+    if args.plot:
+        plot(r, Path(args.plot))
     print(f"\nwrote {path}")
     return 0
 
@@ -181,18 +202,74 @@ def markdown(r: dict[str, Any]) -> str:
                       if "load_s" in r.get(n, {})]
         lines.append(f"| GGUF load | {ours['load_s']:.2f} s | {', '.join(load_peers)} |")
     if "http" in r:
-        h = r["http"]
+        h, peer = r["http"], r.get("http_llamacpp", {})
+        if "requests_per_s" in peer:
+            shown = (f"llama-cpp-python server: {peer['requests_per_s']:.1f} req/s, p50 "
+                     f"{peer['p50_ms']:.0f} ms, p99 {peer['p99_ms']:.0f} ms; jaxembed "
+                     f"{peer['jaxembed_throughput_ratio']:.1f}x its throughput")
+        else:
+            shown = f"skipped: {peer['skipped']}" if peer else ""
         lines.append(f"| HTTP, {h['clients']} clients, single sentences | {h['requests_per_s']:.1f} "
-                     f"req/s, p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms | |")
+                     f"req/s, p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms | {shown} |")
     if "coldstart" in r:
         c = r["coldstart"]
         lines.append(f"| cold start to first 200 | {c['cold_s']:.1f} s; restart with compile "
                      f"cache {c['warm_cache_s']:.1f} s | |")
+    if "memory" in r:
+        mem = r["memory"]
+        lines.append(f"| peak memory (fresh process: corpus, then 2 x {mem['max_model_len']} "
+                     f"tokens) | {mem['peak_rss'] / 2**20:.0f} MiB = float32 weights "
+                     f"{mem['weights_bytes'] / 2**20:.0f} MiB + "
+                     f"{mem['over_weights'] / 2**20:.0f} MiB (target: + 1024 MiB) | |")
     if "jaxembed" in r:
         lines += ["", f"FLOPs: {r['jaxembed']['flops_arithmetic']}."]
     if "generation" in r:
         lines += [""] * (lines[-1] != "") + generation.markdown(r["generation"])
     return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Bars of each measured figure, jaxembed beside its peer from the same run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: list[tuple[str, dict[str, float]]] = []
+    if "jaxembed" in r:
+        bars = {"jaxembed": r["jaxembed"]["tokens_per_s"]}
+        bars |= {name: r[name]["tokens_per_s"] for name in ("transformers", "llamacpp")
+                 if "tokens_per_s" in r.get(name, {})}
+        bars["fp32 roofline"] = (r["jaxembed"]["tokens_per_s"]
+                                 / r["jaxembed"]["roofline_fraction"])
+        panels.append(("embedding throughput (tokens/s)", bars))
+    if "http" in r:
+        bars = {"jaxembed": r["http"]["requests_per_s"]}
+        if "requests_per_s" in r.get("http_llamacpp", {}):
+            bars["llama-cpp-python server"] = r["http_llamacpp"]["requests_per_s"]
+        panels.append((f"HTTP, {r['http']['clients']} clients (requests/s)", bars))
+    gen = r.get("generation", {})
+    if "jaxembed_single" in gen:
+        bars = {"jaxembed 1 stream": gen["jaxembed_single"]["decode_tokens_per_s"],
+                f"jaxembed {gen['streams']} streams": gen["jaxembed_aggregate"]["tokens_per_s"]}
+        if "decode_tokens_per_s" in gen.get("llamacpp_single", {}):
+            bars["llama.cpp 1 stream"] = gen["llamacpp_single"]["decode_tokens_per_s"]
+        panels.append(("generation (tokens/s)", bars))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], panels, strict=True):
+        colours = ["#2457c5" if k.startswith("jaxembed") else "#9aa5b1" for k in bars]
+        ax.bar(list(bars), list(bars.values()), color=colours)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        for i, v in enumerate(bars.values()):
+            ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (i, v), ha="center",
+                        va="bottom", fontsize=8)
+    fig.suptitle(f"{r['model']}, {r['machine']['cpus']} CPUs, {r['date']} (one run)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
