@@ -47,6 +47,15 @@ def smollm2_engine(smollm2_path: Path) -> Iterator[LLMEngine]:
 
 
 @pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_path: Path):
+    """transformers' SmolLM2 with its LM head, and its tokenizer, read from the same GGUF once: the
+    slowest load of the suite, shared by the embedding and the generation parity tests."""
+    from parity import transformers_from_gguf
+
+    return transformers_from_gguf(smollm2_path, causal=True)
+
+
+@pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     """The real Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI chunk wheels once."""
     return packaged_model_path("gemma3-270m")

@@ -42,13 +42,15 @@ def assert_close_pooled(ours: np.ndarray, ref: np.ndarray) -> None:
     assert cos.min() > COSINE_MIN, f"pooled cosine {cos.min():.6f} <= {COSINE_MIN}"
 
 
-def transformers_from_gguf(path):
-    """transformers' own model (fp32, eager attention) and tokenizer from the same GGUF file."""
+def transformers_from_gguf(path, causal: bool = False):
+    """transformers' own model (fp32, eager attention) and tokenizer from the same GGUF file; with
+    `causal`, the model with its LM head (whose `.model` is the base model)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModel.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                      attn_implementation="eager").eval()
+    auto = AutoModelForCausalLM if causal else AutoModel
+    model = auto.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                 attn_implementation="eager").eval()
     return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 

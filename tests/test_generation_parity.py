@@ -227,15 +227,10 @@ def test_logprobs_along_greedy_path_match_transformers(family_models, references
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path) -> Iterator[tuple[LLMEngine, Any]]:
-    from transformers import AutoModelForCausalLM
-
+def smollm2(smollm2_path: Path, smollm2_transformers: Any) -> Iterator[tuple[LLMEngine, Any]]:
     engine = EngineBuilder(model=smollm2_path, dtype="float32", warmup=False, progress=False,
                            compilation_cache=False, max_num_seqs=4, max_model_len=512).build()
-    model = AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32,
-        attn_implementation="eager").eval()
-    yield engine, model
+    yield engine, smollm2_transformers[0]
     engine.shutdown()
 
 

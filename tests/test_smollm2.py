@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity import assert_close_hidden, assert_close_pooled, our_hidden, transformers_from_gguf
+from parity import assert_close_hidden, assert_close_pooled, our_hidden
 
 TEXTS = [
     "Hello world",
@@ -19,8 +19,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path):
-    return transformers_from_gguf(smollm2_path)
+def reference(smollm2_transformers):
+    model, tok = smollm2_transformers
+    return model.model, tok  # the base model: final hidden states, no LM head
 
 
 def test_config_and_tokenizer_metadata(smollm2_engine):
