@@ -13,6 +13,7 @@ from jaxembed.protocol import (
     EncodingFormat,
     Usage,
 )
+from jaxembed.replicas import ReplicaRouter
 
 __all__ = [
     "EmbeddingData",
@@ -27,6 +28,7 @@ __all__ = [
     "LLMEngine",
     "ModelConfig",
     "ModelNotFoundError",
+    "ReplicaRouter",
     "UnsupportedModelError",
     "Usage",
 ]

@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 
 import jax
+from jax.sharding import Mesh
 
 from jaxembed.engine import (
     DEFAULT_MAX_BATCH_TOKENS,
@@ -16,7 +17,10 @@ from jaxembed.engine import (
     default_dtype,
 )
 from jaxembed.fetch import cache_dir, resolve_model
+from jaxembed.multihost import StepChannel
 from jaxembed.protocol import EmbeddingDefaults
+from jaxembed.replicas import ReplicaRouter
+from jaxembed.sharding import make_mesh, placement, plan, shard_params
 from jaxembed.weights.loader import load_checkpoint
 
 log = logging.getLogger("jaxembed")
@@ -38,6 +42,11 @@ class EngineBuilder:
         (ending with `{text}`); None: the family's known template, if any.
     max_num_seqs: sequences generated at once, each with its own KV cache rows (None: 16 on a
         CPU, 64 on an accelerator).
+    tensor_parallel: devices one model is sharded over (a mesh with one `tensor` axis: heads,
+        kv heads, MLP width and experts split across it). Across several processes joined by
+        `jax.distributed` it must be every device of all of them.
+    data_parallel: replicas of the model, each on its own `tensor_parallel` devices, with each
+        request sent to the least loaded; `build()` then returns a `ReplicaRouter`.
     """
 
     model: str | os.PathLike | None = None
@@ -51,15 +60,20 @@ class EngineBuilder:
     attention: str | None = None
     instruction_template: str | None = None
     max_num_seqs: int | None = None
+    tensor_parallel: int = 1
+    data_parallel: int = 1
     warmup: bool = True
     progress: bool = True
     compilation_cache: bool = True
 
-    def build(self) -> LLMEngine:
+    def build(self) -> LLMEngine | ReplicaRouter:
         if self.compilation_cache:
             enable_compilation_cache()
         path = resolve_model(self.model)
-        checkpoint = load_checkpoint(path, self.dtype or default_dtype(), progress=self.progress)
+        meshes = device_groups(self.tensor_parallel, self.data_parallel)
+        # The first group's params go from host memory straight onto its devices.
+        checkpoint = load_checkpoint(path, self.dtype or default_dtype(), progress=self.progress,
+                                     placement=placement(meshes[0]) if meshes else None)
         log.info("loaded %s (%s, %s) in %.2fs", path, checkpoint.format, checkpoint.dtype,
                  checkpoint.load_seconds)
         if self.attention is not None:
@@ -69,16 +83,56 @@ class EngineBuilder:
             causal = self.attention == "causal"
             checkpoint = dataclasses.replace(
                 checkpoint, config=dataclasses.replace(checkpoint.config, causal=causal))
-        engine = LLMEngine(checkpoint, max_model_len=self.max_model_len,
-                           max_batch_tokens=self.max_batch_tokens,
-                           served_model_names=self.served_model_names,
-                           max_queued_requests=self.max_queued_requests,
-                           max_request_tokens=self.max_request_tokens, defaults=self.defaults,
-                           instruction_template=self.instruction_template,
-                           max_num_seqs=self.max_num_seqs)
-        if self.warmup:
-            engine.warmup()
-        return engine
+        channel = StepChannel() if jax.process_count() > 1 else None
+        engines = []
+        for mesh in meshes or [None]:
+            ck, sharding = checkpoint, None
+            if mesh is not None:
+                sharding = plan(checkpoint.config, mesh)
+                if mesh is not meshes[0]:  # the other replicas copy the first one's params
+                    ck = dataclasses.replace(checkpoint, params=shard_params(
+                        checkpoint.params, checkpoint.config, sharding))
+            engines.append(LLMEngine(
+                ck, max_model_len=self.max_model_len, max_batch_tokens=self.max_batch_tokens,
+                served_model_names=self.served_model_names,
+                max_queued_requests=self.max_queued_requests,
+                max_request_tokens=self.max_request_tokens, defaults=self.defaults,
+                instruction_template=self.instruction_template, max_num_seqs=self.max_num_seqs,
+                sharding=sharding, channel=channel))
+        # A multi-host follower compiles and runs only the steps its leader sends, warm-up
+        # included: a step run on its own would wait forever for the other processes.
+        if self.warmup and (channel is None or channel.leader):
+            for engine in engines:
+                engine.warmup()
+        if meshes:
+            sp = engines[0].sharding
+            assert sp is not None
+            log.info("%d replica(s) of %d device(s) each; axes replicated for not dividing: %s",
+                     len(engines), sp.mesh.size, ", ".join(sp.replicated) or "none")
+        return engines[0] if len(engines) == 1 else ReplicaRouter(engines)
+
+
+def device_groups(tensor_parallel: int, data_parallel: int) -> list[Mesh]:
+    """One mesh per replica over disjoint devices, in device order; empty for the plain case
+    (one device, one process), where nothing is placed by hand."""
+    tp, dp = tensor_parallel, data_parallel
+    if not (isinstance(tp, int) and tp >= 1 and isinstance(dp, int) and dp >= 1):
+        raise ValueError(f"tensor_parallel and data_parallel must be integers of at least 1; "
+                         f"got {tp!r} and {dp!r}")
+    devices = jax.devices()  # every process's devices when several are joined
+    if jax.process_count() > 1:
+        if dp != 1:
+            raise ValueError("data_parallel runs replicas on the devices of one host; across "
+                             "hosts, run one server per host behind a load balancer")
+        if tp != len(devices):
+            raise ValueError(f"across {jax.process_count()} processes the model is sharded over "
+                             f"all {len(devices)} devices: use tensor_parallel {len(devices)}")
+    if tp * dp > len(devices):
+        raise ValueError(f"tensor_parallel {tp} x data_parallel {dp} needs {tp * dp} devices; "
+                         f"{len(devices)} are visible ({devices[0].platform})")
+    if tp == 1 and dp == 1 and jax.process_count() == 1:
+        return []
+    return [make_mesh(tp, devices[r * tp : (r + 1) * tp]) for r in range(dp)]
 
 
 def enable_compilation_cache() -> None:

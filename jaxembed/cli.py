@@ -42,6 +42,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="how a request's 'instruction' is placed before the input, ending with "
                         "'{text}', e.g. 'Instruct: {instruction}\\nQuery:{text}' (default: the "
                         "model family's known template, if any)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the model over N devices (attention heads, MLP width and experts "
+                        "split across them); across hosts, all devices of all processes "
+                        "(default: 1)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="run N replicas, each on its own --tensor-parallel devices of this "
+                        "host, each request going to the least loaded (default: 1)")
 
 
 def _builder(args: argparse.Namespace, **extra: object) -> EngineBuilder:
@@ -50,7 +57,9 @@ def _builder(args: argparse.Namespace, **extra: object) -> EngineBuilder:
         template = template.replace("\\n", "\n")
     return EngineBuilder(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                          max_batch_tokens=args.max_batch_tokens, attention=args.attention,
-                         instruction_template=template, max_num_seqs=args.max_num_seqs, **extra)
+                         instruction_template=template, max_num_seqs=args.max_num_seqs,
+                         tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
+                         **extra)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -61,6 +70,12 @@ def serve(args: argparse.Namespace) -> int:
 
     # Resolved up front so a mistyped path fails at once rather than after the port is bound.
     args.model = str(resolve_model(args.model))
+    if args.coordinator is not None:
+        from jaxembed import multihost
+
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.num_processes != 1 or args.process_id != 0:
+        raise ValueError("--num-processes and --process-id go with --coordinator HOST:PORT")
     builder = _builder(
         args, served_model_names=args.served_model_name or None,
         max_queued_requests=args.max_queued_requests, max_request_tokens=args.max_request_tokens,
@@ -71,6 +86,8 @@ def serve(args: argparse.Namespace) -> int:
             truncate_prompt_tokens=args.default_truncate_prompt_tokens,
             prompt_name=args.default_prompt_name,
             input_type=InputType(args.default_input_type) if args.default_input_type else None))
+    if args.process_id != 0:
+        return follow(builder)
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -104,6 +121,19 @@ def serve(args: argparse.Namespace) -> int:
     if failed:
         print(f"jaxembed: error: the model failed to load: {failed[0]}", file=sys.stderr)
         return 2
+    return 0
+
+
+def follow(builder: EngineBuilder) -> int:
+    """A multi-host process other than 0: no server, only the steps process 0 sends, until it
+    stops (on its SIGTERM, once its queue is done)."""
+    engine = builder.build()
+    # Process 0 decides when to stop; a SIGTERM here would leave it waiting in a collective.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        engine.follow()  # type: ignore[union-attr]
+    finally:
+        engine.shutdown()
     return 0
 
 
@@ -159,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a name clients use for the model (repeatable; default: the file or "
                         "folder name); 'default' always works too")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="join a multi-host run through jax.distributed: process 0 listens on "
+                        "this address (of its host), serves HTTP and leads; the others run its "
+                        "steps")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="processes in the multi-host run, one per host (with --coordinator)")
+    p.add_argument("--process-id", type=int, default=0, metavar="I",
+                   help="this process's rank, 0 to N-1; 0 serves HTTP (with --coordinator)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health "
                         f"(default: ${API_KEY_ENV}, else no key)")

@@ -5,6 +5,10 @@ pooled final hidden states instead of logits, and never touch a KV cache. Caller
 (Python, or the HTTP server's event loop through `aembed`) tokenize on their own side and submit
 token ids; the engine thread drains the queue between steps, so concurrent work is batched together.
 
+Every device computation is a step of plain data (`_device_step`): on a mesh (`sharding`) its
+inputs are placed replicated and XLA partitions the rest; on a multi-host run process 0 sends each
+step to the other processes, which run it too (`follow`).
+
 The queue is bounded by `max_queued_requests` (past it `submit` raises `EngineOverloadedError`, so a
 burst is refused at once instead of piling up latency), and a request whose future was cancelled
 (its caller gave up or went away) is dropped before it is computed.
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import model, sampling
+from jaxembed import model, multihost, sampling
 from jaxembed.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
@@ -67,6 +71,7 @@ from jaxembed.protocol import (
 )
 from jaxembed.sampling import SamplingParams
 from jaxembed.scheduler import Buckets, Step, plan_step
+from jaxembed.sharding import ShardingPlan, cache_sharding, replicated
 from jaxembed.st_config import SentenceTransformersConfig, read_sentence_transformers
 from jaxembed.weights.loader import Checkpoint
 
@@ -80,6 +85,10 @@ DEFAULT_MAX_NUM_SEQS = 16
 DEFAULT_MAX_NUM_SEQS_ACCELERATOR = 64
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 DEFAULT_ALIAS = "default"
+# The device steps, as sent to multi-host followers (see `LLMEngine._device_step`).
+EMBED, PREFILL, DECODE = "embed", "prefill", "decode"
+# While idle, a multi-host leader tells its followers so this often (see `multihost.IDLE`).
+IDLE_PING_SECONDS = 30.0
 
 # Instruction templates per family, as the instruction-tuned embedding models of each were trained
 # (Qwen3-Embedding; gte-Qwen2 and e5-mistral; EmbeddingGemma). `{instruction}` is the request's
@@ -260,7 +269,12 @@ class LLMEngine:
                  max_request_tokens: int | None = None,
                  defaults: EmbeddingDefaults | None = None,
                  instruction_template: str | None = None,
-                 max_num_seqs: int | None = None) -> None:
+                 max_num_seqs: int | None = None,
+                 sharding: ShardingPlan | None = None,
+                 channel: multihost.StepChannel | None = None) -> None:
+        """sharding: the mesh the params were placed on (by that plan); the engine places its
+        step inputs and KV cache there too. None: everything on the default device.
+        channel: on a multi-host run, where the leader sends each step (see `follow`)."""
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
@@ -305,6 +319,11 @@ class LLMEngine:
         except InvalidRequestError as e:
             raise ValueError(f"bad server default: {e.message}") from None
 
+        self.sharding = sharding
+        self._channel = channel
+        # Every device step (and, on a multi-host leader, the message announcing it) runs under
+        # this lock, so that warm-up from a loading thread and the engine thread never interleave.
+        self._device_lock = threading.Lock()
         cfg = self.config
 
         def pooled(params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -318,7 +337,7 @@ class LLMEngine:
             n = last_index.shape[0]
             mean, picked = model.pooled(params, tokens, positions, segment_ids, seq_index,
                                         jnp.concatenate([last_index, first_index]), cfg=cfg)
-            return mean[:n], picked[:n], picked[n:]
+            return self._replicate((mean[:n], picked[:n], picked[n:]))
 
         self._pooled = jax.jit(pooled)
         self._init_generation(max_num_seqs or (DEFAULT_MAX_NUM_SEQS_ACCELERATOR if accelerated
@@ -757,7 +776,8 @@ class LLMEngine:
             seen = seen.at[jnp.where(segment_ids > 0, slots[:, None], scratch), tokens].set(True)
             out = sampling.sample(model.logits(params, hidden, cfg), counts[slots], seen[slots],
                                   rows)
-            return {"kv": kv, "counts": counts, "seen": seen}, *out
+            return {"kv": self._constrain_kv(kv), **self._replicate(
+                {"counts": counts, "seen": seen})}, *self._replicate(out)
 
         def decode(params: Any, layers: Any, state: dict[str, Any], tokens: jax.Array,
                    positions: jax.Array, slots: jax.Array, rows: dict[str, jax.Array],
@@ -770,26 +790,34 @@ class LLMEngine:
             seen = state["seen"].at[slots, tokens].set(True)
             out = sampling.sample(model.logits(params, hidden, cfg), counts[slots], seen[slots],
                                   rows)
-            return {"kv": kv, "counts": counts, "seen": seen}, *out
+            return {"kv": self._constrain_kv(kv), **self._replicate(
+                {"counts": counts, "seen": seen})}, *self._replicate(out)
 
         # The state is donated: XLA updates the cache in place instead of copying it each step.
         self._prefill = jax.jit(prefill, donate_argnums=(1,))
         self._decode = jax.jit(decode, donate_argnums=(2,), static_argnames=("kv_len",))
 
     def _ensure_gen_state(self) -> dict[str, Any]:
-        if self._decode_layers is None and jax.default_backend() == "cpu":
-            # Decoding reads every weight once per step: on a CPU it runs over per-layer
-            # copies, which XLA reads in place (see `model.split_layers`).
+        # Decoding reads every weight once per step: on a CPU it runs over per-layer copies,
+        # which XLA reads in place (see `model.split_layers`). On a mesh of several devices it
+        # scans the stacked, sharded weights instead: the copies would need their own layouts,
+        # and the trick is about one CPU's memory traffic, not about a mesh.
+        one_device = self.sharding is None or self.sharding.mesh.size == 1
+        if self._decode_layers is None and jax.default_backend() == "cpu" and one_device:
             self._decode_layers = model.split_layers(self.params, self.config)
         if self._gen_state is None:
             cfg, s = self.config, self.max_num_seqs
             dtype = self.params["embed"].dtype
-            self._gen_state = {
-                "kv": model.init_cache(cfg, s, self.max_model_len, dtype,
-                                       per_layer=self._decode_layers is not None),
-                "counts": jnp.zeros((s + 1, cfg.vocab_size), jnp.int32),
-                "seen": jnp.zeros((s + 1, cfg.vocab_size), bool),
-            }
+            per_layer = self._decode_layers is not None
+
+            def zeros() -> dict[str, Any]:
+                kv = model.init_cache(cfg, s, self.max_model_len, dtype, per_layer=per_layer)
+                return {"kv": self._constrain_kv(kv), **self._replicate({
+                    "counts": jnp.zeros((s + 1, cfg.vocab_size), jnp.int32),
+                    "seen": jnp.zeros((s + 1, cfg.vocab_size), bool)})}
+
+            # On a mesh the zeros are made in place, each device only its share of the cache.
+            self._gen_state = zeros() if self.sharding is None else jax.jit(zeros)()
         return self._gen_state
 
     @property
@@ -933,21 +961,22 @@ class LLMEngine:
     def warmup_generation(self) -> None:
         """Compile every decode shape (slots x KV length) and single-prompt prefills up to 128
         tokens, so that steady generation never waits for the compiler."""
-        state = self._ensure_gen_state()
         for rows in self.decode_rows:
             for kv_len in self.decode_lengths:
                 z = np.zeros(rows, np.int32)
                 slots = np.full(rows, self.max_num_seqs, np.int32)
-                state, *_ = self._decode(self.params, self._decode_layers, state, z, z, slots,
-                                         sampling.row_arrays([None] * rows), kv_len=kv_len)
+                self._device_step(DECODE, {"tokens": z, "positions": z, "slots": slots,
+                                           "rows": sampling.row_arrays([None] * rows)},
+                                  kv_len=kv_len)
         for length in self.buckets.lengths:
             if length > 128:
                 break
             z = np.zeros((1, length), np.int32)
-            state, *_ = self._prefill(self.params, state, z, z, z,
-                                      np.full(1, self.max_num_seqs, np.int32), np.zeros(1, np.int32),
-                                      sampling.row_arrays([None]))
-        self._gen_state = jax.block_until_ready(state)
+            self._device_step(PREFILL, {"tokens": z, "positions": z, "segment_ids": z,
+                                        "slots": np.full(1, self.max_num_seqs, np.int32),
+                                        "last_col": np.zeros(1, np.int32),
+                                        "rows": sampling.row_arrays([None])})
+        self._gen_state = jax.block_until_ready(self._gen_state)
 
     # ---- generation on the engine thread ---------------------------------------------------
 
@@ -1028,9 +1057,9 @@ class LLMEngine:
             [(s.work.params, s.seed, 0) for s in batch] + [None] * (rows - len(batch)))
         start = time.perf_counter()
         try:
-            state, *out = self._prefill(self.params, self._ensure_gen_state(), tokens, positions,
-                                        segments, slots, last_col, rows_params)
-            self._gen_state = state
+            out = self._device_step(PREFILL, {
+                "tokens": tokens, "positions": positions, "segment_ids": segments,
+                "slots": slots, "last_col": last_col, "rows": rows_params})
             self._emit_tokens(batch, out)
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("prefill step %s failed", tokens.shape)
@@ -1054,9 +1083,8 @@ class LLMEngine:
             [(s.work.params, s.seed, len(s.out)) for s in seqs] + [None] * (rows - len(seqs)))
         start = time.perf_counter()
         try:
-            state, *out = self._decode(self.params, self._decode_layers, self._gen_state,
-                                       tokens, positions, slots, rows_params, kv_len=kv_len)
-            self._gen_state = state
+            out = self._device_step(DECODE, {"tokens": tokens, "positions": positions,
+                                             "slots": slots, "rows": rows_params}, kv_len=kv_len)
             for seq in seqs:
                 seq.pos += 1
             self._emit_tokens(seqs, out)
@@ -1183,13 +1211,108 @@ class LLMEngine:
         end = len(ids) - tail
         return ids[:head] + ids[end - body : end] + ids[end:]
 
+    # ---- device steps ----------------------------------------------------------------------
+
+    def _replicate(self, tree: Any) -> Any:
+        """Inside a jitted step: outputs the host reads (and the cache's companions) whole on
+        every device, whatever layout the partitioner would have left them in."""
+        if self.sharding is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, replicated(self.sharding))
+
+    def _constrain_kv(self, kv: dict[str, Any]) -> dict[str, Any]:
+        """Inside a jitted step: the updated cache keeps the layout it came in with (sharded by
+        kv heads), so the donated buffers are reused in place step after step."""
+        if self.sharding is None:
+            return kv
+        return {n: jax.lax.with_sharding_constraint(
+            c, [cache_sharding(self.sharding, True)] * len(c) if isinstance(c, list)
+            else cache_sharding(self.sharding)) for n, c in kv.items()}
+
+    def _put(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        """A step's host inputs, on the mesh (replicated) when there is one; otherwise as they
+        are (jit moves them to the default device)."""
+        if self.sharding is None:
+            return arrays
+        return jax.device_put(arrays, replicated(self.sharding))
+
+    def _device_step(self, kind: str, arrays: dict[str, Any], **static: int) -> Any:
+        """Run one step on the devices: EMBED (a packed prefill, pooled), PREFILL (prompts into
+        cache slots, a token sampled each) or DECODE (a token for each running sequence).
+
+        Every device computation goes through here as plain data (a kind, named host arrays,
+        static ints). On a multi-host leader each step is first sent to the followers, which
+        run the same one (`follow`): one SPMD program, called by every process in one order."""
+        with self._device_lock:
+            if self._channel is not None and self._channel.leader:
+                self._channel.send(kind, multihost.flatten(arrays), static)
+            return self._apply_step(kind, arrays, static)
+
+    def _apply_step(self, kind: str, arrays: dict[str, Any], static: dict[str, int]) -> Any:
+        a = self._put(arrays)
+        if kind == EMBED:
+            return self._pooled(self.params, a["tokens"], a["positions"], a["segment_ids"],
+                                a["seq_index"], a["last_index"], a["first_index"])
+        if kind == PREFILL:
+            state, *out = self._prefill(self.params, self._ensure_gen_state(), a["tokens"],
+                                        a["positions"], a["segment_ids"], a["slots"],
+                                        a["last_col"], a["rows"])
+        elif kind == DECODE:
+            state, *out = self._decode(self.params, self._decode_layers, self._ensure_gen_state(),
+                                       a["tokens"], a["positions"], a["slots"], a["rows"],
+                                       kv_len=static["kv_len"])
+        else:
+            raise ValueError(f"unknown step kind {kind!r}")
+        self._gen_state = state
+        return out
+
+    def follow(self) -> None:
+        """On a multi-host follower (a process other than 0): run every step the leader sends,
+        in its order, until the leader stops. Outputs stay on the devices: only the leader
+        answers requests."""
+        assert self._channel is not None and not self._channel.leader
+        while True:
+            kind, arrays, static = self._channel.receive()
+            if kind == multihost.STOP:
+                return
+            if kind == multihost.IDLE:
+                continue
+            try:
+                jax.block_until_ready(self._apply_step(kind, multihost.unflatten(arrays), static))
+            except Exception:  # the leader's step failed alike; it fails its requests and goes on
+                log.exception("%s step failed", kind)
+                self._recover_state()
+
+    def _wait_for_work(self) -> _Work | _GenWork | None:
+        """The next queued item, blocking. A multi-host leader wakes up now and then meanwhile
+        to tell its followers it is idle (their wait is a collective, which must not last for
+        hours)."""
+        if self._channel is None or not self._channel.leader:
+            return self._queue.get()
+        while True:
+            try:
+                return self._queue.get(timeout=IDLE_PING_SECONDS)
+            except queue.Empty:
+                with self._device_lock:
+                    self._channel.send(multihost.IDLE)
+
     # ---- the engine thread ---------------------------------------------------------------
 
     def _run(self, step: Step) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return self._pooled(self.params, step.tokens, step.positions, step.segment_ids,
-                            step.seq_index, step.last_index, step.first_index)
+        return self._device_step(EMBED, {
+            "tokens": step.tokens, "positions": step.positions, "segment_ids": step.segment_ids,
+            "seq_index": step.seq_index, "last_index": step.last_index,
+            "first_index": step.first_index})
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        finally:
+            if self._channel is not None and self._channel.leader:
+                with self._device_lock:
+                    self._channel.send(multihost.STOP)
+
+    def _steps(self) -> None:
         pending: dict[int, tuple[_Work, int]] = {}
         waiting: list[tuple[int, np.ndarray]] = []
         ids = iter(range(1 << 62))
@@ -1212,7 +1335,7 @@ class LLMEngine:
 
         while True:
             if not (waiting or self._gen_waiting or self._active) and not stopping:
-                take(self._queue.get())  # idle: block until work (or shutdown) arrives
+                take(self._wait_for_work())  # idle: block until work (or shutdown) arrives
             self._running.wait()
             with self._step_lock:
                 if not self._running.is_set():  # paused between the wait and the lock

@@ -9,7 +9,7 @@ Attention shards by heads (the KV projections by kv heads), MLPs column- then ro
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,7 +31,13 @@ RULES: dict[str, str | None] = {
     "kv_heads": TENSOR,
     "mlp": TENSOR,
     "experts": TENSOR,
+    "slots": None,  # KV cache sequence slots
+    "cache_len": None,  # KV cache positions
 }
+
+# The KV cache's axes (see `model.init_cache`): stacked [L, S + 1, M, K, Dh], or one buffer per
+# layer [S + 1, M, K, Dh]. It shards by kv heads, as the projections that fill it do.
+CACHE_AXES = ("layers", "slots", "cache_len", "kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +113,33 @@ def shard_params(params: Params, cfg: ModelConfig, p: ShardingPlan) -> Params:
     expected = param_shapes(cfg)
     assert set(params) <= set(expected), set(params) - set(expected)
     return jax.tree_util.tree_map_with_path(place, params)
+
+
+def replicated(p: ShardingPlan) -> NamedSharding:
+    """Every device holds the whole array: step inputs, pooled vectors, sampled tokens."""
+    return NamedSharding(p.mesh, PartitionSpec())
+
+
+def cache_sharding(p: ShardingPlan, per_layer: bool = False) -> NamedSharding:
+    return p.sharding(CACHE_AXES[1:] if per_layer else CACHE_AXES)
+
+
+def placement(mesh: Mesh) -> Callable[[ModelConfig], Callable[[tuple[str, ...], Any], jax.Array]]:
+    """For the loader: put each param leaf from host memory straight onto its devices by the
+    plan, so the whole model is never on one device (where a large one would not fit).
+
+    `jax.device_put` of a host array to a global sharding works across processes too: each
+    process places its own shards of the array it loaded."""
+
+    def for_config(cfg: ModelConfig) -> Callable[[tuple[str, ...], Any], jax.Array]:
+        shardings = param_shardings(cfg, plan(cfg, mesh))
+
+        def place(key: tuple[str, ...], array: Any) -> jax.Array:
+            node = shardings
+            for k in key:
+                node = node[k]
+            return jax.device_put(array, node)
+
+        return place
+
+    return for_config

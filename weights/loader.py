@@ -58,19 +58,32 @@ class Checkpoint:
 
 # A source tensor: its name and a thunk that reads (and dequantizes) it only when needed.
 SourceTensor = tuple[str, Callable[[], np.ndarray]]
+# How a filled param leaf goes onto devices: (its path in the params tree, its host array).
+Place = Callable[[tuple[str, ...], np.ndarray], jax.Array]
+# Given the model's config (known only once loading has begun), how to place its leaves.
+Placement = Callable[[ModelConfig], Place]
 
 
-def load_checkpoint(path: str | Path, dtype: str = "float32", progress: bool = True) -> Checkpoint:
-    """Load a GGUF file or an HF folder (safetensors + config.json + tokenizer.json)."""
+def _default_place(key: tuple[str, ...], array: np.ndarray) -> jax.Array:
+    return jnp.asarray(array)
+
+
+def load_checkpoint(path: str | Path, dtype: str = "float32", progress: bool = True,
+                    placement: Placement | None = None) -> Checkpoint:
+    """Load a GGUF file or an HF folder (safetensors + config.json + tokenizer.json).
+
+    placement: where each param goes (default: the default device). A sharded placement puts
+    each leaf from host memory straight onto its devices, so a model larger than one device
+    never has to fit on one."""
     path = Path(path)
     if dtype not in NUMPY_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(NUMPY_DTYPES)}")
     start = time.perf_counter()
     if path.is_file() and path.suffix == ".gguf":
-        cfg, params, tok = _load_gguf(path, NUMPY_DTYPES[dtype], progress)
+        cfg, params, tok = _load_gguf(path, NUMPY_DTYPES[dtype], progress, placement)
         fmt = "gguf"
     elif path.is_dir():
-        cfg, params, tok = _load_hf_folder(path, NUMPY_DTYPES[dtype], progress)
+        cfg, params, tok = _load_hf_folder(path, NUMPY_DTYPES[dtype], progress, placement)
         fmt = "safetensors"
     elif path.exists():
         raise WeightLoadError(path, "expected a .gguf file or a folder with config.json")
@@ -82,7 +95,8 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", progress: bool = T
 # ---- HF folders ------------------------------------------------------------------------------
 
 
-def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool
+def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool,
+                    placement: Placement | None = None
                     ) -> tuple[ModelConfig, Params, TokenizerBundle]:
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -101,7 +115,7 @@ def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool
         for f in files for name in f.names()
     ]
     params = _fill_params(cfg, sources, names.HF_TABLES[cfg.family], names.HF_IGNORED, dtype,
-                          progress, folder.name)
+                          progress, folder.name, placement)
     return cfg, params, tokenizer_from_hf_folder(folder)
 
 
@@ -120,7 +134,7 @@ def _hf_text_name(name: str) -> str:
 # ---- GGUF ------------------------------------------------------------------------------------
 
 
-def _load_gguf(path: Path, dtype: np.dtype, progress: bool
+def _load_gguf(path: Path, dtype: np.dtype, progress: bool, placement: Placement | None = None
                ) -> tuple[ModelConfig, Params, TokenizerBundle]:
     f = GGUFFile(path)
     meta, tensors = f.metadata, f.tensors
@@ -144,7 +158,7 @@ def _load_gguf(path: Path, dtype: np.dtype, progress: bool
         raise WeightLoadError(path, f"incomplete model metadata: {e!r}") from e
     sources = [(path, (name, lambda t=t: _dequantize_tensor(path, t))) for name, t in tensors.items()]
     params = _fill_params(cfg, sources, names.GGUF_TABLES[cfg.family], names.GGUF_IGNORED, dtype,
-                          progress, path.name)
+                          progress, path.name, placement)
     return cfg, params, tok
 
 
@@ -178,8 +192,9 @@ def _slots(cfg: ModelConfig) -> dict[str, list[int | None]]:
 
 def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
                  rules: Iterable[names.Rule], ignored: Iterable[re.Pattern[str]], dtype: np.dtype,
-                 progress: bool, label: str) -> Params:
+                 progress: bool, label: str, placement: Placement | None = None) -> Params:
     """Fill exactly the params tree the config implies, or stop naming file, tensor and reason."""
+    place = placement(cfg) if placement is not None else _default_place
     rules, ignored = tuple(rules), tuple(ignored)
     shapes = param_shapes(cfg)
     slots = _slots(cfg)
@@ -234,10 +249,11 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
     # A base-model checkpoint (as many embedding models are saved) has no LM head: embeddings
     # need none, and generation reports its absence.
 
-    params: Params = {k: jnp.asarray(v) for k, v in top.items()}
+    params: Params = {k: place((k,), v) for k, v in top.items()}
     for key in list(buffers):
         stack, leaf = key.split(".")
-        params.setdefault(stack, {})[leaf] = jnp.asarray(buffers.pop(key))  # frees as it goes
+        # Popped, so each host buffer is freed as soon as it is placed.
+        params.setdefault(stack, {})[leaf] = place((stack, leaf), buffers.pop(key))
     jax.block_until_ready(params)
     return params
 
