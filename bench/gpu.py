@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.peers import timed, useful_flops
+from bench.peers import timed, transformers_pooled, useful_flops
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Qwen/Qwen3-0.6B's config.json.
@@ -118,27 +118,8 @@ def transformers_run(folder: Path, ids: list[list[int]], dtype: str) -> dict[str
                                     attn_implementation="sdpa").to(device).eval()
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
 
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     def run(batch: int, idx: list[int]) -> np.ndarray:
-        out = np.zeros((len(ids), net.config.hidden_size), np.float32)
-        with torch.inference_mode():
-            for s in range(0, len(idx), batch):
-                chunk = idx[s : s + batch]
-                width = max(len(ids[i]) for i in chunk)
-                tokens = torch.zeros((len(chunk), width), dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, i in enumerate(chunk):
-                    tokens[r, : len(ids[i])] = torch.tensor(ids[i])
-                    mask[r, : len(ids[i])] = 1
-                tokens, mask = tokens.to(device), mask.to(device)
-                h = net(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
-                pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                out[chunk] = pooled.cpu().numpy()
-        sync()
-        return out
+        return transformers_pooled(net, ids, batch, idx, device=device)
 
     run(8, order[:8])  # warm-up: kernels, allocator
     by_batch = {}

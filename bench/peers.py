@@ -75,6 +75,29 @@ def jaxembed_peer(model: Path, texts: list[str], dtype: str = "float32") -> dict
         engine.shutdown()
 
 
+def transformers_pooled(net: Any, ids: list[list[int]], batch: int, order: list[int],
+                        pad: int = 0, device: str = "cpu") -> np.ndarray:
+    """Mean-pooled final hidden states of token-id lists from a transformers base model, run in
+    padded batches of `batch` taken in `order` (rows not in it stay zero), as float32."""
+    import torch
+
+    out = np.zeros((len(ids), net.config.hidden_size), np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch):
+            chunk = order[s : s + batch]
+            width = max(len(ids[i]) for i in chunk)
+            tokens = torch.full((len(chunk), width), pad)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                tokens[r, : len(ids[i])] = torch.tensor(ids[i])
+                mask[r, : len(ids[i])] = 1
+            tokens, mask = tokens.to(device), mask.to(device)
+            h = net(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
+            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            out[chunk] = pooled.cpu().numpy()  # the copy to the host waits for the device
+    return out
+
+
 def transformers_peer(model: Path, texts: list[str], threads: int) -> dict[str, Any]:
     """transformers on torch CPU, fp32, the same weights; length-sorted batches at its best size."""
     import torch
@@ -93,20 +116,7 @@ def transformers_peer(model: Path, texts: list[str], threads: int) -> dict[str, 
     tokens = sum(map(len, encoded))
 
     def run(batch: int, idx: list[int]) -> np.ndarray:
-        out = np.zeros((len(texts), net.config.hidden_size), np.float32)
-        with torch.inference_mode():
-            for s in range(0, len(idx), batch):
-                chunk = idx[s : s + batch]
-                width = max(len(encoded[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, i in enumerate(chunk):
-                    ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[r, : len(encoded[i])] = 1
-                h = net(input_ids=ids, attention_mask=mask).last_hidden_state
-                pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                out[chunk] = pooled.numpy()
-        return out
+        return transformers_pooled(net, encoded, batch, idx, pad)
 
     probe = order[:: max(1, len(order) // 64)]  # a length-spread sample to pick the batch size
     probe_tokens = sum(len(encoded[i]) for i in probe)
