@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ def measure(model: str | None, texts: int) -> dict[str, Any]:
         weights = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(engine.params))
         after_load = _peak_rss()
         engine.encode(make_corpus(engine.tokenizer, texts))
+        after_corpus = _peak_rss()
         # The longest inputs the server accepts: the largest attention the engine computes.
         longest = engine.tokenizer.decode(list(range(1000, 1000 + engine.max_model_len - 2)))
         ids = engine.tokenize([longest])[0][: engine.max_model_len]
@@ -40,13 +40,19 @@ def measure(model: str | None, texts: int) -> dict[str, Any]:
         peak = _peak_rss()
     finally:
         engine.shutdown()
-    return {"weights_bytes": weights, "peak_rss_after_load": after_load, "peak_rss": peak,
+    return {"weights_bytes": weights, "peak_rss_after_load": after_load,
+            "peak_rss_after_corpus": after_corpus, "peak_rss": peak,
             "over_weights": peak - weights, "target_bytes": weights + GIB,
             "within_target": peak <= weights + GIB, "max_model_len": engine.max_model_len}
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across exec from the parent, so a harness holding gigabytes would be counted here."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def peak_memory(model: Path, texts: int) -> dict[str, Any]:
