@@ -11,7 +11,6 @@ import jax
 from jax.sharding import Mesh
 
 from jaxembed.engine import (
-    DEFAULT_MAX_BATCH_TOKENS,
     DEFAULT_MAX_QUEUED_REQUESTS,
     LLMEngine,
     default_dtype,
@@ -52,7 +51,7 @@ class EngineBuilder:
     model: str | os.PathLike | None = None
     dtype: str | None = None
     max_model_len: int | None = None
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_tokens: int | None = None  # None: 1024 on a CPU, 8192 on an accelerator
     served_model_names: Sequence[str] | None = None
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     max_request_tokens: int | None = None

@@ -30,8 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest input, and longest prompt plus answer, in tokens (default: the "
                         "model's context, at most 2048 on a CPU and 8192 on an accelerator)")
-    p.add_argument("--max-batch-tokens", type=int, default=8192,
-                   help="token budget of one batched step (default: 8192)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="token budget of one batched step (default: 1024 on a CPU, where "
+                        "smaller steps stay in cache, and 8192 on an accelerator)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences generated at once, each with KV cache rows of --max-model-len "
                         "tokens, allocated on the first generation request (default: 16 on a "

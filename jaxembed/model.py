@@ -168,6 +168,10 @@ def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax
     """Self-attention over the rows [B, T, D]; also returns the keys and values (for a cache)."""
     b, t, _ = x.shape
     q, k, v = project_qkv(p, x, cos, sin, cfg)
+    # Head-major layouts, so that each (row, kv head) product reads contiguous [T, Dh] slabs:
+    # on the CPU this alone makes attention about a third faster than the token-major einsums.
+    qh = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
     # Queries go in blocks, each against only the keys at or before its end: causal masking
     # makes the rest zero, so this skips nearly half the work, and each block's scores stay
     # small enough to be cache-friendly.
@@ -176,10 +180,10 @@ def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax
     for start in range(0, t, block):
         end = min(start + block, t) if cfg.causal else t
         stop = min(start + block, t)
-        outs.append(_attend(q[:, start:stop], k[:, :end], v[:, :end], mask[:, start:stop, :end],
-                            cfg))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out.reshape(b, t, cfg.q_size) @ p["wo"], (k, v)
+        outs.append(_attend(qh[:, :, :, start:stop], kh[:, :, :end], vh[:, :, :end],
+                            mask[:, start:stop, :end], cfg))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, T, Dh]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.q_size) @ p["wo"], (k, v)
 
 
 def attention_block(t: int) -> int:
@@ -189,15 +193,19 @@ def attention_block(t: int) -> int:
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig
             ) -> jax.Array:
-    """q: [B, C, K, G, Dh] against k, v: [B, S, K, Dh] under mask [B, C, S] -> [B, C, K, G, Dh]."""
+    """q: [B, K, G, C, Dh] against k, v: [B, K, S, Dh] under mask [B, C, S] -> [B, K, G, C, Dh]."""
     # Scores and softmax in float32: bf16 loses the tail of the distribution at long T.
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * cfg.query_scale
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, C, S]
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    # The softmax's division is applied to the [C, Dh] output rather than the [C, S] weights:
+    # one pass fewer over the largest array here.
+    e = jnp.exp(scores - scores.max(axis=-1, keepdims=True))  # [B, K, G, C, S]
+    out = jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig
