@@ -78,6 +78,8 @@ from jaxembed.weights.loader import Checkpoint
 log = logging.getLogger("jaxembed.engine")
 
 DEFAULT_MAX_BATCH_TOKENS = 8192
+# An embedding step's inputs, in the order the compiled step takes them.
+STEP_INPUTS = ("tokens", "positions", "segment_ids", "seq_index", "last_index", "first_index")
 # On a CPU a step's activations should stay in cache: with SmolLM2 on two cores, 1024-token steps
 # embed about 20% more tokens/s than 8192-token ones (bench/, interleaved runs), and 512 to 1536
 # are level. Accelerators want large steps.
@@ -690,7 +692,14 @@ class LLMEngine:
             shapes = [(1, t) for t in self.buckets.lengths if t <= 128]
         for rows, length in shapes:
             step = Step.empty(rows, length, self.buckets.seq_slots(rows, length))
-            jax.block_until_ready(self._run(step))
+            if self._channel is not None:  # a multi-host leader: the followers compile as they run
+                jax.block_until_ready(self._run(step))
+                continue
+            # Compiled ahead of time, not run: the compiled step lands in the same caches a call
+            # reads, and running it would cost a forward pass per shape (about 0.2 s each for
+            # SmolLM2 on a CPU) before the server may answer.
+            a = self._put(self._step_arrays(step))
+            self._pooled.lower(self.params, *(a[k] for k in STEP_INPUTS)).compile()
 
     def pause(self) -> None:
         """Hold the engine before its next step; a step already running finishes first. Work can
@@ -1257,8 +1266,7 @@ class LLMEngine:
     def _apply_step(self, kind: str, arrays: dict[str, Any], static: dict[str, int]) -> Any:
         a = self._put(arrays)
         if kind == EMBED:
-            return self._pooled(self.params, a["tokens"], a["positions"], a["segment_ids"],
-                                a["seq_index"], a["last_index"], a["first_index"])
+            return self._pooled(self.params, *(a[k] for k in STEP_INPUTS))
         if kind == PREFILL:
             state, *out = self._prefill(self.params, self._ensure_gen_state(), a["tokens"],
                                         a["positions"], a["segment_ids"], a["slots"],
@@ -1305,10 +1313,11 @@ class LLMEngine:
     # ---- the engine thread ---------------------------------------------------------------
 
     def _run(self, step: Step) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return self._device_step(EMBED, {
-            "tokens": step.tokens, "positions": step.positions, "segment_ids": step.segment_ids,
-            "seq_index": step.seq_index, "last_index": step.last_index,
-            "first_index": step.first_index})
+        return self._device_step(EMBED, self._step_arrays(step))
+
+    @staticmethod
+    def _step_arrays(step: Step) -> dict[str, np.ndarray]:
+        return {k: getattr(step, k) for k in STEP_INPUTS}
 
     def _loop(self) -> None:
         try:

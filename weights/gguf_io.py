@@ -72,6 +72,21 @@ class GGUFFile:
         self._pos += n
         return s
 
+    def _strings(self, count: int, key: str) -> list[str]:
+        """An array of strings (a vocabulary: 50k-260k entries), read in one tight loop: the
+        general per-value path costs about half a second per 100k strings."""
+        buf, pos, end, out = self._buf, self._pos, len(self._buf), []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            (n,) = length(buf, pos)
+            pos += 8
+            if pos + n > end:
+                raise ValueError(f"string in {key!r} of {n} bytes runs past the end of the file")
+            out.append(str(buf[pos : pos + n], "utf-8", "replace"))  # leniently, as _string
+            pos += n
+        self._pos = pos
+        return out
+
     def _value(self, vtype: int, key: str) -> Any:
         if vtype == _STRING:
             return self._string()
@@ -89,6 +104,8 @@ class GGUFFile:
                 arr = np.frombuffer(self._buf, fmt, count, self._pos)
                 self._pos += count * size
                 return arr.tolist()
+            if etype == _STRING:
+                return self._strings(count, key)
             return [self._value(etype, key) for _ in range(count)]
         raise WeightLoadError(self.path, f"metadata key {key!r} has unknown value type {vtype}")
 

@@ -8,11 +8,13 @@ near the size of the params themselves.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -208,8 +210,9 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
             filled[f"{stack}.{leaf}"] = np.zeros(shape[:2] if per_expert else shape[:1], bool)
     origin: dict[str, str] = {}
 
-    for file, (name, read) in tqdm(sources, desc=f"loading {label}", unit="tensor",
-                                   disable=not progress, leave=False):
+    for (file, (name, _)), read in tqdm(_read_ahead(sources), total=len(sources),
+                                        desc=f"loading {label}", unit="tensor",
+                                        disable=not progress, leave=False):
         if any(p.fullmatch(name) for p in ignored):
             continue
         match = next(((r, m) for r in rules if (m := r.pattern.fullmatch(name))), None)
@@ -256,6 +259,27 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
         params.setdefault(stack, {})[leaf] = place((stack, leaf), buffers.pop(key))
     jax.block_until_ready(params)
     return params
+
+
+Source = tuple[Path, tuple[str, Callable[[], np.ndarray]]]  # (file, (tensor name, read))
+
+
+def _read_ahead(sources: Sequence[Source], ahead: int = 4
+                ) -> Iterator[tuple[Source, Callable[[], np.ndarray]]]:
+    """Each source with a `read` whose array a worker thread has already begun to produce, a few
+    tensors ahead: dequantizing (numpy, which releases the GIL) overlaps the copying into the
+    stacked buffers, which takes about as long. A bounded window keeps at most `ahead` extra
+    tensors in memory. Errors come out of `read`, in order."""
+    with ThreadPoolExecutor(1, thread_name_prefix="jaxembed-read") as pool:
+        window: collections.deque[tuple[Source, Future[np.ndarray]]] = collections.deque()
+        for src in sources:
+            window.append((src, pool.submit(src[1][1])))
+            if len(window) > ahead:
+                done, future = window.popleft()
+                yield done, future.result
+        while window:
+            done, future = window.popleft()
+            yield done, future.result
 
 
 def _place(file: Path, name: str, target: str, m: re.Match[str], array: np.ndarray,
