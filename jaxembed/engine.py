@@ -78,12 +78,12 @@ from jaxembed.weights.loader import Checkpoint
 log = logging.getLogger("jaxembed.engine")
 
 DEFAULT_MAX_BATCH_TOKENS = 8192
-# An embedding step's inputs, in the order the compiled step takes them.
-STEP_INPUTS = ("tokens", "positions", "segment_ids", "seq_index", "last_index", "first_index")
 # On a CPU a step's activations should stay in cache: with SmolLM2 on two cores, 1024-token steps
 # embed about 20% more tokens/s than 8192-token ones (bench/, interleaved runs), and 512 to 1536
 # are level. Accelerators want large steps.
 DEFAULT_MAX_BATCH_TOKENS_CPU = 1024
+# An embedding step's inputs, in the order the compiled step takes them.
+STEP_INPUTS = ("tokens", "positions", "segment_ids", "seq_index", "last_index", "first_index")
 DEFAULT_MAX_MODEL_LEN = 8192
 # On a CPU every slot of the KV cache costs host memory, and long contexts are slow anyway.
 DEFAULT_MAX_MODEL_LEN_CPU = 2048

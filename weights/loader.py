@@ -261,17 +261,14 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
     return params
 
 
-Source = tuple[Path, tuple[str, Callable[[], np.ndarray]]]  # (file, (tensor name, read))
-
-
-def _read_ahead(sources: Sequence[Source], ahead: int = 4
-                ) -> Iterator[tuple[Source, Callable[[], np.ndarray]]]:
+def _read_ahead(sources: Sequence[tuple[Path, SourceTensor]], ahead: int = 4
+                ) -> Iterator[tuple[tuple[Path, SourceTensor], Callable[[], np.ndarray]]]:
     """Each source with a `read` whose array a worker thread has already begun to produce, a few
     tensors ahead: dequantizing (numpy, which releases the GIL) overlaps the copying into the
     stacked buffers, which takes about as long. A bounded window keeps at most `ahead` extra
     tensors in memory. Errors come out of `read`, in order."""
     with ThreadPoolExecutor(1, thread_name_prefix="jaxembed-read") as pool:
-        window: collections.deque[tuple[Source, Future[np.ndarray]]] = collections.deque()
+        window: collections.deque[tuple[tuple[Path, SourceTensor], Future[np.ndarray]]] = collections.deque()
         for src in sources:
             window.append((src, pool.submit(src[1][1])))
             if len(window) > ahead:
