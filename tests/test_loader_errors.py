@@ -13,7 +13,12 @@ import pytest
 
 from jaxembed.config import UnsupportedModelError
 from jaxembed.weights.errors import WeightLoadError
-from jaxembed.weights.loader import load_checkpoint
+from jaxembed.weights.loader import (
+    NUMPY_DTYPES,
+    XLA_CPU_ALIGNMENT,
+    aligned_empty,
+    load_checkpoint,
+)
 
 from tiny_models import write_llama_gguf
 
@@ -156,3 +161,14 @@ def test_gguf_unsupported_architecture(tmp_path):
     w.close()
     with pytest.raises(UnsupportedModelError, match="'bert'.*supported"):
         load_checkpoint(path, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1,), (0, 4), (30, 576, 1536)])
+def test_host_buffers_are_aligned_for_zero_copy_placement(shape: tuple[int, ...], dtype: str
+                                                           ) -> None:
+    a = aligned_empty(shape, NUMPY_DTYPES[dtype])
+    assert a.shape == shape and a.dtype == NUMPY_DTYPES[dtype] and a.flags.c_contiguous
+    assert a.ctypes.data % XLA_CPU_ALIGNMENT == 0 or a.size == 0  # (no data to align)
+    a[...] = 1  # writable, and all of it is there
+    assert float(a.astype(np.float32).sum()) == a.size

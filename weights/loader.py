@@ -58,12 +58,33 @@ class Checkpoint:
         return self.path.stem if self.path.suffix == ".gguf" else self.path.name
 
 
+# XLA's CPU client adopts a host array as a device buffer without copying it when the data is
+# 64-byte aligned; numpy only promises 16. Loading into aligned buffers saves a copy of the whole
+# model (and the page faults of its fresh memory) at start-up: about 0.4 s for SmolLM2.
+XLA_CPU_ALIGNMENT = 64
+
 # A source tensor: its name and a thunk that reads (and dequantizes) it only when needed.
 SourceTensor = tuple[str, Callable[[], np.ndarray]]
 # How a filled param leaf goes onto devices: (its path in the params tree, its host array).
 Place = Callable[[tuple[str, ...], np.ndarray], jax.Array]
 # Given the model's config (known only once loading has begun), how to place its leaves.
 Placement = Callable[[ModelConfig], Place]
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized host array whose data starts on an `XLA_CPU_ALIGNMENT` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + XLA_CPU_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % XLA_CPU_ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`array` in `dtype`, copied into an aligned buffer (never a view of a mapped file)."""
+    out = aligned_empty(array.shape, dtype)
+    out[...] = array
+    return out
 
 
 def _default_place(key: tuple[str, ...], array: np.ndarray) -> jax.Array:
@@ -205,7 +226,7 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
     top: dict[str, np.ndarray] = {}
     for stack in ("layers", "mlp", "moe"):
         for leaf, (shape, axes) in shapes.get(stack, {}).items():
-            buffers[f"{stack}.{leaf}"] = np.empty(shape, dtype)
+            buffers[f"{stack}.{leaf}"] = aligned_empty(shape, dtype)
             per_expert = axes[1] == "experts" and len(shape) == 4
             filled[f"{stack}.{leaf}"] = np.zeros(shape[:2] if per_expert else shape[:1], bool)
     origin: dict[str, str] = {}
@@ -233,7 +254,7 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
                 if target in top:
                     raise WeightLoadError(file, f"set twice (also by {origin[target]})", name)
                 _check_shape(file, name, array.shape, shapes[target][0])
-                top[target] = np.asarray(array, dtype)
+                top[target] = _aligned(array, dtype)
                 origin[target] = name
 
     file = sources[0][0] if sources else Path(label)
