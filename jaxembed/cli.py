@@ -64,10 +64,7 @@ def _builder(args: argparse.Namespace, **extra: object) -> EngineBuilder:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from jaxembed.fetch import resolve_model
-    from jaxembed.server import create_app
 
     # Resolved up front so a mistyped path fails at once rather than after the port is bound.
     args.model = str(resolve_model(args.model))
@@ -89,6 +86,12 @@ def serve(args: argparse.Namespace) -> int:
             input_type=InputType(args.default_input_type) if args.default_input_type else None))
     if args.process_id != 0:
         return follow(builder)
+    # Loading starts before the web stack is imported and the port bound, which overlap it.
+    loading = builder.build_in_background()
+    import uvicorn
+
+    from jaxembed.server import create_app
+
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -98,7 +101,7 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     # The app answers at once (503 until the model is loaded and warm; see /health).
-    app = create_app(builder, max_body_bytes=args.max_body_bytes,
+    app = create_app(loading, max_body_bytes=args.max_body_bytes,
                      api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                      cors_origins=args.cors_origin, request_timeout=args.request_timeout or None,
                      playground=not args.no_playground, on_load_error=load_failed)

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import jax
@@ -171,12 +172,13 @@ class EngineHost:
 
     Given an engine, the app serves it at once. Given a builder, the app answers from the start
     (503 with Retry-After, /health included) while a thread loads the weights and compiles the
-    warm-up steps, so orchestrators see the process alive but not ready.
+    warm-up steps, so orchestrators see the process alive but not ready. Given a build already
+    started (`EngineBuilder.build_in_background`), it answers the same way until that is done.
     """
 
-    def __init__(self, source: LLMEngine | EngineBuilder, *, owned: bool,
+    def __init__(self, source: LLMEngine | EngineBuilder | Future[LLMEngine], *, owned: bool,
                  on_load_error: Callable[[BaseException], None] | None = None) -> None:
-        self._builder = source if isinstance(source, EngineBuilder) else None
+        self._builder = source if isinstance(source, EngineBuilder | Future) else None
         self.engine: LLMEngine | None = None if self._builder is not None else source
         # An engine the app built is the app's to stop; a given one only when asked.
         self.owned = owned or self._builder is not None
@@ -194,7 +196,10 @@ class EngineHost:
     def _build(self) -> None:
         assert self._builder is not None
         try:
-            engine = self._builder.build()
+            if isinstance(self._builder, Future):  # a build already under way
+                engine = self._builder.result()
+            else:
+                engine = self._builder.build()
         except BaseException as e:  # reported to the owner (the CLI exits); the app answers 503
             log.exception("the model failed to load")
             self.error = e
@@ -456,7 +461,7 @@ def _version() -> str:
         return "0"
 
 
-def create_app(source: LLMEngine | EngineBuilder, *,
+def create_app(source: LLMEngine | EngineBuilder | Future[LLMEngine], *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                api_key: str | None = None,
                cors_origins: Sequence[str] = (),
@@ -464,7 +469,8 @@ def create_app(source: LLMEngine | EngineBuilder, *,
                shutdown_engine: bool = False,
                playground: bool = True,
                on_load_error: Callable[[BaseException], None] | None = None) -> Litestar:
-    """An app serving an engine, or one it builds at startup from an `EngineBuilder`.
+    """An app serving an engine, or one it builds at startup from an `EngineBuilder`, or one
+    whose build is under way (a future from `EngineBuilder.build_in_background`).
 
     shutdown_engine: the app owns a given engine and stops it when the server shuts down (an
         engine the app built is always its own); otherwise the caller keeps it (tests, notebooks).

@@ -437,11 +437,13 @@ class GatedBuilder(EngineBuilder):
         return super().build()
 
 
-def test_health_is_503_until_loaded_and_warm(tiny_llama_dir: Path) -> None:
+# `jaxembed serve` starts the build before the app exists and hands the app its future.
+@pytest.mark.parametrize("started", [False, True], ids=["builder", "build_in_background"])
+def test_health_is_503_until_loaded_and_warm(tiny_llama_dir: Path, started: bool) -> None:
     gate = threading.Event()
     builder = GatedBuilder(gate, model=tiny_llama_dir, dtype="float32", max_batch_tokens=512,
                            progress=False, compilation_cache=False)
-    app = create_app(builder)
+    app = create_app(builder.build_in_background() if started else builder)
     host = app.state.engine_host
     with TestClient(app) as c:
         for path in ("/health", "/v1/models"):
@@ -460,11 +462,13 @@ def test_health_is_503_until_loaded_and_warm(tiny_llama_dir: Path) -> None:
     assert not engine.ready  # the app built it, so the app shut it down
 
 
-def test_failed_load_is_reported(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("started", [False, True], ids=["builder", "build_in_background"])
+def test_failed_load_is_reported(tiny_llama_dir: Path, started: bool) -> None:
     gate = threading.Event()
     gate.set()
     errors: list[BaseException] = []
-    app = create_app(GatedBuilder(gate, fail=True, model=tiny_llama_dir),
+    builder = GatedBuilder(gate, fail=True, model=tiny_llama_dir)
+    app = create_app(builder.build_in_background() if started else builder,
                      on_load_error=errors.append)
     with TestClient(app) as c:
         wait_for(lambda: bool(errors), "the load to fail")
