@@ -119,7 +119,8 @@ class EngineBuilder:
         future: Future[LLMEngine | ReplicaRouter] = Future()
 
         def run() -> None:
-            future.set_running_or_notify_cancel()
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled before it began
             try:
                 future.set_result(self.build())
             except BaseException as e:  # the waiting side reports it
