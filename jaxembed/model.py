@@ -210,19 +210,20 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mode
 
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig
                 ) -> jax.Array:
-    """One query per row: q [B, 1, K, G, Dh] against k, v [B, S, K, Dh] -> [B, 1, K, G, Dh].
+    """One query per row: q [B, 1, K, G, Dh] against k, v [B, S, K, Dh] under mask [B, 1, S]
+    -> [B, 1, K, G, Dh].
 
-    As products and sums rather than matmuls: each (row, kv head) would be a [G, Dh] x [Dh, S]
-    product, far too small for a matmul kernel, while a fused multiply-reduce streams the cache
-    once (and XLA can fold the cache gather into it)."""
-    qf = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
-    scores = (qf[:, None] * k.astype(jnp.float32)[:, :, :, None]).sum(-1)  # [B, S, K, G]
-    scores = scores * cfg.query_scale
+    As batched products over (row, kv head), each [G, Dh] x [Dh, S]: on a CPU these beat a fused
+    multiply-reduce over the cache by 2-3x for one row and 1.3x for 16 (SmolLM2, KV length 256
+    to 1024), small as the products are."""
+    scores = jnp.einsum("bkgd,bskd->bkgs", q[:, 0], k,
+                        preferred_element_type=jnp.float32) * cfg.query_scale  # [B, K, G, S]
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=1)  # over S
-    out = (probs[..., None] * v.astype(jnp.float32)[:, :, :, None]).sum(1)  # [B, K, G, Dh]
+    scores = jnp.where(mask[:, 0, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)  # over S
+    out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)  # [B, K, G, Dh]
     return out[:, None].astype(q.dtype)
 
 
