@@ -1272,7 +1272,8 @@ class LLMEngine:
                                         a["positions"], a["segment_ids"], a["slots"],
                                         a["last_col"], a["rows"])
         elif kind == DECODE:
-            state, *out = self._decode(self.params, self._decode_layers, self._ensure_gen_state(),
+            gen_state = self._ensure_gen_state()  # first: it also makes the per-layer weights
+            state, *out = self._decode(self.params, self._decode_layers, gen_state,
                                        a["tokens"], a["positions"], a["slots"], a["rows"],
                                        kv_len=static["kv_len"])
         else:

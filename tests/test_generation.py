@@ -88,6 +88,22 @@ def test_steady_serving_does_not_compile(smollm2_engine: LLMEngine) -> None:
     assert e.stats_snapshot().compilations == before
 
 
+def test_generation_warm_up_compiles_every_decode_shape(tiny_llama_dir: Path) -> None:
+    """On a fresh engine (no prompt has run yet, so no cache exists), then nothing compiles."""
+    e = EngineBuilder(model=tiny_llama_dir, warmup=False, progress=False, compilation_cache=False,
+                      max_num_seqs=2, max_model_len=256).build()
+    try:
+        e.warmup_generation()
+        before = e.stats_snapshot().compilations
+        assert before >= len(e.decode_rows) * len(e.decode_lengths)
+        for prompt, n in (("hello", 5), ("a somewhat longer prompt than that", 3)):
+            r = e.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True)
+            assert len(r.choices[0].token_ids) == n
+        assert e.stats_snapshot().compilations == before
+    finally:
+        e.shutdown()
+
+
 def test_seeded_sampling_repeats_alone_and_among_others(smollm2_engine: LLMEngine) -> None:
     e = smollm2_engine
     kw: dict[str, Any] = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16,
