@@ -213,9 +213,9 @@ def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: 
     """One query per row: q [B, 1, K, G, Dh] against k, v [B, S, K, Dh] under mask [B, 1, S]
     -> [B, 1, K, G, Dh].
 
-    As batched products over (row, kv head), each [G, Dh] x [Dh, S]: on a CPU these beat a fused
-    multiply-reduce over the cache by 2-3x for one row and 1.3x for 16 (SmolLM2, KV length 256
-    to 1024), small as the products are."""
+    As batched products over (row, kv head), each [G, Dh] x [Dh, S]: small as they are, on a CPU
+    they beat a fused multiply-reduce over the cache (SmolLM2: 2-3x for one row at KV length 256
+    to 1024, 1.3x for 16 rows at 256; level or slower for 16 rows at 1024)."""
     scores = jnp.einsum("bkgd,bskd->bkgs", q[:, 0], k,
                         preferred_element_type=jnp.float32) * cfg.query_scale  # [B, K, G, S]
     if cfg.attn_softcap:

@@ -178,10 +178,11 @@ class EngineHost:
 
     def __init__(self, source: LLMEngine | EngineBuilder | Future[LLMEngine], *, owned: bool,
                  on_load_error: Callable[[BaseException], None] | None = None) -> None:
-        self._builder = source if isinstance(source, EngineBuilder | Future) else None
-        self.engine: LLMEngine | None = None if self._builder is not None else source
+        # What the engine comes from while there is none yet: a builder, or a build under way.
+        self._source = source if isinstance(source, EngineBuilder | Future) else None
+        self.engine: LLMEngine | None = None if self._source is not None else source
         # An engine the app built is the app's to stop; a given one only when asked.
-        self.owned = owned or self._builder is not None
+        self.owned = owned or self._source is not None
         self.error: BaseException | None = None
         self.draining = False
         self._on_load_error = on_load_error
@@ -189,17 +190,17 @@ class EngineHost:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._builder is not None and self.engine is None and self._thread is None:
+        if self._source is not None and self.engine is None and self._thread is None:
             self._thread = threading.Thread(target=self._build, name="jaxembed-load", daemon=True)
             self._thread.start()
 
     def _build(self) -> None:
-        assert self._builder is not None
+        assert self._source is not None
         try:
-            if isinstance(self._builder, Future):  # a build already under way
-                engine = self._builder.result()
+            if isinstance(self._source, Future):  # a build already under way
+                engine = self._source.result()
             else:
-                engine = self._builder.build()
+                engine = self._source.build()
         except BaseException as e:  # reported to the owner (the CLI exits); the app answers 503
             log.exception("the model failed to load")
             self.error = e
