@@ -2,6 +2,7 @@
 
     python -m bench.run [--texts 512] [--model PATH] [--peers transformers,llamacpp]
                         [--workloads throughput,http,coldstart] [--out bench/results]
+                        [--rounds 3]
                         [--tokens 128] [--streams 16] [--gen-repeat 3]
                         [--gen-warmup workload|full]
 
@@ -15,6 +16,9 @@ same run: transformers (torch CPU, fp32, the same weights dequantized from the s
 length-sorted batches at its best batch size), llama.cpp through llama-cpp-python (the same
 GGUF), and a roofline (the FLOP/s of a large fp32 matrix product in the
 same process, best of numpy and JAX). Figures are reported as ratios to peers from this run.
+In (a) every engine is loaded and warmed up first, then their timed passes alternate for
+`--rounds` rounds (the roofline measured at the start of each), so a drift in the machine's speed
+during the run reaches every peer alike; each peer's figure is its best pass.
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ import numpy as np
 from bench import generation
 from bench.memory import peak_memory
 from bench.peers import (
+    Prepared,
+    interleave,
     jaxembed_peer,
     llamacpp_peer,
     roofline_flops,
+    round_ratios,
     transformers_peer,
     useful_flops,
 )
@@ -79,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", default=None, help="also write this markdown page")
     parser.add_argument("--plot", default=None,
                         help="also draw the throughput figures against the peers (a PNG)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="throughput: timed passes per peer, alternated between the peers")
     parser.add_argument("--http-requests", type=int, default=640,
                         help="HTTP: timed requests per server (after an untimed half as many)")
     parser.add_argument("--tokens", type=int, default=128,
@@ -110,28 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": model.name, "texts": len(texts),
     }
     if "throughput" in workloads:
-        r["roofline_flops"] = roofline_flops()
-        ours = jaxembed_peer(model, texts)
-        cfg = ours.pop("_cfg")
-        lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
-        useful, arithmetic = useful_flops(cfg, lengths)
-        ours["useful_flops_per_s"] = useful / ours["run_s"]
-        ours["roofline_fraction"] = ours["useful_flops_per_s"] / r["roofline_flops"]["best"]
-        ours["flops_arithmetic"] = f"{arithmetic} in {ours['run_s']:.2f} s"
-        r["jaxembed"] = ours
-        if "transformers" in peers:
-            r["transformers"] = transformers_peer(model, texts, args.threads)
-        if "llamacpp" in peers:
-            try:
-                r["llamacpp"] = llamacpp_peer(model, texts, args.threads)
-            except ImportError:
-                r["llamacpp"] = {"skipped": "llama-cpp-python is not installed (pip install "
-                                 "-e '.[bench]')"}
-        for name in ("transformers", "llamacpp"):
-            peer = r.get(name, {})
-            if "tokens_per_s" in peer:
-                peer["cosine_vs_jaxembed_min"] = _cosines(ours["_vectors"], peer["_vectors"])
-                peer["jaxembed_speedup"] = ours["tokens_per_s"] / peer["tokens_per_s"]
+        r.update(throughput(model, tokenizer, texts, peers, args.threads, args.rounds))
     if "http" in workloads:
         sentences = make_sentences()
         r["http"] = http_throughput(model, sentences, requests=args.http_requests)
@@ -172,6 +160,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def throughput(model: Path, tokenizer: Any, texts: list[str], peers: set[str], threads: int,
+               rounds: int) -> dict[str, Any]:
+    """(a) and (d): every engine loaded and warmed up, then their timed passes alternated."""
+    prepared: dict[str, Prepared] = {}
+    skipped = {}
+    try:
+        prepared["jaxembed"] = jaxembed_peer(model, texts)
+        if "transformers" in peers:
+            prepared["transformers"] = transformers_peer(model, texts, threads)
+        if "llamacpp" in peers:
+            try:
+                prepared["llamacpp"] = llamacpp_peer(model, texts, threads)
+            except ImportError:
+                skipped["llamacpp"] = {"skipped": "llama-cpp-python is not installed (pip "
+                                       "install -e '.[bench]')"}
+        results, roofs = interleave(prepared, rounds, probe=lambda: roofline_flops(repeat=3))
+    finally:
+        for p in prepared.values():
+            p.close()
+    ours = results["jaxembed"]
+    cfg = ours.pop("_cfg")
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
+    useful, arithmetic = useful_flops(cfg, lengths)
+    # The roofline is the best product rate seen in any round: the machine's peak in this run.
+    roof = {k: max(p[k] for p in roofs) for k in roofs[0]}
+    ours["useful_flops_per_s"] = useful / ours["run_s"]
+    ours["roofline_fraction"] = ours["useful_flops_per_s"] / roof["best"]
+    ours["roofline_fraction_rounds"] = [useful / t / p["best"]
+                                        for t, p in zip(ours["run_s_passes"], roofs, strict=True)]
+    ours["flops_arithmetic"] = f"{arithmetic} in {ours['run_s']:.2f} s"
+    out: dict[str, Any] = {"roofline_flops": roof, "roofline_rounds": roofs, "jaxembed": ours,
+                           **skipped}
+    for name in ("transformers", "llamacpp"):
+        if name in results:
+            peer = results[name]
+            peer["cosine_vs_jaxembed_min"] = _cosines(ours["_vectors"], peer["_vectors"])
+            peer["jaxembed_speedup"] = ours["tokens_per_s"] / peer["tokens_per_s"]
+            peer["jaxembed_speedup_rounds"] = round_ratios(ours["run_s_passes"],
+                                                           peer["run_s_passes"])
+            out[name] = peer
+    return out
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     corpus = f"{r['texts']} texts of 8-512 tokens, " if "jaxembed" in r or "http" in r else ""
@@ -187,15 +218,20 @@ def markdown(r: dict[str, Any]) -> str:
             peer = r.get(name)
             if peer and "tokens_per_s" in peer:
                 extra = f", batch {peer['best_batch']}" if "best_batch" in peer else ""
+                passes = peer.get("jaxembed_speedup_rounds", [])
+                by_round = (f"; pass by pass {' / '.join(f'{x:.2f}' for x in passes)}"
+                            if len(passes) > 1 else "")
                 lines.append(f"| {label}{extra} | {peer['tokens_per_s']:.0f} | "
                              f"{peer['jaxembed_speedup']:.2f}x (pooled cosine "
-                             f"{peer['cosine_vs_jaxembed_min']:.5f}) |")
+                             f"{peer['cosine_vs_jaxembed_min']:.5f}{by_round}) |")
             elif peer:
                 lines.append(f"| {label} | skipped: {peer['skipped']} | |")
         roof = r["roofline_flops"]["best"]
+        fractions = " / ".join(f"{f:.0%}" for f in ours.get("roofline_fraction_rounds", []))
         lines += ["", "| other figures | jaxembed | peer |", "|---|---|---|",
                   f"| roofline fraction | {ours['roofline_fraction']:.0%} of {roof / 1e9:.0f} "
-                  "GFLOP/s (fp32 matmul, same process) | |",
+                  f"GFLOP/s (fp32 matmul, same process, best of the rounds); pass by pass "
+                  f"against each round's own: {fractions} | |",
                   f"| padding waste | {ours['padding_waste']:.1%} | |",
                   f"| recompilations after warm-up | {ours['recompilations_after_warmup']} | |"]
         load_peers = [f"{n} {r[n]['load_s']:.1f} s" for n in ("transformers", "llamacpp")
