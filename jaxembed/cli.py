@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-request-tokens", type=int, default=None,
                    help="most tokens in one request, all inputs together (default: no limit)")
     p.add_argument("--request-timeout", type=float, default=120.0,
-                   help="seconds a request may take before it is cancelled with 503; "
-                        "0 for no limit (default: 120)")
+                   help="seconds an embedding request may take, and a generation may go "
+                        "without a token, before it is cancelled with 503; 0 for no limit "
+                        "(default: 120)")
     p.add_argument("--cors-origin", action="append", default=[],
                    help="an origin browsers may call from (repeatable; '*' for any); "
                         "default: no CORS")

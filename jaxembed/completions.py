@@ -126,8 +126,14 @@ def _token_text(engine: LLMEngine, token: int) -> str:
 class Completions:
     """The two generation routes of one engine."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, idle_timeout: float | None = None) -> None:
         self.engine = engine
+        self.idle_timeout = idle_timeout  # see GenerationStream.idle_timeout
+
+    def _submit(self, ids: np.ndarray, params: SamplingParams) -> GenerationStream:
+        stream = self.engine.submit_generation(ids, params, asyncio.get_running_loop())
+        stream.idle_timeout = self.idle_timeout
+        return stream
 
     # ---- /v1/completions ----
 
@@ -148,11 +154,10 @@ class Completions:
         ids = [await asyncio.to_thread(engine.prepare_prompt, p) for p in prompts]
         echoes = [engine.tokenizer.decode(list(map(int, i)), skip_special_tokens=True)
                   if req.echo else "" for i in ids]
-        loop = asyncio.get_running_loop()
         streams: list[GenerationStream] = []
         try:
             for i in ids:
-                streams.append(engine.submit_generation(i, params, loop))
+                streams.append(self._submit(i, params))
         except EngineError:
             for s in streams:
                 s.cancel()
@@ -260,7 +265,7 @@ class Completions:
                 e.param = param
                 e.message = e.message.replace("'max_tokens'", f"'{param}'")
             raise
-        return model, engine.submit_generation(ids, params, asyncio.get_running_loop())
+        return model, self._submit(ids, params)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         model, stream = await self._start_chat(req)

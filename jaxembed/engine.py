@@ -469,7 +469,7 @@ class LLMEngine:
             return ()
         return tuple(sorted({*st.matryoshka_dimensions, self.embedding_size}))
 
-    def _resolve_prompt(self, request: EmbeddingRequest) -> str | None:
+    def _resolve_prompt(self, request: EmbeddingRequest | TokenizeRequest) -> str | None:
         """The prompt text for a request: its own `instruction`, `prompt_name` or `input_type`
         (at most one), else the server's default, else the model's default prompt."""
         given = [f for f in ("instruction", "prompt_name", "input_type")
@@ -595,13 +595,16 @@ class LLMEngine:
                 self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def tokenize_request(self, request: TokenizeRequest) -> TokenizeResponse:
-        """`/tokenize`: the ids the embedding path would feed for the prompt, untruncated."""
+        """`/tokenize`: the ids the embedding path would feed for the prompt, untruncated: with
+        the instruction or named prompt it would prepend (the request's, else the defaults)."""
         self.resolve_model(request.model)
         if not isinstance(request.prompt, str):
             raise InvalidRequestError(f"'prompt' must be a string; got {type(request.prompt).__name__}",
                                       param="prompt", code="invalid_type")
         _check_text(request.prompt, "prompt")
-        ids = self.tokenize([request.prompt], bool(request.add_special_tokens))[0]
+        prefix = self._resolve_prompt(request)
+        text = request.prompt if prefix is None else prefix + request.prompt
+        ids = self.tokenize([text], bool(request.add_special_tokens))[0]
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
 
     def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:

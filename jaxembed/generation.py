@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from jaxembed.errors import InvalidRequestError
+from jaxembed.errors import InvalidRequestError, RequestTimeoutError
 
 # Roles a chat message may take.
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -93,6 +93,10 @@ class GenerationStream:
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop else None
         self._cancelled = threading.Event()
         self._open = n
+        # Async readers only: seconds without a delta before the request is cancelled (None:
+        # wait forever). A limit on silence, not on length: under overload a request may wait
+        # for a slot, and an answer that keeps coming may rightly take minutes.
+        self.idle_timeout: float | None = None
 
     # ---- the engine's side ----
 
@@ -141,7 +145,15 @@ class GenerationStream:
         assert self._async is not None, "this stream was made for a thread; iterate it plainly"
         try:
             while True:
-                item = await self._async.get()
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        item = await self._async.get()
+                except TimeoutError:
+                    raise RequestTimeoutError(
+                        f"no token came within this server's limit of {self.idle_timeout:g} s "
+                        "(the server is busy: the request waited for a free sequence slot) and "
+                        "the request was cancelled; retry later or on another replica"
+                    ) from None
                 if item is self._END:
                     return
                 if isinstance(item, BaseException):

@@ -124,6 +124,11 @@ class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prompt: str
     model: str = "default"
     add_special_tokens: bool = True
+    # The embeddings route's prompt fields, resolved as it resolves them (with the server's and
+    # the model's defaults), so the ids include any prompt that route would prepend.
+    prompt_name: str | None = None
+    instruction: str | None = None
+    input_type: InputType | None = None
 
 
 class TokenizeResponse(msgspec.Struct, kw_only=True):

@@ -357,14 +357,16 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
             "x-inference-time": f"{timing.inference_seconds * 1e3:.3f}",
         })
 
-    # Generation has no deadline: an answer may rightly take minutes. A client that leaves
-    # (mid-stream too) stops its generation and frees its slots.
+    # Generation's limit is on silence, not on length: a request that gets no token for
+    # `timeout` seconds (waiting for a slot under overload) is cancelled, while an answer that
+    # keeps coming may rightly take minutes. A client that leaves (mid-stream too) stops its
+    # generation and frees its slots.
     @post("/v1/completions", status_code=200, summary="Create a completion", tags=["generation"],
           responses=_errors(400, 401, 404, 413, 415, 429, 500, 503))
     async def create_completion(request: Request) -> Response[CompletionResponse] | Stream:
         engine = host.get()
         req = decode_body(await _read_json(request, deadline(), timeout), CompletionRequest)
-        completions = Completions(engine)
+        completions = Completions(engine, timeout)
         if req.stream:
             return _event_stream(await completions.completion_stream(req))
         return Response(await _while_connected(request, completions.completion(req), None, None))
@@ -375,7 +377,7 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
                                      ) -> Response[ChatCompletionResponse] | Stream:
         engine = host.get()
         req = decode_body(await _read_json(request, deadline(), timeout), ChatCompletionRequest)
-        completions = Completions(engine)
+        completions = Completions(engine, timeout)
         if req.stream:
             return _event_stream(await completions.chat_stream(req))
         return Response(await _while_connected(request, completions.chat(req), None, None))

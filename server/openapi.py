@@ -63,6 +63,25 @@ def input_schema() -> Schema:
     )
 
 
+def _prompt_fields() -> dict[str, Schema]:
+    """The fields that choose a prompt to prepend, shared by the embeddings and tokenize bodies."""
+    return {
+        "prompt_name": _optional(
+            Schema(type=OpenAPIType.STRING),
+            "One of the model's named prompts (its sentence-transformers 'prompts'), prepended to "
+            "each text input; '' for none. Unset: the server's default, else the model's default "
+            "prompt, else none. At most one of 'prompt_name', 'instruction' and 'input_type'."),
+        "instruction": _optional(
+            Schema(type=OpenAPIType.STRING, min_length=1),
+            "A task instruction, placed before each text input by the model's instruction "
+            "template (Qwen3-Embedding: 'Instruct: {instruction}\\nQuery:{text}'); a model with "
+            "no known template answers 400."),
+        "input_type": _enum(
+            "input_type", "'query' or 'document': use the model's prompt for that kind of input "
+            "(none if the model has no such prompt). Unset: the server's default, if any."),
+    }
+
+
 def embedding_request_schema() -> Schema:
     properties = {
         "input": input_schema(),
@@ -89,19 +108,7 @@ def embedding_request_schema() -> Schema:
             "Keep only the last this many tokens of each input (the special tokens the "
             "tokenizer adds stay), or -1 for the model's limit; usage counts what was kept. "
             "Unset: the server's default, else over-long inputs are refused."),
-        "prompt_name": _optional(
-            Schema(type=OpenAPIType.STRING),
-            "One of the model's named prompts (its sentence-transformers 'prompts'), prepended to "
-            "each text input; '' for none. Unset: the server's default, else the model's default "
-            "prompt, else none. At most one of 'prompt_name', 'instruction' and 'input_type'."),
-        "instruction": _optional(
-            Schema(type=OpenAPIType.STRING, min_length=1),
-            "A task instruction, placed before each text input by the model's instruction "
-            "template (Qwen3-Embedding: 'Instruct: {instruction}\\nQuery:{text}'); a model with "
-            "no known template answers 400."),
-        "input_type": _enum(
-            "input_type", "'query' or 'document': use the model's prompt for that kind of input "
-            "(none if the model has no such prompt). Unset: the server's default, if any."),
+        **_prompt_fields(),
         "user": Schema(one_of=[Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.NULL)],
                        description="Accepted for compatibility with OpenAI's API; unused."),
     }
@@ -126,6 +133,8 @@ def tokenize_request_schema() -> Schema:
         "add_special_tokens": Schema(type=OpenAPIType.BOOLEAN, default=True,
                                      description="Add the special tokens (e.g. BOS) the "
                                                  "embedding path adds."),
+        # The ids then include the prompt the embeddings route would prepend.
+        **_prompt_fields(),
     }
     assert set(properties) == set(TokenizeRequest.__struct_fields__)
     return Schema(type=OpenAPIType.OBJECT, title="TokenizeRequest", properties=properties,

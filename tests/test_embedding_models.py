@@ -17,11 +17,13 @@ from typing import Any
 import families as F
 import numpy as np
 import pytest
+from litestar.testing import TestClient
 from safetensors.numpy import save_file
 
 from jaxembed import EmbeddingRequest, EngineBuilder, InvalidRequestError, LLMEngine
 from jaxembed.protocol import EmbeddingDefaults, EmbeddingType
 from jaxembed.scheduler import Buckets, plan_step
+from jaxembed.server import create_app
 from jaxembed.st_config import read_sentence_transformers
 
 from parity import cosine
@@ -225,6 +227,66 @@ def test_the_eos_token_is_appended_and_kept(qwen):
         ids = engine.tokenize([text])[0]
         assert ids[-1] == engine.checkpoint.tokenizer.tokenizer.token_to_id(EOS)
         assert ids == model.tokenizer(text)["input_ids"]
+
+
+def test_server_flags_override_the_model_config_and_requests_override_both(qwen):
+    engine, model = qwen  # the model's config: last token, normalized
+    served = LLMEngine(engine.checkpoint, max_batch_tokens=512,
+                       defaults=EmbeddingDefaults(embedding_type=EmbeddingType.Mean,
+                                                  normalize=False))
+    try:
+        by_flags = served.encode(TEXTS)
+        np.testing.assert_allclose(by_flags, engine.encode(TEXTS, "mean", normalize=False),
+                                   rtol=1e-5, atol=1e-6)
+        assert differs(by_flags, st_encode(model, TEXTS))
+        assert np.abs(np.linalg.norm(by_flags, axis=-1) - 1).max() > 1e-3
+        # A request's own fields win over the server's flags.
+        assert_same(served.encode(TEXTS, "last", normalize=True), st_encode(model, TEXTS))
+    finally:
+        served.shutdown()
+
+
+def test_truncation_keeps_the_appended_eos(qwen):
+    engine, model = qwen
+    eos = engine.checkpoint.tokenizer.tokenizer.token_to_id(EOS)
+    text = TEXTS[1]
+    ids = engine.tokenize([text])[0]
+    resp = engine.embed(EmbeddingRequest(input=[text], truncate_prompt_tokens=5))
+    kept = engine.prepare([text], truncate=5).sequences[0].tolist()
+    assert kept == ids[-5:] and kept[-1] == eos and resp.usage.prompt_tokens == 5
+    # What was embedded is those five ids, the EOS last (the token this model pools).
+    alone = engine.embed(EmbeddingRequest(input=[kept]))
+    np.testing.assert_allclose(resp.data[0].embedding, alone.data[0].embedding, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_tokenize_includes_the_prompt_the_embeddings_route_prepends(gemma):
+    engine, _ = gemma
+    served = LLMEngine(engine.checkpoint, max_batch_tokens=512,
+                       defaults=EmbeddingDefaults(prompt_name="query"))
+    text = TEXTS[0]
+
+    def ids(prefix: str) -> list[int]:
+        return engine.tokenize([prefix + text])[0]
+
+    try:
+        with TestClient(create_app(served)) as c:
+            def tokens(**fields: Any) -> list[int]:
+                r = c.post("/tokenize", json={"prompt": text, **fields})
+                assert r.status_code == 200, r.text
+                return r.json()["tokens"]
+
+            assert tokens() == ids(GEMMA_PROMPTS["query"])  # the server's default prompt
+            assert tokens(prompt_name="document") == ids(GEMMA_PROMPTS["document"])
+            assert tokens(input_type="document") == ids(GEMMA_PROMPTS["document"])
+            assert tokens(prompt_name="") == ids("")
+            # The embeddings route embeds exactly those ids: its usage counts them.
+            r = c.post("/v1/embeddings", json={"input": text})
+            assert r.json()["usage"]["prompt_tokens"] == len(ids(GEMMA_PROMPTS["query"]))
+            r = c.post("/tokenize", json={"prompt": text, "prompt_name": "nope"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_name"
+    finally:
+        served.shutdown()
 
 
 # ---- parity with sentence-transformers -------------------------------------------------------

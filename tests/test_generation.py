@@ -3,6 +3,7 @@ stops, cancellation, the OpenAI routes with the official client, and bad input."
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import time
@@ -352,6 +353,53 @@ def test_bad_generation_input(client: TestClient, route: str, body: dict, param:
 def test_still_serves_after_bad_input(client: TestClient) -> None:
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_generation_that_gets_no_token_in_time_is_cancelled(smollm2_engine: LLMEngine
+                                                              ) -> None:
+    engine = smollm2_engine
+    # No step runs while paused: no token comes.
+    with TestClient(create_app(engine, request_timeout=0.3)) as c, engine.paused():
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+        err = assert_openai_error(r, 503)
+        assert err["code"] == "timeout" and "0.3 s" in err["message"]
+        r = c.post("/v1/chat/completions",
+                   json={"messages": CHAT, "max_tokens": 4, "stream": True})
+        assert r.status_code == 200  # the stream had begun: the error is its last event
+        events = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "timeout"
+        assert r.text.rstrip().endswith("data: [DONE]")
+    wait_idle(engine)  # both were cancelled: no slot is held
+    assert engine.generate("hi", max_tokens=2, ignore_eos=True).choices[0].token_ids
+
+
+def test_the_generation_limit_is_on_silence_not_length() -> None:
+    from jaxembed.errors import RequestTimeoutError
+    from jaxembed.generation import Delta, GenerationStream
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        steady = GenerationStream(1, 3, loop)
+        steady.idle_timeout = 0.5
+
+        def produce() -> None:  # 30 tokens 50 ms apart: 1.5 s in all, three times the limit
+            for i in range(30):
+                time.sleep(0.05)
+                steady.push(Delta(0, "x", (i,), finish_reason="length" if i == 29 else None))
+
+        producer = loop.run_in_executor(None, produce)
+        start = time.perf_counter()
+        got = [d async for d in steady]
+        await producer
+        assert len(got) == 30 and time.perf_counter() - start > 1.0  # and no timeout
+        silent = GenerationStream(1, 3, loop)
+        silent.idle_timeout = 0.2
+        with pytest.raises(RequestTimeoutError, match="0.2 s"):
+            [d async for d in silent]
+        assert silent.cancelled  # the engine frees its slot at its next step
+
+    asyncio.run(main())
 
 
 def test_a_model_without_chat_template_serves_completions_only(gemma3_path: Path) -> None:

@@ -352,6 +352,115 @@ def test_other_statuses_have_openai_shape(guarded: TestClient) -> None:
     assert guarded.get("/v1/models", headers=AUTH).status_code == 200
 
 
+def test_one_sentence_clients_are_served_in_a_few_batched_steps(tiny_engine: LLMEngine) -> None:
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=1024, max_queued_requests=128)
+    sentences = [" ".join(WORDS[i % 7 : i % 7 + 3 + i % 5]) for i in range(64)]
+    want = tiny_engine.encode(sentences)
+
+    async def main(base: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=60,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            with engine.paused():
+                calls = [asyncio.ensure_future(client.post(URL, json={"input": s}))
+                         for s in sentences]
+                while engine.queue_depth < len(sentences):  # all 64 queued
+                    await asyncio.sleep(0.01)
+                before = engine.stats_snapshot().steps
+            out = await asyncio.gather(*calls)
+            assert engine.stats_snapshot().steps - before <= 2, "64 sentences fit 1024 tokens"
+            return out
+
+    try:
+        with serve(create_app(engine)) as (base, _, _):
+            responses = asyncio.run(main(base))
+    finally:
+        engine.shutdown()
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        invariant(vectors(r.json()), want[i : i + 1])
+
+
+def test_a_request_of_2048_inputs_is_split_not_refused(tiny_engine: LLMEngine) -> None:
+    texts = [f"{WORDS[i % len(WORDS)]} item {i}" for i in range(2048)]
+    before = tiny_engine.stats_snapshot().steps
+    with TestClient(create_app(tiny_engine)) as c:
+        r = c.post(URL, json={"input": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["index"] for d in body["data"]] == list(range(2048))
+    assert tiny_engine.stats_snapshot().steps - before > 1  # 512-token steps: split
+    sample = [0, 1, 777, 2047]
+    invariant(vectors(body)[sample], tiny_engine.encode([texts[i] for i in sample]))
+
+
+def test_request_token_limit_over_http(tiny_engine: LLMEngine) -> None:
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_request_tokens=24)
+    try:
+        with TestClient(create_app(engine)) as c:
+            for body in ({"input": "fox " * 40}, {"input": ["fox dog"] * 20}):
+                err = assert_openai_error(c.post(URL, json=body), 400, "request_too_large")
+                assert err["param"] == "input" and "24" in err["message"]
+            assert c.post(URL, json={"input": ["fox dog", "lazy"]}).status_code == 200
+    finally:
+        engine.shutdown()
+
+
+def test_draining_answers_503_with_retry_after(tiny_engine: LLMEngine) -> None:
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512)
+    try:
+        app = create_app(engine)
+        with TestClient(app) as c:
+            assert c.post(URL, json={"input": "before"}).status_code == 200
+            asyncio.run(app.state.engine_host.stop())  # what the app's shutdown runs first
+            for r in (c.post(URL, json={"input": "during"}), c.get("/health")):
+                assert_openai_error(r, 503, "draining")
+                assert int(r.headers["retry-after"]) >= 1
+        engine.shutdown()  # an engine stopped under a running app: the same answer
+        with TestClient(create_app(engine)) as c:
+            r = c.post(URL, json={"input": "after"})
+            assert_openai_error(r, 503, "draining")
+            assert int(r.headers["retry-after"]) >= 1
+    finally:
+        engine.shutdown()
+
+
+def test_schema_and_its_docs_page(tiny_engine: LLMEngine) -> None:
+    with TestClient(create_app(tiny_engine)) as c:
+        page = c.get("/schema")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        spec = c.get("/schema/openapi.json").json()
+        assert {URL, "/tokenize", "/v1/chat/completions"} <= set(spec["paths"])
+
+
+def test_serve_binds_loopback_by_default_and_passes_its_limits(
+        monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path) -> None:
+    import concurrent.futures
+
+    import jaxembed.server
+
+    seen: dict[str, Any] = {}
+
+    def started(builder: EngineBuilder) -> concurrent.futures.Future:
+        seen["builder"] = builder
+        return concurrent.futures.Future()  # nothing is loaded
+
+    def app(source: Any, **kwargs: Any) -> object:
+        seen["app"] = kwargs
+        return object()
+
+    monkeypatch.setattr(EngineBuilder, "build_in_background", started)
+    monkeypatch.setattr(jaxembed.server, "create_app", app)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server: seen.update(config=server.config))
+    argv = ["serve", "--model", str(tiny_llama_dir), "--max-request-tokens", "77",
+            "--max-queued-requests", "9", "--max-body-bytes", "1234", "--request-timeout", "7"]
+    assert main(argv) == 0
+    assert seen["config"].host == "127.0.0.1"
+    b = seen["builder"]
+    assert (b.max_request_tokens, b.max_queued_requests) == (77, 9)
+    assert seen["app"]["max_body_bytes"] == 1234 and seen["app"]["request_timeout"] == 7
+    assert seen["app"]["cors_origins"] == []  # CORS only when asked for
+
+
 # ---- overload, disconnects, timeouts ---------------------------------------------------------
 
 
