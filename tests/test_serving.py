@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -649,7 +650,19 @@ def test_sigterm_drains_and_exits_zero(tiny_llama_dir: Path) -> None:
         r = httpx.post(f"{base}{URL}", json={"input": "hello"}, headers=AUTH, timeout=60)
         assert r.status_code == 200, r.text
         assert httpx.post(f"{base}{URL}", json={"input": "x"}, timeout=60).status_code == 401
-        proc.send_signal(signal.SIGTERM)
+        # Two large requests in flight (hundreds of steps, seconds) when the signal comes: both
+        # finish before the process exits.
+        big = {"input": [f"{i} " + "fox dog " * 50 for i in range(2048)]}
+        with ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(httpx.post, f"{base}{URL}", json=big, headers=AUTH, timeout=300)
+                     for _ in range(2)]
+            wait_for(lambda: scrape(httpx.get(f"{base}/metrics", headers=AUTH).text,
+                                    "jaxembed_queue_depth") == 2, "both requests to be queued")
+            proc.send_signal(signal.SIGTERM)
+            for call in calls:
+                r = call.result()
+                assert r.status_code == 200, r.text
+                assert len(r.json()["data"]) == 2048
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
