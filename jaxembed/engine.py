@@ -976,9 +976,15 @@ class LLMEngine:
         stream = await self.agenerate_stream(prompt, params, **fields)
         return stream.collect([d async for d in stream])
 
+    def prefill_rows(self, prompts: int, length: int) -> int:
+        """Rows of a prefill step for that many prompts: powers of two, as decode steps, so a
+        burst of requests admitted in groups of any size meets shapes that warm-up compiled."""
+        cap = self.buckets.max_rows(length)
+        return min(next((b for b in self.decode_rows if b >= prompts), cap), cap)
+
     def warmup_generation(self) -> None:
-        """Compile every decode shape (slots x KV length) and single-prompt prefills up to 128
-        tokens, so that steady generation never waits for the compiler."""
+        """Compile every decode shape (slots x KV length) and the prefills of prompts up to 128
+        tokens in any group size, so that steady generation never waits for the compiler."""
         for rows in self.decode_rows:
             for kv_len in self.decode_lengths:
                 z = np.zeros(rows, np.int32)
@@ -989,11 +995,12 @@ class LLMEngine:
         for length in self.buckets.lengths:
             if length > 128:
                 break
-            z = np.zeros((1, length), np.int32)
-            self._device_step(PREFILL, {"tokens": z, "positions": z, "segment_ids": z,
-                                        "slots": np.full(1, self.max_num_seqs, np.int32),
-                                        "last_col": np.zeros(1, np.int32),
-                                        "rows": sampling.row_arrays([None])})
+            for rows in sorted({self.prefill_rows(n, length) for n in self.decode_rows}):
+                z = np.zeros((rows, length), np.int32)
+                self._device_step(PREFILL, {"tokens": z, "positions": z, "segment_ids": z,
+                                            "slots": np.full(rows, self.max_num_seqs, np.int32),
+                                            "last_col": np.zeros(rows, np.int32),
+                                            "rows": sampling.row_arrays([None] * rows)})
         self._gen_state = jax.block_until_ready(self._gen_state)
 
     # ---- generation on the engine thread ---------------------------------------------------
@@ -1055,7 +1062,7 @@ class LLMEngine:
         for _ in batch:
             self._gen_waiting.popleft()
         length = self.buckets.length_for(longest)
-        rows = self.buckets.rows_for(len(batch), length)
+        rows = self.prefill_rows(len(batch), length)
         tokens = np.zeros((rows, length), np.int32)
         positions = np.zeros((rows, length), np.int32)
         segments = np.zeros((rows, length), np.int32)

@@ -100,6 +100,12 @@ def test_generation_warm_up_compiles_every_decode_shape(tiny_llama_dir: Path) ->
         for prompt, n in (("hello", 5), ("a somewhat longer prompt than that", 3)):
             r = e.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True)
             assert len(r.choices[0].token_ids) == n
+        # Two prompts admitted together (queued while paused): a two-row prefill, warmed too.
+        with e.paused():
+            pair = [e.submit_generation(e.prepare_prompt(p), e.sampling_params(
+                temperature=0, max_tokens=2, ignore_eos=True)) for p in ("one", "two")]
+        assert all(len(s.collect(list(s)).choices[0].token_ids) == 2 for s in pair)
+        assert e.stats.prefill_steps == 3
         assert e.stats_snapshot().compilations == before
     finally:
         e.shutdown()
