@@ -325,7 +325,11 @@ async def _while_connected(request: Request, work: Awaitable[T], deadline: float
                                      return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        task.cancel()  # no-op once done; otherwise (client gone, timeout, our own cancellation)
+        if not task.done():  # the client left, the deadline passed, or we were cancelled
+            task.cancel()
+            # Until the cancellation has reached the engine's queue: once the answer (503, or
+            # nothing for a client that left) goes out, the work is already withdrawn.
+            await asyncio.wait({task})
     if task in done:
         return task.result()
     if gone in done:
