@@ -100,13 +100,14 @@ def round_ratios(a: list[float], b: list[float]) -> list[float]:
     return [tb / ta for ta, tb in zip(a, b, strict=False)]
 
 
-def jaxembed_peer(model: Path, texts: list[str], dtype: str = "float32") -> Prepared:
+def jaxembed_peer(model: Path, texts: list[str], dtype: str = "float32",
+                  embed_matmul_dtype: str | None = None) -> Prepared:
     from jaxembed import EngineBuilder
     from jaxembed.weights.loader import load_checkpoint
 
     load_s = timed(lambda: load_checkpoint(model, progress=False), repeat=3)
     engine = EngineBuilder(model=model, dtype=dtype, progress=False, warmup=False,
-                           compilation_cache=False).build()
+                           compilation_cache=False, embed_matmul_dtype=embed_matmul_dtype).build()
     try:
         tokens = sum(len(t) for t in engine.tokenize(texts))
         vectors = engine.encode(texts[:16])

@@ -43,6 +43,9 @@ class EngineBuilder:
         (ending with `{text}`); None: the family's known template, if any.
     max_num_seqs: sequences generated at once, each with its own KV cache rows (None: 16 on a
         CPU, 64 on an accelerator).
+    embed_matmul_dtype: "bfloat16" to run embeddings' projections in bfloat16 over float32
+        activations (a CPU with bf16 dot instructions runs them at twice the fp32 rate), from a
+        bfloat16 copy of those weights; generation keeps float32. None: the weights' own dtype.
     tensor_parallel: devices one model is sharded over (a mesh with one `tensor` axis: heads,
         kv heads, MLP width and experts split across it). Across several processes joined by
         `jax.distributed` it must be every device of all of them.
@@ -61,6 +64,7 @@ class EngineBuilder:
     attention: str | None = None
     instruction_template: str | None = None
     max_num_seqs: int | None = None
+    embed_matmul_dtype: str | None = None
     tensor_parallel: int = 1
     data_parallel: int = 1
     warmup: bool = True
@@ -99,7 +103,7 @@ class EngineBuilder:
                 max_queued_requests=self.max_queued_requests,
                 max_request_tokens=self.max_request_tokens, defaults=self.defaults,
                 instruction_template=self.instruction_template, max_num_seqs=self.max_num_seqs,
-                sharding=sharding, channel=channel))
+                embed_matmul_dtype=self.embed_matmul_dtype, sharding=sharding, channel=channel))
         # A multi-host follower compiles and runs only the steps its leader sends, warm-up
         # included: a step run on its own would wait forever for the other processes.
         if self.warmup and (channel is None or channel.leader):

@@ -276,14 +276,30 @@ class LLMEngine:
                  defaults: EmbeddingDefaults | None = None,
                  instruction_template: str | None = None,
                  max_num_seqs: int | None = None,
+                 embed_matmul_dtype: str | None = None,
                  sharding: ShardingPlan | None = None,
                  channel: multihost.StepChannel | None = None) -> None:
         """sharding: the mesh the params were placed on (by that plan); the engine places its
         step inputs and KV cache there too. None: everything on the default device.
-        channel: on a multi-host run, where the leader sends each step (see `follow`)."""
+        channel: on a multi-host run, where the leader sends each step (see `follow`).
+        embed_matmul_dtype: "bfloat16" to run the embedding path's projections (attention and
+        MLP weights) in bfloat16 over float32 activations, from a bfloat16 copy of those weights;
+        generation keeps the float32 weights."""
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
+        self.embed_matmul_dtype = embed_matmul_dtype
+        self._embed_params = self.params
+        if embed_matmul_dtype is not None:
+            if embed_matmul_dtype != "bfloat16":
+                raise ValueError(f"embed_matmul_dtype must be 'bfloat16' (or unset); got "
+                                 f"{embed_matmul_dtype!r}")
+            if checkpoint.dtype != "float32":
+                raise ValueError(f"embed_matmul_dtype needs float32 weights to narrow; these are "
+                                 f"{checkpoint.dtype}: load them as float32")
+            # A CPU with bf16 dot instructions multiplies these at twice the fp32 rate; norms,
+            # attention and the residual stream stay float32 (see model.linear).
+            self._embed_params = model.with_projection_dtype(self.params, jnp.bfloat16)
         self.tokenizer = checkpoint.tokenizer.tokenizer
         # A sentence-transformers folder says how the model is meant to be used; its settings
         # are the model's defaults (a plain causal LM has none: mean pooling, no normalization).
@@ -702,7 +718,7 @@ class LLMEngine:
             # reads, and running it would cost a forward pass per shape (about 0.2 s each for
             # SmolLM2 on a CPU) before the server may answer.
             a = self._put(self._step_arrays(step))
-            self._pooled.lower(self.params, *(a[k] for k in STEP_INPUTS)).compile()
+            self._pooled.lower(self._embed_params, *(a[k] for k in STEP_INPUTS)).compile()
 
     def pause(self) -> None:
         """Hold the engine before its next step; a step already running finishes first. Work can
@@ -1276,7 +1292,7 @@ class LLMEngine:
     def _apply_step(self, kind: str, arrays: dict[str, Any], static: dict[str, int]) -> Any:
         a = self._put(arrays)
         if kind == EMBED:
-            return self._pooled(self.params, *(a[k] for k in STEP_INPUTS))
+            return self._pooled(self._embed_params, *(a[k] for k in STEP_INPUTS))
         if kind == PREFILL:
             state, *out = self._prefill(self.params, self._ensure_gen_state(), a["tokens"],
                                         a["positions"], a["segment_ids"], a["slots"],

@@ -144,13 +144,37 @@ def attention_masks(segment_ids: jax.Array, cfg: ModelConfig) -> tuple[jax.Array
     return full, same & jnp.asarray(seen & (np.abs(i - j) < cfg.sliding_window))[None]
 
 
+# The weights `linear` multiplies (attention projections and dense MLPs), by params group.
+PROJECTIONS = {"layers": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_down")}
+
+
+def with_projection_dtype(params: Params, dtype: Any) -> Params:
+    """params with the projection weights cast to dtype; every other array is shared as is."""
+    out = dict(params)
+    for group, names in PROJECTIONS.items():
+        if group in params:
+            out[group] = {n: a.astype(dtype) if n in names else a
+                          for n, a in params[group].items()}
+    return out
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] @ w [D, N]. A weight kept in a narrower type than the activations (bfloat16
+    under float32) is multiplied in its type and accumulated in the activations': a CPU with
+    bf16 dot instructions runs those products at twice the fp32 rate, while norms, attention and
+    the residual stream stay in fp32."""
+    if w.dtype == x.dtype:
+        return x @ w
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=x.dtype)
+
+
 def project_qkv(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: ModelConfig
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Queries [B, T, K, G, Dh] and keys, values [B, T, K, Dh], rope applied."""
     b, t, _ = x.shape
     k_heads, dh = cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // k_heads
-    q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]  # [B, T, H*Dh], [B, T, K*Dh] x2
+    q, k, v = linear(x, p["wq"]), linear(x, p["wk"]), linear(x, p["wv"])  # [B,T,H*Dh], [B,T,K*Dh]
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = q.reshape(b, t, cfg.num_heads, dh)
@@ -183,7 +207,7 @@ def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax
         outs.append(_attend(qh[:, :, :, start:stop], kh[:, :, :end], vh[:, :, :end],
                             mask[:, start:stop, :end], cfg))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, T, Dh]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.q_size) @ p["wo"], (k, v)
+    return linear(out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.q_size), p["wo"]), (k, v)
 
 
 def attention_block(t: int) -> int:
@@ -233,7 +257,7 @@ def _act(x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Gated MLP: down(act(gate(x)) * up(x))."""
-    return (_act(x @ p["w_gate"], cfg) * (x @ p["w_up"])) @ p["w_down"]
+    return linear(_act(linear(x, p["w_gate"]), cfg) * linear(x, p["w_up"]), p["w_down"])
 
 
 def moe(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -478,7 +502,7 @@ def decode(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: 
                 out_kv = (ck, cv)
             # Only the cache in use is read: its first kv_len positions.
             out = _attend_one(q, keys.astype(q.dtype), values.astype(q.dtype), mask, cfg)
-            return out.reshape(q.shape[0], 1, cfg.q_size) @ layer["wo"], out_kv
+            return linear(out.reshape(q.shape[0], 1, cfg.q_size), layer["wo"]), out_kv
 
         h, kv = decoder_layer(layer, ffn, kind, h, attend, cfg)
         return h, kv, None

@@ -7,6 +7,7 @@ import base64
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -236,6 +237,30 @@ def test_plan_step_packs_mixed_lengths_with_little_padding():
     # The same sequences one per row, as a planner that did not pack would place them.
     unpacked = sum(buckets.length_for(n) for n in lengths)
     assert 1 - lengths.sum() / unpacked > 0.2
+
+
+def test_embeddings_with_bfloat16_projections(tiny_engine):
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512,
+                       embed_matmul_dtype="bfloat16")
+    try:
+        narrowed = engine._embed_params
+        for group, names in (("layers", ("wq", "wk", "wv", "wo")),
+                             ("mlp", ("w_gate", "w_up", "w_down"))):
+            for name in names:
+                assert narrowed[group][name].dtype == jnp.bfloat16
+                assert engine.params[group][name].dtype == jnp.float32  # generation's own
+        assert narrowed["embed"] is engine.params["embed"]  # the rest is shared, not copied
+        want, got = tiny_engine.encode(TEXTS), engine.encode(TEXTS)
+        cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert cos.min() > 0.999
+        assert np.abs(got - want).max() > 1e-6  # the narrow products did run
+        kw = dict(temperature=0, max_tokens=6, ignore_eos=True)
+        assert (engine.generate("hello there", **kw).choices[0].token_ids
+                == tiny_engine.generate("hello there", **kw).choices[0].token_ids)
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="'bfloat16'"):
+        LLMEngine(tiny_engine.checkpoint, embed_matmul_dtype="int8")
 
 
 # ---- the contract's extensions: normalize, dimensions, pooling choice, truncation, defaults ----
