@@ -70,7 +70,7 @@ def interleave(peers: dict[str, Prepared], rounds: int, probe: Callable[[], Any]
     separate windows are not compared on the same machine. Alternating their passes puts every
     peer in every period; the reversed order (A B, B A, A B) also cancels a steady drift between
     neighbours. `probe` (the roofline) runs at the start of each round; its results are returned.
-    Each peer's figure is its best pass, and `round_ratio` pairs come from adjacent passes.
+    Each peer's figure is its best pass; `round_ratios` pairs passes of the same round.
     """
     times: dict[str, list[float]] = {name: [] for name in peers}
     probes = []

@@ -1,6 +1,6 @@
 """Benchmark harness: jaxembed against its peers, measured side by side in one run.
 
-    python -m bench.run [--texts 512] [--model PATH] [--peers transformers,llamacpp]
+    python -m bench.run [--texts 512] [--model PATH] [--peers transformers,llamacpp,bf16]
                         [--workloads throughput,http,coldstart] [--out bench/results]
                         [--rounds 3]
                         [--tokens 128] [--streams 16] [--gen-repeat 3]

@@ -288,8 +288,7 @@ class LLMEngine:
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
-        self.embed_matmul_dtype = embed_matmul_dtype
-        self._embed_params = self.params
+        self._embed_params = self.params  # what embedding steps read
         if embed_matmul_dtype is not None:
             if embed_matmul_dtype != "bfloat16":
                 raise ValueError(f"embed_matmul_dtype must be 'bfloat16' (or unset); got "

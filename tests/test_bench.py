@@ -38,3 +38,23 @@ def test_report_names_the_http_peer_and_peak_memory(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     run.plot(RESULT, tmp_path / "perf.png")
     assert (tmp_path / "perf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interleaved_passes_alternate_and_pair_by_round() -> None:
+    from bench.peers import Prepared, interleave, round_ratios
+
+    order: list[str] = []
+
+    def peer(name: str, max_passes: int | None = None) -> Prepared:
+        return Prepared({"tokens": 100}, run=lambda: order.append(name),
+                        finish=lambda: {"finished": name}, max_passes=max_passes)
+
+    probes: list[int] = []
+    out, seen = interleave({"a": peer("a"), "b": peer("b"), "c": peer("c", max_passes=1)},
+                           rounds=3, probe=lambda: probes.append(1) or len(probes), pause_s=0)
+    # Round order a b c, then reversed (c has had its one pass), then a b again.
+    assert order == ["a", "b", "c", "b", "a", "a", "b"]
+    assert seen == [1, 2, 3]
+    assert len(out["a"]["run_s_passes"]) == 3 and len(out["c"]["run_s_passes"]) == 1
+    assert out["a"]["finished"] == "a" and out["a"]["tokens_per_s"] == 100 / out["a"]["run_s"]
+    assert round_ratios([1.0, 2.0, 4.0], [2.0, 2.0]) == [2.0, 1.0]
