@@ -150,9 +150,10 @@ class GenerationStream:
                         item = await self._async.get()
                 except TimeoutError:
                     raise RequestTimeoutError(
-                        f"no token came within this server's limit of {self.idle_timeout:g} s "
-                        "(the server is busy: the request waited for a free sequence slot) and "
-                        "the request was cancelled; retry later or on another replica"
+                        f"no token came within this server's limit of {self.idle_timeout:g} s, "
+                        "so the request was cancelled: the server is too busy (the request may "
+                        "have waited that long for a free sequence slot); retry later or on "
+                        "another replica"
                     ) from None
                 if item is self._END:
                     return
