@@ -1266,8 +1266,8 @@ class LLMEngine:
         if self.sharding is None:
             return kv
         return {n: jax.lax.with_sharding_constraint(
-            c, [cache_sharding(self.sharding, True)] * len(c) if isinstance(c, list)
-            else cache_sharding(self.sharding)) for n, c in kv.items()}
+            c, [cache_sharding(self.sharding, n, True)] * len(c) if isinstance(c, list)
+            else cache_sharding(self.sharding, n)) for n, c in kv.items()}
 
     def _put(self, arrays: dict[str, Any]) -> dict[str, Any]:
         """A step's host inputs, on the mesh (replicated) when there is one; otherwise as they

@@ -234,19 +234,20 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mode
 
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig
                 ) -> jax.Array:
-    """One query per row: q [B, 1, K, G, Dh] against k, v [B, S, K, Dh] under mask [B, 1, S]
-    -> [B, 1, K, G, Dh].
+    """One query per row: q [B, 1, K, G, Dh] against the cache's keys [B, K, Dh, S] and values
+    [B, K, S, Dh] under mask [B, 1, S] -> [B, 1, K, G, Dh].
 
-    As batched products over (row, kv head), each [G, Dh] x [Dh, S]: small as they are, on a CPU
-    they beat a fused multiply-reduce over the cache (SmolLM2: 2-3x for one row at KV length 256
-    to 1024, 1.3x for 16 rows at 256; level or slower for 16 rows at 1024)."""
-    scores = jnp.einsum("bkgd,bskd->bkgs", q[:, 0], k,
+    As batched products over (row, kv head), each [G, Dh] x [Dh, S] then [G, S] x [S, Dh]: small
+    as they are, on a CPU they beat a fused multiply-reduce over the cache (SmolLM2: 2-3x for one
+    row at KV length 256 to 1024, 1.3x for 16 rows at 256). The cache is laid out so that both
+    products read it as they find it, with no transposed copy (see `init_cache`)."""
+    scores = jnp.einsum("bkgd,bkds->bkgs", q[:, 0], k,
                         preferred_element_type=jnp.float32) * cfg.query_scale  # [B, K, G, S]
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     scores = jnp.where(mask[:, 0, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)  # over S
-    out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(v.dtype), v,
+    out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)  # [B, K, G, Dh]
     return out[:, None].astype(q.dtype)
 
@@ -402,20 +403,48 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids
 
 # ---- decoding with a KV cache ----------------------------------------------------------------
 #
-# The cache is {"k", "v"}: [L, S + 1, M, K, Dh] for S sequence slots of M tokens each. The extra
-# last slot is scratch: padding rows of a step write there, so a step's shape never depends on
-# how many slots are busy.
+# The cache is {"k", "v"}: keys [L, S + 1, K, Dh, M] and values [L, S + 1, K, M, Dh] for S
+# sequence slots of M tokens each. The extra last slot is scratch: padding rows of a step write
+# there, so a step's shape never depends on how many slots are busy. Heads come before positions,
+# and keys keep positions last, so that a decode step's two attention products (batched over row
+# and kv head) read the cache's first positions as they lie: in the [slot, M, K, Dh] order XLA
+# made a transposed copy of both every layer, a quarter of a 16-row SmolLM2 step.
+CACHE_ORDER = {"k": (0, 2, 3, 1), "v": (0, 2, 1, 3)}  # [S, T, K, Dh] -> the cache's order
 
 
 def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype: Any, per_layer: bool = False
                ) -> dict[str, Any]:
-    """Zeros; `per_layer`: a list of L buffers [S + 1, M, K, Dh] each (to go with
-    `split_layers`: XLA updates separate buffers in place where it would copy a stacked one)."""
+    """Zeros; `per_layer`: a list of L buffers [S + 1, ...] each (to go with `split_layers`: XLA
+    updates separate buffers in place where it would copy a stacked one)."""
+    k, d = cfg.num_kv_heads, cfg.head_dim
+    shapes = {"k": (slots + 1, k, d, max_len), "v": (slots + 1, k, max_len, d)}
     if per_layer:
-        shape = (slots + 1, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n in ("k", "v")}
-    shape = (cfg.num_layers, slots + 1, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+                for n, shape in shapes.items()}
+    return {n: jnp.zeros((cfg.num_layers, *shape), dtype) for n, shape in shapes.items()}
+
+
+def _cache_write(c: jax.Array, slots: jax.Array, pos: Any, x: jax.Array, name: str,
+                 lead: tuple = ()) -> jax.Array:
+    """c [*lead, S + 1, ...] with x written at (slots [B], positions pos), past the leading
+    indices `lead`: pos an int array [B] and x [B, 1, K, Dh]; or pos a slice of T positions and
+    x [*lead, B, T, K, Dh]."""
+    index = (*lead, slots, slice(None), slice(None), pos) if name == "k" else \
+        (*lead, slots, slice(None), pos)
+    if isinstance(pos, slice):
+        n = len(lead)
+        order = (*range(n), *(n + o for o in CACHE_ORDER[name]))
+        return c.at[index].set(x.transpose(order).astype(c.dtype))
+    # Index arrays apart from each other put their axis [B] first: x as [B, K, Dh].
+    return c.at[index].set(x[:, 0].astype(c.dtype))
+
+
+def _cache_read(c: jax.Array, slots: jax.Array, kv_len: int, name: str, lead: tuple = ()
+                ) -> jax.Array:
+    """The first kv_len positions of rows `slots`: keys [B, K, Dh, S], values [B, K, S, Dh]."""
+    if name == "k":
+        return c[(*lead, slots, slice(None), slice(None), slice(0, kv_len))]
+    return c[(*lead, slots, slice(None), slice(0, kv_len))]
 
 
 def prefill(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: jax.Array,
@@ -428,11 +457,12 @@ def prefill(params: Params, cache: dict[str, Any], tokens: jax.Array, positions:
     assert kv is not None
     t = tokens.shape[1]
     # The row's padding lands past its prompt: decoding overwrites it before anything reads it.
+    cols = slice(0, t)
     if isinstance(cache["k"], list):
-        cache = {n: [c.at[slots, :t].set(x[i].astype(c.dtype)) for i, c in enumerate(cache[n])]
+        cache = {n: [_cache_write(c, slots, cols, x[i], n) for i, c in enumerate(cache[n])]
                  for n, x in (("k", kv[0]), ("v", kv[1]))}
     else:
-        cache = {n: cache[n].at[:, slots, :t].set(x.astype(cache[n].dtype))
+        cache = {n: _cache_write(cache[n], slots, cols, x, n, lead=(slice(None),))
                  for n, x in (("k", kv[0]), ("v", kv[1]))}
     return cache, hidden[jnp.arange(hidden.shape[0]), last_col]
 
@@ -489,17 +519,19 @@ def decode(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: 
 
         def attend(y: jax.Array) -> tuple[jax.Array, tuple]:
             q, k, v = project_qkv(layer, y, cos, sin, cfg)
-            k, v = _with_scratch_row(k[:, 0]), _with_scratch_row(v[:, 0])  # [B + 1, K, Dh]
-            if isinstance(kv[0], list):  # a cache buffer per layer: [S + 1, M, K, Dh]
-                ck = kv[0][i].at[w_slots, w_pos].set(k.astype(kv[0][i].dtype))
-                cv = kv[1][i].at[w_slots, w_pos].set(v.astype(kv[1][i].dtype))
-                keys, values = ck[slots, :kv_len], cv[slots, :kv_len]  # [B, S, K, Dh]
+            k, v = _with_scratch_row(k), _with_scratch_row(v)  # [B + 1, 1, K, Dh]
+            if isinstance(kv[0], list):  # a cache buffer per layer: [S + 1, ...]
+                ck = _cache_write(kv[0][i], w_slots, w_pos, k, "k")
+                cv = _cache_write(kv[1][i], w_slots, w_pos, v, "v")
                 out_kv = ([*kv[0][:i], ck, *kv[0][i + 1:]], [*kv[1][:i], cv, *kv[1][i + 1:]])
-            else:  # the layers stacked: [L, S + 1, M, K, Dh]
-                ck = kv[0].at[i, w_slots, w_pos].set(k.astype(kv[0].dtype))
-                cv = kv[1].at[i, w_slots, w_pos].set(v.astype(kv[1].dtype))
-                keys, values = ck[i, slots, :kv_len], cv[i, slots, :kv_len]
+                lead = ()
+            else:  # the layers stacked: [L, S + 1, ...]
+                lead = (i,)
+                ck = _cache_write(kv[0], w_slots, w_pos, k, "k", lead=lead)
+                cv = _cache_write(kv[1], w_slots, w_pos, v, "v", lead=lead)
                 out_kv = (ck, cv)
+            keys = _cache_read(ck, slots, kv_len, "k", lead)  # [B, K, Dh, S]
+            values = _cache_read(cv, slots, kv_len, "v", lead)  # [B, K, S, Dh]
             # Only the cache in use is read: its first kv_len positions.
             out = _attend_one(q, keys.astype(q.dtype), values.astype(q.dtype), mask, cfg)
             return linear(out.reshape(q.shape[0], 1, cfg.q_size), layer["wo"]), out_kv

@@ -35,9 +35,10 @@ RULES: dict[str, str | None] = {
     "cache_len": None,  # KV cache positions
 }
 
-# The KV cache's axes (see `model.init_cache`): stacked [L, S + 1, M, K, Dh], or one buffer per
-# layer [S + 1, M, K, Dh]. It shards by kv heads, as the projections that fill it do.
-CACHE_AXES = ("layers", "slots", "cache_len", "kv_heads", "head_dim")
+# The KV cache's axes (see `model.init_cache`): stacked [L, S + 1, ...], or one buffer per layer
+# [S + 1, ...]. It shards by kv heads, as the projections that fill it do.
+CACHE_AXES = {"k": ("layers", "slots", "kv_heads", "head_dim", "cache_len"),
+              "v": ("layers", "slots", "kv_heads", "cache_len", "head_dim")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +121,10 @@ def replicated(p: ShardingPlan) -> NamedSharding:
     return NamedSharding(p.mesh, PartitionSpec())
 
 
-def cache_sharding(p: ShardingPlan, per_layer: bool = False) -> NamedSharding:
-    return p.sharding(CACHE_AXES[1:] if per_layer else CACHE_AXES)
+def cache_sharding(p: ShardingPlan, name: str, per_layer: bool = False) -> NamedSharding:
+    """The sharding of the cache's keys (name "k") or values ("v")."""
+    axes = CACHE_AXES[name]
+    return p.sharding(axes[1:] if per_layer else axes)
 
 
 def placement(mesh: Mesh) -> Callable[[ModelConfig], Callable[[tuple[str, ...], Any], jax.Array]]:

@@ -14,7 +14,7 @@ import families as F
 import pytest
 
 from jaxembed.config import ModelConfig
-from jaxembed.sharding import plan
+from jaxembed.sharding import CACHE_AXES, plan
 
 SCRIPT = Path(__file__).with_name("sharded_forward.py")
 ENGINE_SCRIPT = Path(__file__).with_name("sharded_engine.py")
@@ -91,8 +91,9 @@ def test_engine_embeds_and_generates_the_same_on_every_mesh(engine_report, famil
         kv_split = tp if tp <= 2 else 1
         assert p["wk"]["shard"][-1] == p["wk"]["shape"][-1] // kv_split, (tp, p["wk"])
         assert ("kv_heads" in row["replicated"]) == (tp == 4)
-        cache = row["cache"]
-        assert cache["devices"] == tp and cache["shard"][-2] == cache["shape"][-2] // kv_split
+        cache, heads = row["cache"], CACHE_AXES["k"].index("kv_heads")  # the stacked keys
+        assert cache["devices"] == tp
+        assert cache["shard"][heads] == cache["shape"][heads] // kv_split, (tp, cache)
         if "mlp.w_up" in p:  # column-parallel, then row-parallel
             assert p["mlp.w_up"]["shard"][-1] == p["mlp.w_up"]["shape"][-1] // tp
             assert p["mlp.w_down"]["shard"][1] == p["mlp.w_down"]["shape"][1] // tp
