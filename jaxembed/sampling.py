@@ -113,6 +113,15 @@ def thresholds(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(top_p < 1.0, thr_p, thr_k)
 
 
+def argmax(z: jax.Array) -> jax.Array:
+    """The first index of each row's largest value, z [B, V] -> [B] int32 (as jnp.argmax, for
+    rows without NaN). A max then a min over the indices where it occurs: two plain reductions,
+    which XLA's CPU backend vectorizes, where its fused (value, index) reduction of jnp.argmax
+    runs element by element (2 ms for 16 rows of SmolLM2's vocabulary, against 0.5)."""
+    top = z.max(-1, keepdims=True)
+    return jnp.where(z == top, jnp.arange(z.shape[-1], dtype=jnp.int32), z.shape[-1]).min(-1)
+
+
 def _draw(p: jax.Array, u: jax.Array) -> jax.Array:
     """Inverse-CDF draw from unnormalized p [B, V] with uniforms u [B, 2]: a block, then a token
     in it."""
@@ -142,7 +151,7 @@ def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str
     any_penalty = jnp.any((rows["repetition"] != 1) | (rows["frequency"] != 0)
                           | (rows["presence"] != 0))
     z = jax.lax.cond(any_penalty, lambda: penalize(logits, counts, seen, rows), lambda: logits)
-    greedy = z.argmax(-1)
+    greedy = argmax(z)
     temp = rows["temperature"]
     sampled_rows = temp > 0
 
