@@ -170,3 +170,15 @@ def test_incremental_text_never_splits_a_character(smollm2_engine) -> None:  # n
     assert "".join(pieces) == tok.decode(ids)
     # Each emoji arrives whole, in one piece.
     assert any("🙂" in p for p in pieces) and not any(p.endswith("\ud83d") for p in pieces)
+
+
+def test_argmax_is_the_first_index_of_the_largest():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((6, 1000)).astype(np.float32)
+    z[1, [7, 500]] = 9.0  # a tie: the first wins, as in np.argmax
+    z[2] = -np.inf
+    z[2, 999] = 0.0
+    z[3, 0] = np.inf
+    z[4] = 1.0  # every value tied
+    got = np.asarray(jax.jit(sampling.argmax)(jnp.asarray(z)))
+    assert got.tolist() == np.argmax(z, -1).tolist() and got[1] == 7
