@@ -267,6 +267,18 @@ class EmbeddingOptions:
     prompt: str | None = None  # prepended to each text input
 
 
+def _narrowing(value: str | None, name: str, checkpoint: Checkpoint) -> Any:
+    """The dtype a `*_matmul_dtype` argument asks projections to be multiplied in, or None."""
+    if value is None:
+        return None
+    if value != "bfloat16":
+        raise ValueError(f"{name} must be 'bfloat16' (or unset); got {value!r}")
+    if checkpoint.dtype != "float32":
+        raise ValueError(f"{name} needs float32 weights to narrow; these are "
+                         f"{checkpoint.dtype}: load them as float32")
+    return jnp.bfloat16
+
+
 class LLMEngine:
     def __init__(self, checkpoint: Checkpoint, *, max_model_len: int | None = None,
                  max_batch_tokens: int | None = None,
@@ -277,28 +289,25 @@ class LLMEngine:
                  instruction_template: str | None = None,
                  max_num_seqs: int | None = None,
                  embed_matmul_dtype: str | None = None,
+                 decode_matmul_dtype: str | None = None,
                  sharding: ShardingPlan | None = None,
                  channel: multihost.StepChannel | None = None) -> None:
         """sharding: the mesh the params were placed on (by that plan); the engine places its
         step inputs and KV cache there too. None: everything on the default device.
         channel: on a multi-host run, where the leader sends each step (see `follow`).
         embed_matmul_dtype: "bfloat16" to run the embedding path's projections (attention and
-        MLP weights) in bfloat16 over float32 activations, from a bfloat16 copy of those weights;
-        generation keeps the float32 weights."""
+        MLP weights) in bfloat16 over float32 activations, from a bfloat16 copy of those weights.
+        decode_matmul_dtype: the same for decode steps (their projections and the LM head);
+        prefills keep the weights' own dtype."""
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params
-        self._embed_params = self.params  # what embedding steps read
-        if embed_matmul_dtype is not None:
-            if embed_matmul_dtype != "bfloat16":
-                raise ValueError(f"embed_matmul_dtype must be 'bfloat16' (or unset); got "
-                                 f"{embed_matmul_dtype!r}")
-            if checkpoint.dtype != "float32":
-                raise ValueError(f"embed_matmul_dtype needs float32 weights to narrow; these are "
-                                 f"{checkpoint.dtype}: load them as float32")
-            # A CPU with bf16 dot instructions multiplies these at twice the fp32 rate; norms,
-            # attention and the residual stream stay float32 (see model.linear).
-            self._embed_params = model.with_projection_dtype(self.params, jnp.bfloat16)
+        # A CPU with bf16 dot instructions multiplies narrowed projections faster; norms,
+        # attention and the residual stream stay float32 (see model.linear).
+        self._embed_dtype = _narrowing(embed_matmul_dtype, "embed_matmul_dtype", checkpoint)
+        self._decode_dtype = _narrowing(decode_matmul_dtype, "decode_matmul_dtype", checkpoint)
+        self._embed_params = self.params if self._embed_dtype is None else \
+            model.with_projection_dtype(self.params, self._embed_dtype)  # what embed steps read
         self.tokenizer = checkpoint.tokenizer.tokenizer
         # A sentence-transformers folder says how the model is meant to be used; its settings
         # are the model's defaults (a plain causal LM has none: mean pooling, no normalization).
@@ -769,8 +778,12 @@ class LLMEngine:
         # Decode shapes: rows in powers of two, and cache lengths from 128 (below that the
         # attention is a sliver of a step that reads every weight), so that a server sees few
         # of them: each compiles in seconds on a CPU.
-        self.decode_rows = tuple(sorted({*(1 << i for i in range(self.max_num_seqs.bit_length())
-                                           if 1 << i <= self.max_num_seqs), self.max_num_seqs}))
+        self._row_counts = tuple(sorted({*(1 << i for i in range(self.max_num_seqs.bit_length())
+                                            if 1 << i <= self.max_num_seqs), self.max_num_seqs}))
+        # Narrowed decode weights take two rows at least: XLA's CPU product of a single bf16 row
+        # takes a slow path (SmolLM2: 150 ms a step, against 23 ms for two rows).
+        least = 1 if self._decode_dtype is None else 2
+        self.decode_rows = tuple(sorted({max(r, least) for r in self._row_counts}))
         self.decode_lengths = tuple(n for n in self.buckets.lengths
                                     if n >= min(128, self.max_model_len))
         bundle = self.checkpoint.tokenizer
@@ -788,6 +801,8 @@ class LLMEngine:
         # never holds one.
         self._gen_state: dict[str, Any] | None = None
         self._decode_layers: list[tuple[Any, Any]] | None = None
+        self._decode_params: Any = None  # the stacked weights decode steps read
+        self._decode_head: jax.Array | None = None  # a narrowed [D, V] output head
         self._free_slots = list(range(self.max_num_seqs))
         self._active: dict[int, _Seq] = {}
         self._gen_waiting: collections.deque[_Seq] = collections.deque()
@@ -812,23 +827,23 @@ class LLMEngine:
             return {"kv": self._constrain_kv(kv), **self._replicate(
                 {"counts": counts, "seen": seen})}, *self._replicate(out)
 
-        def decode(params: Any, layers: Any, state: dict[str, Any], tokens: jax.Array,
-                   positions: jax.Array, slots: jax.Array, rows: dict[str, jax.Array],
-                   kv_len: int) -> tuple[Any, ...]:
+        def decode(params: Any, layers: Any, head: Any, state: dict[str, Any],
+                   tokens: jax.Array, positions: jax.Array, slots: jax.Array,
+                   rows: dict[str, jax.Array], kv_len: int) -> tuple[Any, ...]:
             count_compile()
             kv, hidden = model.decode(params, state["kv"], tokens, positions, slots, kv_len, cfg,
                                       layers)
             # The fed token is the one drawn last step: it now counts for the penalties.
             counts = state["counts"].at[slots, tokens].add(1)
             seen = state["seen"].at[slots, tokens].set(True)
-            out = sampling.sample(model.logits(params, hidden, cfg), counts[slots], seen[slots],
-                                  rows)
+            out = sampling.sample(model.logits(params, hidden, cfg, head), counts[slots],
+                                  seen[slots], rows)
             return {"kv": self._constrain_kv(kv), **self._replicate(
                 {"counts": counts, "seen": seen})}, *self._replicate(out)
 
         # The state is donated: XLA updates the cache in place instead of copying it each step.
         self._prefill = jax.jit(prefill, donate_argnums=(1,))
-        self._decode = jax.jit(decode, donate_argnums=(2,), static_argnames=("kv_len",))
+        self._decode = jax.jit(decode, donate_argnums=(3,), static_argnames=("kv_len",))
 
     def _ensure_gen_state(self) -> dict[str, Any]:
         # Decoding reads every weight once per step: on a CPU it runs over per-layer copies,
@@ -836,8 +851,16 @@ class LLMEngine:
         # scans the stacked, sharded weights instead: the copies would need their own layouts,
         # and the trick is about one CPU's memory traffic, not about a mesh.
         one_device = self.sharding is None or self.sharding.mesh.size == 1
-        if self._decode_layers is None and jax.default_backend() == "cpu" and one_device:
-            self._decode_layers = model.split_layers(self.params, self.config)
+        if self._decode_params is None:
+            split = jax.default_backend() == "cpu" and one_device
+            narrow = self._decode_dtype
+            if split:
+                self._decode_layers = model.split_layers(self.params, self.config, narrow)
+            self._decode_params = self.params if split or narrow is None else \
+                model.with_projection_dtype(self.params, narrow)
+            if narrow is not None:  # transposed once here, not in every step
+                self._decode_head = jnp.asarray(
+                    model.output_head(self.params, self.config).astype(narrow))
         if self._gen_state is None:
             cfg, s = self.config, self.max_num_seqs
             dtype = self.params["embed"].dtype
@@ -995,7 +1018,7 @@ class LLMEngine:
         """Rows of a prefill step for that many prompts: powers of two, as decode steps, so a
         burst of requests admitted in groups of any size meets shapes that warm-up compiled."""
         cap = self.buckets.max_rows(length)
-        return min(next((b for b in self.decode_rows if b >= prompts), cap), cap)
+        return min(next((b for b in self._row_counts if b >= prompts), cap), cap)
 
     def warmup_generation(self) -> None:
         """Compile every decode shape (slots x KV length) and the prefills of prompts up to 128
@@ -1010,7 +1033,7 @@ class LLMEngine:
         for length in self.buckets.lengths:
             if length > 128:
                 break
-            for rows in sorted({self.prefill_rows(n, length) for n in self.decode_rows}):
+            for rows in sorted({self.prefill_rows(n, length) for n in self._row_counts}):
                 z = np.zeros((rows, length), np.int32)
                 self._device_step(PREFILL, {"tokens": z, "positions": z, "segment_ids": z,
                                             "slots": np.full(rows, self.max_num_seqs, np.int32),
@@ -1298,7 +1321,8 @@ class LLMEngine:
                                         a["last_col"], a["rows"])
         elif kind == DECODE:
             gen_state = self._ensure_gen_state()  # first: it also makes the per-layer weights
-            state, *out = self._decode(self.params, self._decode_layers, gen_state,
+            state, *out = self._decode(self._decode_params, self._decode_layers,
+                                       self._decode_head, gen_state,
                                        a["tokens"], a["positions"], a["slots"], a["rows"],
                                        kv_len=static["kv_len"])
         else:

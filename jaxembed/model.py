@@ -467,19 +467,29 @@ def prefill(params: Params, cache: dict[str, Any], tokens: jax.Array, positions:
     return cache, hidden[jnp.arange(hidden.shape[0]), last_col]
 
 
-def split_layers(params: Params, cfg: ModelConfig) -> list[tuple[Params, Params]]:
-    """Each layer's weights as arrays of their own: (attention and norms, MLP or experts).
+def split_layers(params: Params, cfg: ModelConfig, projection_dtype: Any = None
+                 ) -> list[tuple[Params, Params]]:
+    """Each layer's weights as arrays of their own: (attention and norms, MLP or experts), with
+    the projections (`PROJECTIONS`) cast to projection_dtype if given.
 
     For decoding on a CPU. There a layer's slice of a stacked weight is copied before every
     matmul that reads it (XLA's CPU dot takes whole buffers), which triples the bytes a decode
     step moves; with a buffer per layer the matmuls read the weights in place. This costs a
     second copy of the layer weights, so the engine makes it only when it decodes."""
+    def cast(group: str, tree: Params) -> Params:
+        if projection_dtype is None:
+            return tree
+        return {n: a.astype(projection_dtype) if n in PROJECTIONS.get(group, ()) else a
+                for n, a in tree.items()}
+
     out = []
     for kind, lo, hi, first in _runs(cfg):
-        stack = params["moe" if kind == MOE else "mlp"]
+        group = "moe" if kind == MOE else "mlp"
         for j in range(hi - lo):
-            out.append((jax.tree.map(lambda a, i=lo + j: jnp.array(a[i]), params["layers"]),
-                        jax.tree.map(lambda a, i=first + j: jnp.array(a[i]), stack)))
+            out.append((cast("layers", jax.tree.map(lambda a, i=lo + j: jnp.array(a[i]),
+                                                    params["layers"])),
+                        cast(group, jax.tree.map(lambda a, i=first + j: jnp.array(a[i]),
+                                                 params[group]))))
     return out
 
 
@@ -551,10 +561,17 @@ def decode(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: 
     return {"k": k, "v": v}, hidden[:, 0]
 
 
-def logits(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Next-token logits, float32 [..., V], from final hidden states [..., D]."""
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    out = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+def output_head(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The output projection [D, V]: the LM head, or the embedding table's transpose."""
+    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def logits(params: Params, hidden: jax.Array, cfg: ModelConfig, head: jax.Array | None = None
+           ) -> jax.Array:
+    """Next-token logits, float32 [..., V], from final hidden states [..., D]. head: a [D, V]
+    copy of `output_head` to use instead (one in bfloat16 is multiplied in bfloat16)."""
+    head = output_head(params, cfg) if head is None else head
+    out = jnp.dot(hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
     if cfg.final_softcap:
         out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
     return out

@@ -454,12 +454,12 @@ def test_serve_binds_loopback_by_default_and_passes_its_limits(
     monkeypatch.setattr(uvicorn.Server, "run", lambda server: seen.update(config=server.config))
     argv = ["serve", "--model", str(tiny_llama_dir), "--max-request-tokens", "77",
             "--max-queued-requests", "9", "--max-body-bytes", "1234", "--request-timeout", "7",
-            "--embed-matmul-dtype", "bfloat16"]
+            "--embed-matmul-dtype", "bfloat16", "--decode-matmul-dtype", "bfloat16"]
     assert main(argv) == 0
     assert seen["config"].host == "127.0.0.1"
     b = seen["builder"]
     assert (b.max_request_tokens, b.max_queued_requests) == (77, 9)
-    assert b.embed_matmul_dtype == "bfloat16"
+    assert b.embed_matmul_dtype == b.decode_matmul_dtype == "bfloat16"
     assert seen["app"]["max_body_bytes"] == 1234 and seen["app"]["request_timeout"] == 7
     assert seen["app"]["cors_origins"] == []  # CORS only when asked for
 
