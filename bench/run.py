@@ -308,6 +308,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     if "jaxembed_single" in gen:
         bars = {"jaxembed 1 stream": gen["jaxembed_single"]["decode_tokens_per_s"],
                 f"jaxembed {gen['streams']} streams": gen["jaxembed_aggregate"]["tokens_per_s"]}
+        if "bf16_aggregate" in gen:
+            bars[f"jaxembed bf16 {gen['streams']} streams"] = gen["bf16_aggregate"]["tokens_per_s"]
         if "decode_tokens_per_s" in gen.get("llamacpp_single", {}):
             bars["llama.cpp 1 stream"] = gen["llamacpp_single"]["decode_tokens_per_s"]
         panels.append(("generation (tokens/s)", bars))
