@@ -47,8 +47,9 @@ class EngineBuilder:
         activations (a CPU with bf16 dot instructions runs them at twice the fp32 rate), from a
         bfloat16 copy of those weights. None: the weights' own dtype.
     decode_matmul_dtype: the same for generation's decode steps (projections and LM head, from
-        a bfloat16 copy): about 1.25x for 16 streams of SmolLM2 on such a CPU; greedy text may
-        then differ from float32's where two tokens are nearly tied. Prefills keep float32.
+        a bfloat16 copy), with a bfloat16 KV cache: about 1.25x for 16 streams of SmolLM2 on
+        such a CPU; greedy text may then differ from float32's where two tokens are nearly
+        tied. Prefills keep float32.
     tensor_parallel: devices one model is sharded over (a mesh with one `tensor` axis: heads,
         kv heads, MLP width and experts split across it). Across several processes joined by
         `jax.distributed` it must be every device of all of them.

@@ -41,9 +41,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run embeddings' projections in bfloat16 over float32 activations "
                         "(about 1.3x on a CPU with bf16 dot instructions)")
     p.add_argument("--decode-matmul-dtype", choices=["bfloat16"], default=None,
-                   help="run generation's decode steps' projections and LM head in bfloat16 "
-                        "(about 1.25x for 16 streams on such a CPU; greedy text may differ "
-                        "from float32's at near ties)")
+                   help="run generation's decode steps' projections and LM head, and keep the KV "
+                        "cache, in bfloat16 (about 1.25x for 16 streams on such a CPU; greedy "
+                        "text may differ from float32's at near ties)")
     p.add_argument("--attention", choices=ATTENTION_MODES, default=None,
                    help="override the model's attention (default: what its config says)")
     p.add_argument("--instruction-template", default=None,

@@ -65,3 +65,13 @@ def test_decode_matches_the_forward(family: str, layout: str, tmp_path: Path) ->
         want = reference_logits(params, cfg, np.asarray(s, np.int32))[len(prompts[r]) - 1:]
         np.testing.assert_allclose(np.stack(got[r]), want, rtol=1e-4,
                                    atol=1e-4 * np.abs(want).max())
+
+
+def test_a_bf16_bits_cache_holds_bfloat16_values():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3, 8)), jnp.float32)
+    stored = model.to_cache(x, model.BF16_BITS)
+    assert stored.dtype == model.BF16_BITS
+    back = model.from_cache(stored, jnp.float32)
+    np.testing.assert_array_equal(back, x.astype(jnp.bfloat16).astype(jnp.float32))
+    assert not np.array_equal(back, x)  # rounded to bfloat16, not kept whole
+    np.testing.assert_array_equal(model.from_cache(model.to_cache(x, jnp.float32), jnp.float32), x)

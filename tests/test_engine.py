@@ -21,6 +21,7 @@ from jaxembed import (
     InvalidRequestError,
     LLMEngine,
     ModelNotFoundError,
+    model,
 )
 from jaxembed.errors import EngineOverloadedError, EngineUnavailableError
 from jaxembed.protocol import EmbeddingDefaults
@@ -284,6 +285,7 @@ def test_decoding_with_bfloat16_projections(tiny_engine):
         assert engine._decode_head.shape == (cfg.hidden_size, cfg.vocab_size)
         assert engine._decode_head.dtype == jnp.bfloat16
         assert engine.params["layers"]["wq"].dtype == jnp.float32  # embeddings and prefill's
+        assert engine._gen_state["kv"]["k"][0].dtype == model.BF16_BITS  # a bfloat16 cache
         # Against float32, token by token while the texts agree: the first token comes from the
         # (float32) prefill, the rest from narrowed decode steps, close but not equal.
         compared, differ = 0, 0.0
