@@ -72,6 +72,52 @@ def test_concurrent_requests_get_what_they_get_alone(smollm2_engine: LLMEngine) 
     wait_idle(e)
 
 
+def _penalized_greedy(hf: Any, prompt: list[int], n: int, repetition: float = 1.0,
+                      frequency: float = 0.0, presence: float = 0.0) -> list[int]:
+    """The reference: transformers' logits, penalized as sampling.penalize says (repetition over
+    the prompt and the generated tokens, as transformers' processor; frequency and presence over
+    the generated ones, as OpenAI's), then the argmax."""
+    import torch
+
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            z = hf(torch.tensor([ids])).logits[0, -1].double().numpy()
+            seen = np.zeros_like(z, bool)
+            seen[ids] = True
+            z = np.where(seen, np.where(z > 0, z / repetition, z * repetition), z)
+            counts = np.bincount(out, minlength=len(z)) if out else np.zeros(len(z))
+            z = z - frequency * counts - presence * (counts > 0)
+            out.append(int(np.argmax(z)))
+            ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("penalties", [{"repetition_penalty": 1.8},
+                                       {"frequency_penalty": 1.5, "presence_penalty": 0.5}])
+def test_penalties_follow_the_tokens_generated(tiny_engine: LLMEngine, tiny_llama_dir: Path,
+                                               penalties: dict[str, float]) -> None:
+    # End to end: the engine's per-slot counts of prompt and generated tokens, updated in every
+    # decode step, alone (one-row steps) and beside another request (two rows).
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype="float32").eval()
+    prompts = [[5, 9, 9, 14, 3, 7], [11, 2, 30, 30, 30]]
+    n = 16
+    want = [_penalized_greedy(hf, p, n, penalties.get("repetition_penalty", 1.0),
+                              penalties.get("frequency_penalty", 0.0),
+                              penalties.get("presence_penalty", 0.0)) for p in prompts]
+    plain = [_penalized_greedy(hf, p, n) for p in prompts]
+    assert want != plain  # the penalties change the text, so the comparison can fail
+    kw = dict(temperature=0, max_tokens=n, ignore_eos=True, **penalties)
+    alone = [tiny_engine.generate(p, **kw).choices[0].token_ids for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda p: tiny_engine.generate(p, **kw).choices[0].token_ids,
+                                 prompts))
+    assert alone == want
+    assert together == want
+
+
 def test_steady_serving_does_not_compile(smollm2_engine: LLMEngine) -> None:
     e = smollm2_engine
 
