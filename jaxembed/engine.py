@@ -297,8 +297,8 @@ class LLMEngine:
         channel: on a multi-host run, where the leader sends each step (see `follow`).
         embed_matmul_dtype: "bfloat16" to run the embedding path's projections (attention and
         MLP weights) in bfloat16 over float32 activations, from a bfloat16 copy of those weights.
-        decode_matmul_dtype: the same for decode steps (their projections and the LM head);
-        prefills keep the weights' own dtype."""
+        decode_matmul_dtype: the same for decode steps (their projections and the LM head), with
+        a bfloat16 KV cache; prefills compute in the weights' own dtype."""
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.params = checkpoint.params

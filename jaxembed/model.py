@@ -408,7 +408,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids
 # there, so a step's shape never depends on how many slots are busy. Heads come before positions,
 # and keys keep positions last, so that a decode step's two attention products (batched over row
 # and kv head) read the cache's first positions as they lie: in the [slot, M, K, Dh] order XLA
-# made a transposed copy of both every layer, a quarter of a 16-row SmolLM2 step.
+# made a transposed copy of both every layer (a traced 16-row SmolLM2 step: 9.8 ms of cache
+# gathers and scatters then, 7.0 now).
 CACHE_ORDER = {"k": (0, 2, 3, 1), "v": (0, 2, 1, 3)}  # [S, T, K, Dh] -> the cache's order
 
 
