@@ -6,10 +6,10 @@
 Three figures, each a function returning a dict:
 
 - `memory_bandwidth`: this machine's memory read bandwidth (best of numpy, numpy on every core,
-  and a JAX reduction over a 512 MiB array) and the weight bytes each engine reads per generated
-  token: every parameter of jaxembed's (the embedding table is read whole by the tied LM head),
-  and the tensor bytes of the GGUF for llama.cpp. bandwidth / bytes per token is the
-  bandwidth-bound tokens/s of a single stream (KV cache reads left out: small at these lengths).
+  and a JAX reduction over a 512 MiB array). Over the weight bytes an engine reads per generated
+  token it is the bandwidth-bound tokens/s of a single stream (KV cache reads left out: small at
+  these lengths): for jaxembed the weights its decode steps read (`decode_bytes_per_token`; the
+  tied LM head reads the embedding table whole), for llama.cpp the tensor bytes of the GGUF.
 - `jaxembed_single_stream` / `llamacpp_single_stream`: a ~16-token prompt continued greedily for
   `tokens` tokens past any end of text; time to first token (the prefill) apart from the decode
   rate, (tokens - 1) / (last token - first token). Best of `repeat` runs after an untimed one.
@@ -70,28 +70,23 @@ def prompt(i: int) -> str:
 # ---- memory bandwidth and the bytes each engine reads per token ----------------------------
 
 
-def jaxembed_bytes_per_token(params: Any) -> int:
-    """Every parameter is read once per decode step. The embedding table counts whole: the step
-    reads one row of it for the input, but the tied LM head reads all of it."""
-    import jax
-
-    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(params)))
-
-
 def decode_bytes_per_token(engine: Any) -> int:
     """The weight bytes an engine's decode step reads, from the copies it decodes with: the
-    per-layer weights (narrowed ones with --decode-matmul-dtype), the output head, the final
-    norm. Without per-layer copies (a mesh): every parameter, as `jaxembed_bytes_per_token`."""
+    per-layer weights (narrowed ones with --decode-matmul-dtype), the output head (the whole
+    embedding table when tied), the final norm. Without per-layer copies (a mesh): every
+    parameter of the weights it scans. The input embedding's one row per token is left out."""
     import jax
 
+    def size(tree: Any) -> int:
+        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
+
     if engine._decode_layers is None:
-        return jaxembed_bytes_per_token(engine._decode_params or engine.params)
+        return size(engine._decode_params)
     from jaxembed import model as M
 
     head = engine._decode_head
     head = head if head is not None else M.output_head(engine.params, engine.config)
-    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(engine._decode_layers))
-               + head.nbytes + engine.params["final_norm"].nbytes)
+    return size(engine._decode_layers) + head.nbytes + engine.params["final_norm"].nbytes
 
 
 def gguf_bytes_per_token(model: Path) -> int | None:
@@ -103,10 +98,10 @@ def gguf_bytes_per_token(model: Path) -> int | None:
     return int(sum(t.data.nbytes for t in GGUFFile(model).tensors.values()))
 
 
-def memory_bandwidth(model: Path, params: Any | None = None, size_mib: int = BANDWIDTH_MIB,
-                     repeat: int = 5, threads: int | None = None) -> dict[str, Any]:
+def memory_bandwidth(model: Path, size_mib: int = BANDWIDTH_MIB, repeat: int = 5,
+                     threads: int | None = None) -> dict[str, Any]:
     """Read bandwidth in GB/s (a sum over a `size_mib` fp32 array: numpy on one core, numpy split
-    over `threads` cores, JAX), and the bandwidth-bound single-stream tokens/s of each engine."""
+    over `threads` cores, JAX), and llama.cpp's bandwidth-bound single-stream tokens/s."""
     import jax
     import jax.numpy as jnp
 
@@ -124,17 +119,8 @@ def memory_bandwidth(model: Path, params: Any | None = None, size_mib: int = BAN
     gbs = {"numpy": nbytes / t_np / 1e9, f"numpy_{threads}_threads": nbytes / t_thr / 1e9,
            "jax": nbytes / t_jax / 1e9}
     best = max(gbs.values())
-    if params is None:
-        from jaxembed.weights.loader import load_checkpoint
-
-        params = load_checkpoint(model, progress=False).params
-    ours = jaxembed_bytes_per_token(params)
     theirs = gguf_bytes_per_token(model)
-    r: dict[str, Any] = {
-        "array_mib": size_mib, "gb_per_s": gbs, "best_gb_per_s": best,
-        "jaxembed_bytes_per_token": ours, "jaxembed_bound_tokens_per_s": best * 1e9 / ours,
-        "jaxembed_dtypes": sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(params)}),
-    }
+    r: dict[str, Any] = {"array_mib": size_mib, "gb_per_s": gbs, "best_gb_per_s": best}
     if theirs:
         r["llamacpp_bytes_per_token"] = theirs
         r["llamacpp_bound_tokens_per_s"] = best * 1e9 / theirs
@@ -331,8 +317,8 @@ def generation_benchmark(model: Path, tokens: int = 128, streams: int = 16,
                                max_num_seqs=max(16, streams), decode_matmul_dtype=dtype).build()
         try:
             if "memory_bandwidth" not in r:
-                r["memory_bandwidth"] = memory_bandwidth(model, engine.params,
-                                                         size_mib=bandwidth_mib, threads=threads)
+                r["memory_bandwidth"] = memory_bandwidth(model, size_mib=bandwidth_mib,
+                                                         threads=threads)
             ids = [int(t) for t in engine.prepare_prompt(PROMPTS[0])]
             r["prompt_tokens"] = len(ids)
             if warmup == "full":
