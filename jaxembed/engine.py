@@ -304,10 +304,10 @@ class LLMEngine:
         self.params = checkpoint.params
         # A CPU with bf16 dot instructions multiplies narrowed projections faster; norms,
         # attention and the residual stream stay float32 (see model.linear).
-        self._embed_dtype = _narrowing(embed_matmul_dtype, "embed_matmul_dtype", checkpoint)
+        embed_dtype = _narrowing(embed_matmul_dtype, "embed_matmul_dtype", checkpoint)
         self._decode_dtype = _narrowing(decode_matmul_dtype, "decode_matmul_dtype", checkpoint)
-        self._embed_params = self.params if self._embed_dtype is None else \
-            model.with_projection_dtype(self.params, self._embed_dtype)  # what embed steps read
+        self._embed_params = self.params if embed_dtype is None else \
+            model.with_projection_dtype(self.params, embed_dtype)  # what embed steps read
         self.tokenizer = checkpoint.tokenizer.tokenizer
         # A sentence-transformers folder says how the model is meant to be used; its settings
         # are the model's defaults (a plain causal LM has none: mean pooling, no normalization).

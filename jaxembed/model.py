@@ -148,14 +148,18 @@ def attention_masks(segment_ids: jax.Array, cfg: ModelConfig) -> tuple[jax.Array
 PROJECTIONS = {"layers": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_down")}
 
 
+def _narrow(group: str, tree: Params, dtype: Any) -> Params:
+    """One params group with its projection weights cast to dtype (None: as it is)."""
+    if dtype is None:
+        return tree
+    names = PROJECTIONS.get(group, ())
+    return {n: a.astype(dtype) if n in names else a for n, a in tree.items()}
+
+
 def with_projection_dtype(params: Params, dtype: Any) -> Params:
     """params with the projection weights cast to dtype; every other array is shared as is."""
-    out = dict(params)
-    for group, names in PROJECTIONS.items():
-        if group in params:
-            out[group] = {n: a.astype(dtype) if n in names else a
-                          for n, a in params[group].items()}
-    return out
+    return {g: _narrow(g, tree, dtype) if g in PROJECTIONS else tree
+            for g, tree in params.items()}
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -497,20 +501,14 @@ def split_layers(params: Params, cfg: ModelConfig, projection_dtype: Any = None
     matmul that reads it (XLA's CPU dot takes whole buffers), which triples the bytes a decode
     step moves; with a buffer per layer the matmuls read the weights in place. This costs a
     second copy of the layer weights, so the engine makes it only when it decodes."""
-    def cast(group: str, tree: Params) -> Params:
-        if projection_dtype is None:
-            return tree
-        return {n: a.astype(projection_dtype) if n in PROJECTIONS.get(group, ()) else a
-                for n, a in tree.items()}
-
     out = []
     for kind, lo, hi, first in _runs(cfg):
         group = "moe" if kind == MOE else "mlp"
         for j in range(hi - lo):
-            out.append((cast("layers", jax.tree.map(lambda a, i=lo + j: jnp.array(a[i]),
-                                                    params["layers"])),
-                        cast(group, jax.tree.map(lambda a, i=first + j: jnp.array(a[i]),
-                                                 params[group]))))
+            layer = jax.tree.map(lambda a, i=lo + j: jnp.array(a[i]), params["layers"])
+            ffn = jax.tree.map(lambda a, i=first + j: jnp.array(a[i]), params[group])
+            out.append((_narrow("layers", layer, projection_dtype),
+                        _narrow(group, ffn, projection_dtype)))
     return out
 
 
