@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?=
 
-.PHONY: serve test venv dev chromium lint bench clean
+.PHONY: serve test venv dev chromium compiler lint bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +36,18 @@ chromium:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	else echo "note: no Chromium; install Debian's 'chromium' package for the playground tests"; fi
 
+# jaxembed.kernels compiles its CPU kernel with the system's C++ compiler on first use (and keeps
+# XLA's dot where there is none); the suite expects it wherever the CPU has AVX512-BF16.
+compiler:
+	@command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++; \
+	else echo "note: no C++ compiler; bfloat16 decoding falls back to XLA's slower dot"; fi
+
 serve: $(VENV)/.installed
 	$(BIN)/jaxembed serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
 
-test: $(VENV)/.installed-dev chromium
+test: $(VENV)/.installed-dev chromium compiler
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev

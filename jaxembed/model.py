@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxembed import kernels
 from jaxembed.config import DENSE, MOE, SLIDING, ModelConfig, rope_inv_freq
 
 Params = dict[str, Any]
@@ -148,12 +149,16 @@ def attention_masks(segment_ids: jax.Array, cfg: ModelConfig) -> tuple[jax.Array
 PROJECTIONS = {"layers": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_down")}
 
 
-def _narrow(group: str, tree: Params, dtype: Any) -> Params:
-    """One params group with its projection weights cast to dtype (None: as it is)."""
+def _narrow(group: str, tree: Params, dtype: Any, pack: bool = False) -> Params:
+    """One params group with its projection weights cast to dtype (None: as it is). pack: in
+    `kernels.pack`'s bfloat16 layout instead, where their shape allows, for `kernels.matmul`."""
     if dtype is None:
         return tree
     names = PROJECTIONS.get(group, ())
-    return {n: a.astype(dtype) if n in names else a for n, a in tree.items()}
+
+    def narrow(a: jax.Array) -> jax.Array:
+        return kernels.pack(a) if pack and kernels.packable(a) else a.astype(dtype)
+    return {n: narrow(a) if n in names else a for n, a in tree.items()}
 
 
 def with_projection_dtype(params: Params, dtype: Any) -> Params:
@@ -167,6 +172,8 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     under float32) is multiplied in its type and accumulated in the activations': a CPU with
     bf16 dot instructions runs those products at twice the fp32 rate, while norms, attention and
     the residual stream stay in fp32."""
+    if w.ndim == 4:  # packed by kernels.pack: [N / 16, D / 2, 16, 2]
+        return kernels.matmul(x, w).astype(x.dtype)
     if w.dtype == x.dtype:
         return x @ w
     return jnp.dot(x.astype(w.dtype), w, preferred_element_type=x.dtype)
@@ -492,10 +499,11 @@ def prefill(params: Params, cache: dict[str, Any], tokens: jax.Array, positions:
     return cache, hidden[jnp.arange(hidden.shape[0]), last_col]
 
 
-def split_layers(params: Params, cfg: ModelConfig, projection_dtype: Any = None
-                 ) -> list[tuple[Params, Params]]:
+def split_layers(params: Params, cfg: ModelConfig, projection_dtype: Any = None,
+                 pack: bool = False) -> list[tuple[Params, Params]]:
     """Each layer's weights as arrays of their own: (attention and norms, MLP or experts), with
-    the projections (`PROJECTIONS`) cast to projection_dtype if given.
+    the projections (`PROJECTIONS`) cast to projection_dtype if given, or packed for
+    `kernels.matmul` (pack, with bfloat16).
 
     For decoding on a CPU. There a layer's slice of a stacked weight is copied before every
     matmul that reads it (XLA's CPU dot takes whole buffers), which triples the bytes a decode
@@ -507,8 +515,8 @@ def split_layers(params: Params, cfg: ModelConfig, projection_dtype: Any = None
         for j in range(hi - lo):
             layer = jax.tree.map(lambda a, i=lo + j: jnp.array(a[i]), params["layers"])
             ffn = jax.tree.map(lambda a, i=first + j: jnp.array(a[i]), params[group])
-            out.append((_narrow("layers", layer, projection_dtype),
-                        _narrow(group, ffn, projection_dtype)))
+            out.append((_narrow("layers", layer, projection_dtype, pack),
+                        _narrow(group, ffn, projection_dtype, pack)))
     return out
 
 
@@ -589,9 +597,13 @@ def output_head(params: Params, cfg: ModelConfig) -> jax.Array:
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig, head: jax.Array | None = None
            ) -> jax.Array:
     """Next-token logits, float32 [..., V], from final hidden states [..., D]. head: a [D, V]
-    copy of `output_head` to use instead (one in bfloat16 is multiplied in bfloat16)."""
+    copy of `output_head` to use instead (one in bfloat16 is multiplied in bfloat16; a packed
+    one by `kernels.matmul`)."""
     head = output_head(params, cfg) if head is None else head
-    out = jnp.dot(hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
+    if head.ndim == 4:
+        out = kernels.matmul(hidden, head)
+    else:
+        out = jnp.dot(hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
     if cfg.final_softcap:
         out = jnp.tanh(out / cfg.final_softcap) * cfg.final_softcap
     return out

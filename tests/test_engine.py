@@ -21,6 +21,7 @@ from jaxembed import (
     InvalidRequestError,
     LLMEngine,
     ModelNotFoundError,
+    kernels,
     model,
 )
 from jaxembed.errors import EngineOverloadedError, EngineUnavailableError
@@ -265,12 +266,19 @@ def test_embeddings_with_bfloat16_projections(tiny_engine):
 
 
 
-def test_decoding_with_bfloat16_projections(tiny_engine):
+@pytest.mark.parametrize("kernel", [True, False], ids=["bf16-kernel", "xla-dot"])
+def test_decoding_with_bfloat16_projections(tiny_engine, kernel, monkeypatch):
+    if kernel and not kernels.available():
+        pytest.skip(f"the bf16 CPU kernel cannot run here: {kernels.unavailable_reason()}")
+    if not kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
     engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4,
                        decode_matmul_dtype="bfloat16")
     try:
-        # A single bf16 row takes XLA's slow path: one stream decodes in 2-row steps.
-        assert engine.decode_rows == (2, 4)
+        assert engine._decode_packed == kernel
+        # Without the kernel a single bf16 row takes XLA's slow path: one stream decodes in
+        # 2-row steps.
+        assert engine.decode_rows == ((1, 2, 4) if kernel else (2, 4))
         prompts = ["hello there", "one two three four five six"]
         kw = dict(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
         alone = [engine.generate(p, **kw).choices[0] for p in prompts]
@@ -282,8 +290,15 @@ def test_decoding_with_bfloat16_projections(tiny_engine):
         assert layer["wq"].dtype == ffn["w_down"].dtype == jnp.bfloat16
         assert layer["attn_norm"].dtype == jnp.float32  # only the projections narrow
         cfg = engine.config
-        assert engine._decode_head.shape == (cfg.hidden_size, cfg.vocab_size)
-        assert engine._decode_head.dtype == jnp.bfloat16
+        head = model.output_head(engine.params, cfg).astype(jnp.bfloat16)
+        got_head = engine._decode_head
+        assert got_head.dtype == jnp.bfloat16
+        if kernel:  # every weight of the tiny model has a shape the kernel takes
+            assert layer["wq"].ndim == ffn["w_down"].ndim == got_head.ndim == 4
+            got_head = kernels.unpack(got_head)
+            np.testing.assert_array_equal(kernels.unpack(ffn["w_down"]),
+                                          engine.params["mlp"]["w_down"][0].astype(jnp.bfloat16))
+        np.testing.assert_array_equal(got_head, head)
         assert engine.params["layers"]["wq"].dtype == jnp.float32  # embeddings and prefill's
         assert engine._gen_state["kv"]["k"][0].dtype == model.BF16_BITS  # a bfloat16 cache
         # Against float32, token by token while the texts agree: the first token comes from the

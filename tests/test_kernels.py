@@ -1,0 +1,83 @@
+"""The bf16 CPU matmul kernel against numpy on the same bfloat16-rounded operands."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxembed import kernels
+
+needs_kernel = pytest.mark.skipif(not kernels.available(),
+                                  reason=f"no bf16 CPU kernel: {kernels.unavailable_reason()}")
+
+
+def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x and w rounded to bfloat16 (to nearest even), multiplied exactly in float64."""
+    bf = ml_dtypes.bfloat16
+    return x.astype(bf).astype(np.float64) @ w.astype(bf).astype(np.float64)
+
+
+def test_pack_round_trips_and_lays_out_pairs():
+    w = np.arange(6 * 32, dtype=np.float32).reshape(6, 32)
+    p = kernels.pack(jnp.asarray(w))
+    assert p.shape == (2, 3, 16, 2) and p.dtype == jnp.bfloat16
+    # Block 1, k-pair 2, column 16 + 5: the weights of inputs 4 and 5 for output column 21.
+    assert p[1, 2, 5].tolist() == [w[4, 21], w[5, 21]]
+    np.testing.assert_array_equal(kernels.unpack(p), w)
+    stacked = np.stack([w, -w])
+    np.testing.assert_array_equal(kernels.unpack(kernels.pack(jnp.asarray(stacked))), stacked)
+    assert kernels.packable(w) and kernels.packable(stacked)
+    assert not kernels.packable(w[:5]) and not kernels.packable(w[:, :24])
+
+
+# Rows around the register tile (6) and the task (96); columns around the 4-block panel (64);
+# inputs whole and partial 16-float vectors.
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [
+    (1, 576, 1536), (2, 64, 48), (5, 34, 16), (6, 96, 64), (7, 64, 80), (13, 1536, 192),
+    (16, 576, 576), (97, 128, 272), (200, 96, 112),
+])
+def test_matmul_equals_numpy(m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((m, k), np.float32)
+    w = rng.standard_normal((k, n), np.float32)
+    got = np.asarray(jax.jit(kernels.matmul)(jnp.asarray(x), kernels.pack(jnp.asarray(w))))
+    want = _reference(x, w)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    # Products of bf16 values are exact in float32; only the float32 sums round. Rounding x by
+    # truncation instead of to nearest would be off by ~1e-3 of the largest value.
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+
+
+@needs_kernel
+def test_matmul_keeps_leading_dims_and_runs_in_a_jitted_model_step():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 64), np.float32))
+    w = rng.standard_normal((64, 32), np.float32)
+    p = kernels.pack(jnp.asarray(w))
+
+    @jax.jit
+    def step(x, p):  # the kernel's output feeds XLA's own ops and back
+        h = jax.nn.silu(kernels.matmul(x, p))
+        return kernels.matmul(jnp.concatenate([h, h], -1), p)
+
+    h = jax.nn.silu(_reference(np.asarray(x).reshape(6, 64), w)).astype(np.float32)
+    want = _reference(np.concatenate([h, h], -1), w).reshape(2, 3, 32)
+    got = np.asarray(step(x, p))
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_off_switch_and_backends_say_why(monkeypatch):
+    monkeypatch.setenv("JAXEMBED_CPU_KERNELS", "0")
+    assert kernels._load() == "JAXEMBED_CPU_KERNELS=0"
+    monkeypatch.delenv("JAXEMBED_CPU_KERNELS")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2"})
+    assert "avx512_bf16" in kernels._load()
+
+
+def test_kernel_builds_where_the_cpu_allows():
+    # A missing compiler or a build error would otherwise only show as slower bf16 decoding.
+    if kernels.CPU_FLAG not in kernels._cpu_flags() or jax.default_backend() != "cpu":
+        pytest.skip(f"this machine cannot run the kernel: {kernels.unavailable_reason()}")
+    assert kernels.available(), kernels.unavailable_reason()
