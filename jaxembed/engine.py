@@ -780,13 +780,14 @@ class LLMEngine:
         # of them: each compiles in seconds on a CPU.
         self._row_counts = tuple(sorted({*(1 << i for i in range(self.max_num_seqs.bit_length())
                                             if 1 << i <= self.max_num_seqs), self.max_num_seqs}))
-        # bfloat16 decoding on one CPU runs its products through `kernels.matmul` where the CPU
-        # has bf16 dot instructions (SmolLM2, 30 layers' products: 9 ms for 16 rows against
-        # XLA's 16-24, 5.5 ms for one row against 120).
-        self._decode_packed = (self._decode_dtype == jnp.bfloat16
-                               and jax.default_backend() == "cpu"
-                               and (self.sharding is None or self.sharding.mesh.size == 1)
-                               and kernels.available())
+        # On one CPU with bf16 dot instructions, narrowed decode products run in
+        # `kernels.matmul`, from weights packed in its layout: XLA's CPU dot is slow for a
+        # step's few rows (SmolLM2's 30 layers of products: 9 ms for 16 rows against XLA's
+        # 16-24, 5.5 ms for one row against 120). Embedding steps have hundreds of rows, where
+        # XLA's bf16 dot runs as fast as the kernel (750-820 GFLOP/s here), so they keep it.
+        self._decode_packed = self._decode_dtype is not None \
+            and jax.default_backend() == "cpu" \
+            and (self.sharding is None or self.sharding.mesh.size == 1) and kernels.available()
         # Else narrowed decode weights take two rows at least: XLA's CPU product of a single
         # bf16 row takes a slow path (SmolLM2: 150 ms a step, against 23 ms for two rows).
         least = 2 if self._decode_dtype is not None and not self._decode_packed else 1
