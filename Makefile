@@ -36,13 +36,13 @@ chromium:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	else echo "note: no Chromium; install Debian's 'chromium' package for the playground tests"; fi
 
-# jaxembed.kernels compiles its CPU kernel with the system's C++ compiler on first use (and keeps
-# XLA's dot where there is none); the suite expects it wherever the CPU has AVX512-BF16.
+# jaxembed.kernels compiles its CPU kernels with the system's C++ compiler on first use (and keeps
+# XLA's ops where there is none); the suite expects them wherever the CPU has AVX512-BF16.
 compiler:
 	@command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++; \
-	else echo "note: no C++ compiler; bfloat16 decoding falls back to XLA's slower dot"; fi
+	else echo "note: no C++ compiler; attention and bfloat16 decoding fall back to XLA's slower ops"; fi
 
 serve: $(VENV)/.installed
 	$(BIN)/jaxembed serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)

@@ -353,6 +353,12 @@ class LLMEngine:
 
         self.sharding = sharding
         self._channel = channel
+        # Embedding and prefill steps on one CPU attend in `kernels.attention`: XLA computes
+        # every score of a packed row and masks most away (SmolLM2, 1024-token rows of mixed
+        # lengths: attention was about half of an embedding step).
+        self._cpu_attention = (not accelerated and (sharding is None
+                                                         or sharding.mesh.size == 1)
+                               and model.cpu_attention_fits(self.config) and kernels.available())
         # Every device step (and, on a multi-host leader, the message announcing it) runs under
         # this lock, so that warm-up from a loading thread and the engine thread never interleave.
         self._device_lock = threading.Lock()
@@ -368,7 +374,8 @@ class LLMEngine:
             # the second half, which is dropped, so the first N means are unchanged.
             n = last_index.shape[0]
             mean, picked = model.pooled(params, tokens, positions, segment_ids, seq_index,
-                                        jnp.concatenate([last_index, first_index]), cfg=cfg)
+                                        jnp.concatenate([last_index, first_index]), cfg=cfg,
+                                        cpu_attention=self._cpu_attention)
             return self._replicate((mean[:n], picked[:n], picked[n:]))
 
         self._pooled = jax.jit(pooled)
@@ -825,7 +832,7 @@ class LLMEngine:
                     rows: dict[str, jax.Array]) -> tuple[Any, ...]:
             count_compile()
             kv, hidden = model.prefill(params, state["kv"], tokens, positions, segment_ids, slots,
-                                       last_col, cfg)
+                                       last_col, cfg, self._cpu_attention)
             scratch = state["counts"].shape[0] - 1
             counts = state["counts"].at[slots].set(0)
             seen = state["seen"].at[slots].set(False)

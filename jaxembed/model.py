@@ -198,11 +198,21 @@ def project_qkv(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: Mo
     return q, apply_rope(k, cos, sin, cfg), v
 
 
-def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-              cfg: ModelConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Self-attention over the rows [B, T, D]; also returns the keys and values (for a cache)."""
+def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
+              cfg: ModelConfig, segments: tuple[jax.Array, jax.Array] | None = None
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Self-attention over the rows [B, T, D]; also returns the keys and values (for a cache).
+
+    segments: (segment ids [B, T], window: an int32 scalar, 0 for none) to run it in
+    `kernels.attention` instead, which computes only the scores the mask would keep."""
     b, t, _ = x.shape
     q, k, v = project_qkv(p, x, cos, sin, cfg)
+    if segments is not None:
+        out = kernels.attention(q.reshape(b, t, cfg.num_heads, cfg.head_dim), k, v, *segments,
+                                scale=cfg.query_scale, softcap=cfg.attn_softcap,
+                                causal=cfg.causal).astype(q.dtype)  # [B, T, H, Dh]
+        return linear(out.reshape(b, t, cfg.q_size), p["wo"]), (k, v)
+    assert mask is not None
     # Head-major layouts, so that each (row, kv head) product reads contiguous [T, Dh] slabs:
     # on the CPU this alone makes attention about a quarter faster than the token-major einsums.
     qh = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
@@ -376,22 +386,33 @@ def _scan_layers(params: Params, x: jax.Array, carry: Any, layer_fn: Any, cfg: M
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), carry, outs
 
 
+def cpu_attention_fits(cfg: ModelConfig) -> bool:
+    """Whether `kernels.attention` takes this model's heads (given `kernels.available()`)."""
+    return cfg.head_dim % 16 == 0 and cfg.num_heads % cfg.num_kv_heads == 0
+
+
 def forward_with_kv(params: Params, tokens: jax.Array, positions: jax.Array,
-                    segment_ids: jax.Array, cfg: ModelConfig, keep_kv: bool = True
+                    segment_ids: jax.Array, cfg: ModelConfig, keep_kv: bool = True,
+                    cpu_attention: bool = False
                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Final hidden states [B, T, D], and (if keep_kv) every layer's keys and values
-    [L, B, T, K, Dh] for a cache."""
+    [L, B, T, K, Dh] for a cache. cpu_attention: attend with `kernels.attention` (which needs
+    `kernels.available()` and `cpu_attention_fits`)."""
     x = _embed(params, tokens, cfg)
     lengths = (segment_ids[:, :, None] == segment_ids[:, None, :]).sum(-1)  # [B, T]
     (gcos, gsin), (lcos, lsin) = _rope(positions, lengths, cfg)
-    full_mask, sliding_mask = attention_masks(segment_ids, cfg)
+    full_mask, sliding_mask = (None, None) if cpu_attention else \
+        attention_masks(segment_ids, cfg)
 
     def layer_fn(layer: Params, ffn: Params, kind: str, h: jax.Array, carry: None,
                  sliding: jax.Array, _: jax.Array) -> tuple[jax.Array, None, Any]:
         cos, sin = jnp.where(sliding, lcos, gcos), jnp.where(sliding, lsin, gsin)
-        mask = jnp.where(sliding, sliding_mask, full_mask)
+        if cpu_attention:
+            mask, segments = None, (segment_ids, jnp.where(sliding, cfg.sliding_window or 0, 0))
+        else:
+            mask, segments = jnp.where(sliding, sliding_mask, full_mask), None
         h, kv = decoder_layer(layer, ffn, kind, h,
-                              lambda y: attention(layer, y, cos, sin, mask, cfg), cfg)
+                              lambda y: attention(layer, y, cos, sin, mask, cfg, segments), cfg)
         return h, None, kv if keep_kv else None
 
     hidden, _, outs = _scan_layers(params, x, None, layer_fn, cfg)
@@ -403,13 +424,14 @@ def forward_with_kv(params: Params, tokens: jax.Array, positions: jax.Array,
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-            cfg: ModelConfig) -> jax.Array:
+            cfg: ModelConfig, cpu_attention: bool = False) -> jax.Array:
     """Final hidden states [B, T, D] (after the final norm, before the LM head).
 
     tokens, positions, segment_ids: [B, T] int32. Prefill-only work (embeddings) never touches a
-    KV cache.
+    KV cache. cpu_attention: see `forward_with_kv`.
     """
-    return forward_with_kv(params, tokens, positions, segment_ids, cfg, keep_kv=False)[0]
+    return forward_with_kv(params, tokens, positions, segment_ids, cfg, keep_kv=False,
+                           cpu_attention=cpu_attention)[0]
 
 
 # ---- decoding with a KV cache ----------------------------------------------------------------
@@ -480,12 +502,14 @@ def _cache_read(c: jax.Array, slots: jax.Array, kv_len: int, name: str, lead: tu
 
 
 def prefill(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: jax.Array,
-            segment_ids: jax.Array, slots: jax.Array, last_col: jax.Array, cfg: ModelConfig
-            ) -> tuple[dict[str, Any], jax.Array]:
+            segment_ids: jax.Array, slots: jax.Array, last_col: jax.Array, cfg: ModelConfig,
+            cpu_attention: bool = False) -> tuple[dict[str, Any], jax.Array]:
     """Run prompts (one per row, [B, T]) and store their keys and values in the cache rows
     `slots` [B] from position 0; returns the cache and the last prompt token's hidden state
-    [B, D]. last_col: [B] the column of each row's last token."""
-    hidden, kv = forward_with_kv(params, tokens, positions, segment_ids, cfg)
+    [B, D]. last_col: [B] the column of each row's last token. cpu_attention: see
+    `forward_with_kv`."""
+    hidden, kv = forward_with_kv(params, tokens, positions, segment_ids, cfg,
+                                 cpu_attention=cpu_attention)
     assert kv is not None
     t = tokens.shape[1]
     # The row's padding lands past its prompt: decoding overwrites it before anything reads it.
@@ -610,14 +634,15 @@ def logits(params: Params, hidden: jax.Array, cfg: ModelConfig, head: jax.Array 
 
 
 def pooled(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-           seq_index: jax.Array, last_index: jax.Array, cfg: ModelConfig
-           ) -> tuple[jax.Array, jax.Array]:
+           seq_index: jax.Array, last_index: jax.Array, cfg: ModelConfig,
+           cpu_attention: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per-sequence mean and last-token hidden states, both float32 [N, D].
 
     seq_index: [B, T] the sequence each token belongs to, N for padding (dropped);
     last_index: [N] flat index (row * T + col) of each sequence's last token.
+    cpu_attention: see `forward_with_kv`.
     """
-    hidden = forward(params, tokens, positions, segment_ids, cfg)
+    hidden = forward(params, tokens, positions, segment_ids, cfg, cpu_attention)
     b, t, d = hidden.shape
     n = last_index.shape[0]
     flat = hidden.reshape(b * t, d).astype(jnp.float32)

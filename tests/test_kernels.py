@@ -1,12 +1,14 @@
 """The bf16 CPU matmul kernel against numpy on the same bfloat16-rounded operands."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxembed import kernels
+from jaxembed import kernels, model
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
                                   reason=f"no bf16 CPU kernel: {kernels.unavailable_reason()}")
@@ -81,3 +83,65 @@ def test_kernel_builds_where_the_cpu_allows():
     if kernels.CPU_FLAG not in kernels._cpu_flags() or jax.default_backend() != "cpu":
         pytest.skip(f"this machine cannot run the kernel: {kernels.unavailable_reason()}")
     assert kernels.available(), kernels.unavailable_reason()
+
+
+def _attention_reference(q, k, v, seg, window, scale, softcap, causal):
+    """Masked softmax attention in float64, the mask over segment ids as `attention_masks`."""
+    t, g = q.shape[1], q.shape[2] // k.shape[2]
+    kk, vv = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q.astype(np.float64), kk) * scale
+    if softcap:
+        s = np.tanh(s / softcap) * softcap
+    i, j = np.arange(t)[:, None], np.arange(t)[None]
+    m = seg[:, :, None] == seg[:, None, :]
+    if causal:
+        m = m & (j <= i)
+    if window:
+        m = m & (np.abs(i - j) < window)
+    s = np.where(m[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), vv)
+
+
+# Grouped and plain heads, head sizes 16-256, causal or not, windows, softcap (Gemma 2), rows
+# longer than one task's block of queries.
+@needs_kernel
+@pytest.mark.parametrize("b,t,h,kv,dh,causal,window,softcap", [
+    (1, 64, 4, 2, 16, True, 0, 0.0), (2, 200, 9, 3, 64, True, 0, 0.0),
+    (1, 300, 8, 2, 128, False, 0, 0.0), (2, 130, 4, 4, 32, True, 7, 0.0),
+    (1, 97, 6, 2, 256, True, 0, 50.0), (1, 150, 4, 1, 64, False, 9, 0.0),
+])
+def test_attention_equals_masked_softmax(b, t, h, kv, dh, causal, window, softcap):
+    rng = np.random.default_rng(t + dh)
+    q = rng.standard_normal((b, t, h, dh), np.float32)
+    k = rng.standard_normal((b, t, kv, dh), np.float32)
+    v = rng.standard_normal((b, t, kv, dh), np.float32)
+    seg = np.zeros((b, t), np.int32)  # packed rows: a few sequences, then padding
+    for r in range(b):
+        cuts = [0, *sorted(rng.choice(np.arange(1, t - 5), 4, replace=False)), t - 5]
+        for n, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+            seg[r, lo:hi] = n + 1
+    scale = 3 / np.sqrt(dh)  # sharp enough that a wrong mask or max shows
+
+    def run(q, k, v, seg, window):
+        return kernels.attention(q, k, v, seg, window, scale=scale, softcap=softcap,
+                                 causal=causal)
+    got = np.asarray(jax.jit(run)(q, k, v, seg, np.int32(window)))
+    want = _attention_reference(q, k, v, seg, window, scale, softcap, causal)
+    real = seg > 0  # padding's output is never read
+    assert np.abs(got - want)[real].max() < 2e-5 * np.abs(want).max()
+
+
+@needs_kernel
+def test_model_attends_alike_through_the_kernel(tiny_engine):
+    # The same forward pass with XLA's masked attention and with the kernel, on packed rows.
+    cfg, params = tiny_engine.config, tiny_engine.params
+    rng = np.random.default_rng(1)
+    lengths = [[40, 3, 70, 15], [128]]
+    seg = np.array([np.repeat(np.arange(1, len(r) + 1), r) for r in lengths], np.int32)
+    pos = np.array([np.concatenate([np.arange(n) for n in r]) for r in lengths], np.int32)
+    tokens = rng.integers(0, cfg.vocab_size, seg.shape).astype(np.int32)
+    run = jax.jit(model.forward, static_argnames=("cfg", "cpu_attention"))
+    want = np.asarray(run(params, tokens, pos, seg, cfg=cfg))
+    got = np.asarray(run(params, tokens, pos, seg, cfg=cfg, cpu_attention=True))
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()

@@ -1,11 +1,14 @@
-"""CPU kernels that XLA lacks, as XLA FFI custom calls compiled from C++ on first use.
+"""CPU kernels that XLA lacks, as XLA FFI custom calls compiled from C++ on first use, for x86
+CPUs with AVX512-BF16:
 
-One so far: `matmul`, a product of float32 rows with bfloat16 weights on x86 CPUs with
-AVX512-BF16 (see bf16_matmul.cc for why and how). The shared library is built with the system's
-C++ compiler into `<cache>/kernels/`, once per source, compiler and jaxlib, and loaded from
-there afterwards (about 2 s the first time). Where the CPU, the compiler or the backend does not
-allow it, `available()` is False and callers keep XLA's own dot: the kernel is an optimization,
-never a requirement. `JAXEMBED_CPU_KERNELS=0` turns it off.
+- `matmul`: float32 rows times bfloat16 weights (bf16_matmul.cc), for decode steps;
+- `attention`: prefill attention over rows that pack several sequences (attention.cc).
+
+The shared library is built with the system's C++ compiler into `<cache>/kernels/`, once per
+source, compiler and jaxlib, and loaded from there afterwards (a few seconds the first time).
+Where the CPU, the compiler or the backend does not allow it, `available()` is False and callers
+keep XLA's own ops: the kernels are an optimization, never a requirement.
+`JAXEMBED_CPU_KERNELS=0` turns them off.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from jaxembed.fetch import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("bf16_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("bf16_matmul.cc", "attention.cc"))
 TARGET = "jaxembed_bf16_matmul"
+ATTENTION = "jaxembed_attention"
 BLOCK = 16  # output columns per packed block: float32 lanes in a zmm register
 ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 CPU_FLAG = "avx512_bf16"  # as /proc/cpuinfo names it
@@ -55,8 +59,8 @@ def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              check=True).stdout.splitlines()[0]
     key = hashlib.sha256(b"\0".join(s.encode() for s in (
-        SOURCE.read_text(), version, jaxlib.__version__, *ISA))).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"bf16_matmul-{key}.so"
+        *(p.read_text() for p in SOURCES), version, jaxlib.__version__, *ISA))).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"jaxembed-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +70,7 @@ def _build(cxx: str) -> Path:
         cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", *ISA,
                # The FFI headers warn under GCC; they are not ours to fix.
                "-Wno-attributes", "-Wno-return-type",
-               "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(lib)]
+               "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(lib)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -79,7 +83,7 @@ def unavailable_reason() -> str | None:
     """Why `matmul` cannot run here, or None when it can (and is registered with XLA)."""
     reason = _load()
     if reason is not None:
-        log.info("bf16 CPU matmul kernel not used: %s", reason)
+        log.info("CPU kernels not used: %s", reason)
     return reason
 
 
@@ -98,6 +102,8 @@ def _load() -> str | None:
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         return f"the kernel did not build: {e}"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxembedBf16Matmul),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.JaxembedAttention),
                                 platform="cpu")
     return None
 
@@ -136,3 +142,19 @@ def matmul(x: jax.Array, p: jax.Array) -> jax.Array:
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
         x.reshape(rows, k).astype(jnp.float32), p)
     return out.reshape(*lead, n)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+              window: jax.Array | int, *, scale: float, softcap: float | None = None,
+              causal: bool = True) -> jax.Array:
+    """Self-attention of q [B, T, H, Dh] over k, v [B, T, K, Dh] (H a multiple of K, Dh of 16),
+    float32 [B, T, H, Dh]. A token sees the tokens of its own segment, at or before it if
+    causal, and within `window` positions if window > 0 (an int32 scalar, may be traced).
+
+    A segment is a contiguous run of equal ids in a row, as the scheduler packs sequences:
+    unlike a mask over ids, two runs of one id do not see each other. Requires `available()`."""
+    f32 = jnp.float32
+    return jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(q.shape, f32))(
+        q.astype(f32), k.astype(f32), v.astype(f32), segment_ids.astype(jnp.int32),
+        jnp.asarray(window, jnp.int32), scale=np.float32(scale),
+        softcap=np.float32(softcap or 0.0), causal=bool(causal))
