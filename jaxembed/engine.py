@@ -306,8 +306,16 @@ class LLMEngine:
         # attention and the residual stream stay float32 (see model.linear).
         embed_dtype = _narrowing(embed_matmul_dtype, "embed_matmul_dtype", checkpoint)
         self._decode_dtype = _narrowing(decode_matmul_dtype, "decode_matmul_dtype", checkpoint)
+        # On one CPU with bf16 dot instructions, narrowed products run in `kernels.matmul`, from
+        # weights packed in its layout: XLA's CPU dot is slow for a decode step's few rows
+        # (SmolLM2's 30 layers of products: 9 ms for 16 rows against XLA's 16-24, 5.5 ms for one
+        # row against 120), and around embedding steps' products XLA spends as long again
+        # converting activations and slicing the stacked weights in bfloat16.
+        self._packs = (embed_dtype is not None or self._decode_dtype is not None) \
+            and jax.default_backend() == "cpu" \
+            and (sharding is None or sharding.mesh.size == 1) and kernels.available()
         self._embed_params = self.params if embed_dtype is None else \
-            model.with_projection_dtype(self.params, embed_dtype)  # what embed steps read
+            model.with_projection_dtype(self.params, embed_dtype, self._packs)  # embed steps'
         self.tokenizer = checkpoint.tokenizer.tokenizer
         # A sentence-transformers folder says how the model is meant to be used; its settings
         # are the model's defaults (a plain causal LM has none: mean pooling, no normalization).
@@ -787,14 +795,7 @@ class LLMEngine:
         # of them: each compiles in seconds on a CPU.
         self._row_counts = tuple(sorted({*(1 << i for i in range(self.max_num_seqs.bit_length())
                                             if 1 << i <= self.max_num_seqs), self.max_num_seqs}))
-        # On one CPU with bf16 dot instructions, narrowed decode products run in
-        # `kernels.matmul`, from weights packed in its layout: XLA's CPU dot is slow for a
-        # step's few rows (SmolLM2's 30 layers of products: 9 ms for 16 rows against XLA's
-        # 16-24, 5.5 ms for one row against 120). Embedding steps have hundreds of rows, where
-        # XLA's bf16 dot runs as fast as the kernel (750-820 GFLOP/s here), so they keep it.
-        self._decode_packed = self._decode_dtype is not None \
-            and jax.default_backend() == "cpu" \
-            and (self.sharding is None or self.sharding.mesh.size == 1) and kernels.available()
+        self._decode_packed = self._decode_dtype is not None and self._packs
         # Else narrowed decode weights take two rows at least: XLA's CPU product of a single
         # bf16 row takes a slow path (SmolLM2: 150 ms a step, against 23 ms for two rows).
         least = 2 if self._decode_dtype is not None and not self._decode_packed else 1

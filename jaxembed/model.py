@@ -161,9 +161,10 @@ def _narrow(group: str, tree: Params, dtype: Any, pack: bool = False) -> Params:
     return {n: narrow(a) if n in names else a for n, a in tree.items()}
 
 
-def with_projection_dtype(params: Params, dtype: Any) -> Params:
-    """params with the projection weights cast to dtype; every other array is shared as is."""
-    return {g: _narrow(g, tree, dtype) if g in PROJECTIONS else tree
+def with_projection_dtype(params: Params, dtype: Any, pack: bool = False) -> Params:
+    """params with the projection weights cast to dtype (or packed: see `_narrow`); every other
+    array is shared as is."""
+    return {g: _narrow(g, tree, dtype, pack) if g in PROJECTIONS else tree
             for g, tree in params.items()}
 
 
@@ -172,7 +173,7 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     under float32) is multiplied in its type and accumulated in the activations': a CPU with
     bf16 dot instructions runs those products at twice the fp32 rate, while norms, attention and
     the residual stream stay in fp32."""
-    if w.ndim == 4:  # packed by kernels.pack: [N / 16, D / 2, 16, 2]
+    if kernels.is_packed(w):  # [N / 16, D / 2, 16, 2]
         return kernels.matmul(x, w).astype(x.dtype)
     if w.dtype == x.dtype:
         return x @ w
@@ -624,7 +625,7 @@ def logits(params: Params, hidden: jax.Array, cfg: ModelConfig, head: jax.Array 
     copy of `output_head` to use instead (one in bfloat16 is multiplied in bfloat16; a packed
     one by `kernels.matmul`)."""
     head = output_head(params, cfg) if head is None else head
-    if head.ndim == 4:
+    if kernels.is_packed(head):
         out = kernels.matmul(hidden, head)
     else:
         out = jnp.dot(hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)

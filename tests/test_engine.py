@@ -241,7 +241,12 @@ def test_plan_step_packs_mixed_lengths_with_little_padding():
     assert 1 - lengths.sum() / unpacked > 0.2
 
 
-def test_embeddings_with_bfloat16_projections(tiny_engine):
+@pytest.mark.parametrize("kernel", [True, False], ids=["bf16-kernel", "xla-dot"])
+def test_embeddings_with_bfloat16_projections(tiny_engine, kernel, monkeypatch):
+    if kernel and not kernels.available():
+        pytest.skip(f"the bf16 CPU kernel cannot run here: {kernels.unavailable_reason()}")
+    if not kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
     engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512,
                        embed_matmul_dtype="bfloat16")
     try:
@@ -249,7 +254,12 @@ def test_embeddings_with_bfloat16_projections(tiny_engine):
         for group, names in (("layers", ("wq", "wk", "wv", "wo")),
                              ("mlp", ("w_gate", "w_up", "w_down"))):
             for name in names:
-                assert narrowed[group][name].dtype == jnp.bfloat16
+                got = narrowed[group][name]
+                want = engine.params[group][name].astype(jnp.bfloat16)
+                if kernel:  # the stacked weights, packed for kernels.matmul
+                    got = kernels.unpack(got)
+                assert got.dtype == jnp.bfloat16
+                np.testing.assert_array_equal(got, want)
                 assert engine.params[group][name].dtype == jnp.float32  # generation's own
         assert narrowed["embed"] is engine.params["embed"]  # the rest is shared, not copied
         want, got = tiny_engine.encode(TEXTS), engine.encode(TEXTS)
@@ -287,17 +297,18 @@ def test_decoding_with_bfloat16_projections(tiny_engine, kernel, monkeypatch):
                                                        prompts)]
         assert [c.token_ids for c in together] == [c.token_ids for c in alone]
         layer, ffn = engine._decode_layers[0]
-        assert layer["wq"].dtype == ffn["w_down"].dtype == jnp.bfloat16
         assert layer["attn_norm"].dtype == jnp.float32  # only the projections narrow
         cfg = engine.config
         head = model.output_head(engine.params, cfg).astype(jnp.bfloat16)
         got_head = engine._decode_head
-        assert got_head.dtype == jnp.bfloat16
         if kernel:  # every weight of the tiny model has a shape the kernel takes
-            assert layer["wq"].ndim == ffn["w_down"].ndim == got_head.ndim == 4
+            assert all(map(kernels.is_packed, (layer["wq"], ffn["w_down"], got_head)))
             got_head = kernels.unpack(got_head)
             np.testing.assert_array_equal(kernels.unpack(ffn["w_down"]),
                                           engine.params["mlp"]["w_down"][0].astype(jnp.bfloat16))
+        else:
+            assert layer["wq"].dtype == ffn["w_down"].dtype == jnp.bfloat16
+        assert got_head.dtype == jnp.bfloat16
         np.testing.assert_array_equal(got_head, head)
         assert engine.params["layers"]["wq"].dtype == jnp.float32  # embeddings and prefill's
         assert engine._gen_state["kv"]["k"][0].dtype == model.BF16_BITS  # a bfloat16 cache

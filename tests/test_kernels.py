@@ -1,4 +1,5 @@
-"""The bf16 CPU matmul kernel against numpy on the same bfloat16-rounded operands."""
+"""The CPU kernels against float64 references: the bf16 matmul on the same bfloat16-rounded
+operands, attention against a masked softmax and against the model's own XLA path."""
 
 import itertools
 
@@ -23,9 +24,12 @@ def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def test_pack_round_trips_and_lays_out_pairs():
     w = np.arange(6 * 32, dtype=np.float32).reshape(6, 32)
     p = kernels.pack(jnp.asarray(w))
-    assert p.shape == (2, 3, 16, 2) and p.dtype == jnp.bfloat16
-    # Block 1, k-pair 2, column 16 + 5: the weights of inputs 4 and 5 for output column 21.
-    assert p[1, 2, 5].tolist() == [w[4, 21], w[5, 21]]
+    assert p.shape == (2, 3, 16, 2) and p.dtype == jnp.uint16 and kernels.is_packed(p)
+    # Block 1, k-pair 2, column 16 + 5: the weights of inputs 4 and 5 for output column 21, as
+    # bfloat16 bits.
+    pair = jax.lax.bitcast_convert_type(p[1, 2, 5], jnp.bfloat16)
+    assert pair.tolist() == [w[4, 21], w[5, 21]]
+    assert not kernels.is_packed(jnp.zeros((2, 3, 16, 2), jnp.bfloat16))
     np.testing.assert_array_equal(kernels.unpack(p), w)
     stacked = np.stack([w, -w])
     np.testing.assert_array_equal(kernels.unpack(kernels.pack(jnp.asarray(stacked))), stacked)

@@ -118,19 +118,27 @@ def packable(w: jax.Array) -> bool:
 
 
 def pack(w: jax.Array) -> jax.Array:
-    """[..., K, N] weights -> [..., N / 16, K / 2, 16, 2] bfloat16, the kernel's layout: per block
-    of 16 output columns, the weights of inputs 2k and 2k + 1 side by side."""
+    """[..., K, N] weights -> [..., N / 16, K / 2, 16, 2], the kernel's layout: per block of 16
+    output columns, the weights of inputs 2k and 2k + 1 side by side; bfloat16, held as its bits
+    in uint16 (see bf16_matmul.cc)."""
     *lead, k, n = w.shape
     w = jnp.asarray(w, jnp.bfloat16).reshape(*lead, k // 2, 2, n // BLOCK, BLOCK)
     r = len(lead)
-    return w.transpose(*range(r), r + 2, r, r + 3, r + 1)
+    return jax.lax.bitcast_convert_type(w.transpose(*range(r), r + 2, r, r + 3, r + 1),
+                                        jnp.uint16)
 
 
 def unpack(p: jax.Array) -> jax.Array:
     """The inverse of `pack`: [..., K, N] bfloat16."""
     *lead, nb, kp, _, _ = p.shape
     r = len(lead)
+    p = jax.lax.bitcast_convert_type(p, jnp.bfloat16)
     return p.transpose(*range(r), r + 1, r + 3, r, r + 2).reshape(*lead, kp * 2, nb * BLOCK)
+
+
+def is_packed(w: jax.Array) -> bool:
+    """Whether a projection weight comes from `pack` (for `matmul`), not a plain [K, N]."""
+    return w.ndim == 4 and w.dtype == jnp.uint16
 
 
 def matmul(x: jax.Array, p: jax.Array) -> jax.Array:
