@@ -241,12 +241,18 @@ def test_plan_step_packs_mixed_lengths_with_little_padding():
     assert 1 - lengths.sum() / unpacked > 0.2
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["bf16-kernel", "xla-dot"])
-def test_embeddings_with_bfloat16_projections(tiny_engine, kernel, monkeypatch):
-    if kernel and not kernels.available():
-        pytest.skip(f"the bf16 CPU kernel cannot run here: {kernels.unavailable_reason()}")
-    if not kernel:
+@pytest.fixture(params=[True, False], ids=["bf16-kernel", "xla-dot"])
+def kernel(request, monkeypatch) -> bool:
+    """Whether engines built in the test use the CPU kernels (skipped where they cannot run);
+    without them an engine runs XLA's own ops."""
+    if not request.param:
         monkeypatch.setattr(kernels, "available", lambda: False)
+    elif not kernels.available():
+        pytest.skip(f"the CPU kernels cannot run here: {kernels.unavailable_reason()}")
+    return request.param
+
+
+def test_embeddings_with_bfloat16_projections(tiny_engine, kernel):
     engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512,
                        embed_matmul_dtype="bfloat16")
     try:
@@ -276,12 +282,7 @@ def test_embeddings_with_bfloat16_projections(tiny_engine, kernel, monkeypatch):
 
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["bf16-kernel", "xla-dot"])
-def test_decoding_with_bfloat16_projections(tiny_engine, kernel, monkeypatch):
-    if kernel and not kernels.available():
-        pytest.skip(f"the bf16 CPU kernel cannot run here: {kernels.unavailable_reason()}")
-    if not kernel:
-        monkeypatch.setattr(kernels, "available", lambda: False)
+def test_decoding_with_bfloat16_projections(tiny_engine, kernel):
     engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4,
                        decode_matmul_dtype="bfloat16")
     try:

@@ -33,6 +33,7 @@ from jaxembed.fetch import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("bf16_matmul.cc", "attention.cc"))
+HEADERS = (Path(__file__).with_name("pool.h"),)
 TARGET = "jaxembed_bf16_matmul"
 ATTENTION = "jaxembed_attention"
 BLOCK = 16  # output columns per packed block: float32 lanes in a zmm register
@@ -59,7 +60,7 @@ def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              check=True).stdout.splitlines()[0]
     key = hashlib.sha256(b"\0".join(s.encode() for s in (
-        *(p.read_text() for p in SOURCES), version, jaxlib.__version__, *ISA))).hexdigest()[:16]
+        *(p.read_text() for p in (*SOURCES, *HEADERS)), version, jaxlib.__version__, *ISA))).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"jaxembed-{key}.so"
     if out.exists():
         return out

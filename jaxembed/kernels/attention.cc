@@ -18,13 +18,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -65,8 +65,8 @@ struct Job {
   bool causal;
   int64_t window;                   // 0: none
   std::vector<int64_t> first, end;  // per token: its segment run [first, end)
-  int64_t blocks_per_head, tokens_per_block, tasks;
-  std::atomic<int64_t> next{0}, done{0};
+  int64_t blocks_per_head, tokens_per_block;
+  jaxembed::Tasks tasks;
 
   // The keys token i sees: [lo, hi).
   void Keys(int64_t row, int64_t i, int64_t* lo, int64_t* hi) const {
@@ -202,11 +202,8 @@ struct Job {
   }
 
   void Run() {
-    std::vector<float> kt, sc;
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      Task(t, kt, sc);
-      done.fetch_add(1, std::memory_order_release);
-    }
+    std::vector<float> kt, sc;  // this thread's buffers, reused from task to task
+    tasks.Run([&](int64_t t) { Task(t, kt, sc); });
   }
 };
 
@@ -250,11 +247,8 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   }
   job->tokens_per_block = std::max<int64_t>(1, kBlockVectors / s.g);
   job->blocks_per_head = (s.t + job->tokens_per_block - 1) / job->tokens_per_block;
-  job->tasks = s.b * s.kv * job->blocks_per_head;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Run(); });
-  job->Run();
-  while (job->done.load(std::memory_order_acquire) < job->tasks) _mm_pause();
+  job->tasks.count = s.b * s.kv * job->blocks_per_head;
+  jaxembed::Share(pool, job);
   return ffi::Error::Success();
 }
 

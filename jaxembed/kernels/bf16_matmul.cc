@@ -19,11 +19,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -82,9 +82,8 @@ struct Job {
   std::vector<uint16_t> xb;  // [m, k] bf16
   const uint32_t* w;
   float* out;
-  int64_t m, kp, blocks, row_tasks, tasks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  int64_t m, kp, blocks, row_tasks;
+  jaxembed::Tasks tasks;
 
   void Task(int64_t t) const {
     const int64_t panel = t / row_tasks, lo = (t % row_tasks) * kTaskRows;
@@ -99,12 +98,8 @@ struct Job {
     }
   }
 
-  // Claims tasks until none is left. Any thread may join at any time, late ones find none.
   void Run() {
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      Task(t);
-      done.fetch_add(1, std::memory_order_release);
-    }
+    tasks.Run([this](int64_t t) { Task(t); });
   }
 };
 
@@ -127,13 +122,8 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job->kp = k / 2;
   job->blocks = wd[0];
   job->row_tasks = (m + kTaskRows - 1) / kTaskRows;
-  job->tasks = job->row_tasks * ((job->blocks + kPanel - 1) / kPanel);
-
-  // The calling thread works too, so a pool that never runs the helpers costs only speed.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Run(); });
-  job->Run();
-  while (job->done.load(std::memory_order_acquire) < job->tasks) _mm_pause();
+  job->tasks.count = job->row_tasks * ((job->blocks + kPanel - 1) / kPanel);
+  jaxembed::Share(pool, job);
   return ffi::Error::Success();
 }
 
