@@ -311,9 +311,11 @@ class LLMEngine:
         # (SmolLM2's 30 layers of products: 9 ms for 16 rows against XLA's 16-24, 5.5 ms for one
         # row against 120), and around embedding steps' products XLA spends as long again
         # converting activations and slicing the stacked weights in bfloat16.
+        # One CPU device: where the kernels run, and where decoding reads per-layer copies.
+        self._one_cpu = jax.default_backend() == "cpu" and (sharding is None
+                                                            or sharding.mesh.size == 1)
         self._packs = (embed_dtype is not None or self._decode_dtype is not None) \
-            and jax.default_backend() == "cpu" \
-            and (sharding is None or sharding.mesh.size == 1) and kernels.available()
+            and self._one_cpu and kernels.available()
         self._embed_params = self.params if embed_dtype is None else \
             model.with_projection_dtype(self.params, embed_dtype, self._packs)  # embed steps'
         self.tokenizer = checkpoint.tokenizer.tokenizer
@@ -364,9 +366,8 @@ class LLMEngine:
         # Embedding and prefill steps on one CPU attend in `kernels.attention`: XLA computes
         # every score of a packed row and masks most away (SmolLM2, 1024-token rows of mixed
         # lengths: attention was about half of an embedding step).
-        self._cpu_attention = (not accelerated and (sharding is None
-                                                         or sharding.mesh.size == 1)
-                               and model.cpu_attention_fits(self.config) and kernels.available())
+        self._cpu_attention = (self._one_cpu and model.cpu_attention_fits(self.config)
+                               and kernels.available())
         # Every device step (and, on a multi-host leader, the message announcing it) runs under
         # this lock, so that warm-up from a loading thread and the engine thread never interleave.
         self._device_lock = threading.Lock()
@@ -871,9 +872,8 @@ class LLMEngine:
         # which XLA reads in place (see `model.split_layers`). On a mesh of several devices it
         # scans the stacked, sharded weights instead: the copies would need their own layouts,
         # and the trick is about one CPU's memory traffic, not about a mesh.
-        one_device = self.sharding is None or self.sharding.mesh.size == 1
         if self._decode_params is None:
-            split = jax.default_backend() == "cpu" and one_device
+            split = self._one_cpu
             narrow = self._decode_dtype
             pack = self._decode_packed
             if split:

@@ -1,7 +1,8 @@
 """CPU kernels that XLA lacks, as XLA FFI custom calls compiled from C++ on first use, for x86
 CPUs with AVX512-BF16:
 
-- `matmul`: float32 rows times bfloat16 weights (bf16_matmul.cc), for decode steps;
+- `matmul`: float32 rows times bfloat16 weights (bf16_matmul.cc), for the projections of
+  bf16 embedding and decode steps;
 - `attention`: prefill attention over rows that pack several sequences (attention.cc).
 
 The shared library is built with the system's C++ compiler into `<cache>/kernels/`, once per
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("bf16_matmul.cc", "attention.cc"))
 HEADERS = (Path(__file__).with_name("pool.h"),)
-TARGET = "jaxembed_bf16_matmul"
+MATMUL = "jaxembed_bf16_matmul"
 ATTENTION = "jaxembed_attention"
 BLOCK = 16  # output columns per packed block: float32 lanes in a zmm register
 ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
@@ -59,8 +60,9 @@ def _build(cxx: str) -> Path:
     jaxlib is already cached."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              check=True).stdout.splitlines()[0]
-    key = hashlib.sha256(b"\0".join(s.encode() for s in (
-        *(p.read_text() for p in (*SOURCES, *HEADERS)), version, jaxlib.__version__, *ISA))).hexdigest()[:16]
+    texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, version, jaxlib.__version__, *ISA]).encode()
+                         ).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"jaxembed-{key}.so"
     if out.exists():
         return out
@@ -81,7 +83,7 @@ def _build(cxx: str) -> Path:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """Why `matmul` cannot run here, or None when it can (and is registered with XLA)."""
+    """Why the kernels cannot run here, or None when they can (and are registered with XLA)."""
     reason = _load()
     if reason is not None:
         log.info("CPU kernels not used: %s", reason)
@@ -101,8 +103,8 @@ def _load() -> str | None:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        return f"the kernel did not build: {e}"
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxembedBf16Matmul),
+        return f"the kernels did not build: {e}"
+    jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(lib.JaxembedBf16Matmul),
                                 platform="cpu")
     jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.JaxembedAttention),
                                 platform="cpu")
@@ -148,7 +150,7 @@ def matmul(x: jax.Array, p: jax.Array) -> jax.Array:
     *lead, k = x.shape
     n = p.shape[0] * BLOCK
     rows = int(np.prod(lead, dtype=np.int64))
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
+    out = jax.ffi.ffi_call(MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
         x.reshape(rows, k).astype(jnp.float32), p)
     return out.reshape(*lead, n)
 
