@@ -849,7 +849,7 @@ class LLMEngine:
                    rows: dict[str, jax.Array], kv_len: int) -> tuple[Any, ...]:
             count_compile()
             kv, hidden = model.decode(params, state["kv"], tokens, positions, slots, kv_len, cfg,
-                                      layers)
+                                      layers, self._cpu_attention)
             # The fed token is the one drawn last step: it now counts for the penalties. The
             # scratch row comes along unchanged: a scatter of one row would become a dynamic
             # update, for which XLA copies both whole [S + 1, V] arrays (1.3 ms of a 21 ms step).

@@ -256,14 +256,13 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: Mode
 
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig
                 ) -> jax.Array:
-    """One query per row: q [B, 1, K, G, Dh] against the cache's keys [B, K, Dh, S] and values
-    [B, K, S, Dh] under mask [B, 1, S] -> [B, 1, K, G, Dh].
+    """One query per row: q [B, 1, K, G, Dh] against the cache's keys and values [B, K, S, Dh]
+    under mask [B, 1, S] -> [B, 1, K, G, Dh].
 
-    As batched products over (row, kv head), each [G, Dh] x [Dh, S] then [G, S] x [S, Dh]: small
-    as they are, on a CPU they beat a fused multiply-reduce over the cache (SmolLM2: 2-3x for one
-    row at KV length 256 to 1024, 1.3x for 16 rows at 256). The cache is laid out so that both
-    products read it as they find it, with no transposed copy (see `init_cache`)."""
-    scores = jnp.einsum("bkgd,bkds->bkgs", q[:, 0], k,
+    As batched products over (row, kv head), each [G, Dh] x [S, Dh]^T then [G, S] x [S, Dh]:
+    small as they are, on a CPU they beat a fused multiply-reduce over the cache (SmolLM2: 2-3x
+    for one row at KV length 256 to 1024, 1.3x for 16 rows at 256)."""
+    scores = jnp.einsum("bkgd,bksd->bkgs", q[:, 0], k,
                         preferred_element_type=jnp.float32) * cfg.query_scale  # [B, K, G, S]
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
@@ -437,26 +436,28 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids
 
 # ---- decoding with a KV cache ----------------------------------------------------------------
 #
-# The cache is {"k", "v"}: keys [L, S + 1, K, Dh, M] and values [L, S + 1, K, M, Dh] for S
-# sequence slots of M tokens each. The extra last slot is scratch: padding rows of a step write
-# there, so a step's shape never depends on how many slots are busy. Heads come before positions,
-# and keys keep positions last, so that a decode step's two attention products (batched over row
-# and kv head) read the cache's first positions as they lie: in the [slot, M, K, Dh] order XLA
-# made a transposed copy of both every layer (a traced 16-row SmolLM2 step: 9.8 ms of cache
-# gathers and scatters then, 7.0 now).
-CACHE_ORDER = {"k": (0, 2, 3, 1), "v": (0, 2, 1, 3)}  # [S, T, K, Dh] -> the cache's order
+# The cache is {"k", "v"}: keys and values [L, S + 1, K, M, Dh] for S sequence slots of M tokens
+# each. The extra last slot is scratch: padding rows of a step write there, so a step's shape
+# never depends on how many slots are busy.
+#
+# Heads come before positions, so that a decode step's attention (batched over row and kv head)
+# reads each head's first positions as one contiguous run: in the [slot, M, K, Dh] order XLA made
+# a transposed copy of both every layer (a traced 16-row SmolLM2 step: 9.8 ms of cache gathers
+# and scatters then, 7.0 with heads first). Keys once kept positions last ([K, Dh, M], so that
+# XLA's score product reads them untransposed), but then a token's key is Dh values a row of M
+# apart, each on a page of its own, and `kernels.decode_attention` spent most of its time writing
+# and reading keys across pages.
+CACHE_ORDER = (0, 2, 1, 3)  # [S, T, K, Dh] -> the cache's order
 
 
 def init_cache(cfg: ModelConfig, slots: int, max_len: int, dtype: Any, per_layer: bool = False
                ) -> dict[str, Any]:
     """Zeros; `per_layer`: a list of L buffers [S + 1, ...] each (to go with `split_layers`: XLA
     updates separate buffers in place where it would copy a stacked one)."""
-    k, d = cfg.num_kv_heads, cfg.head_dim
-    shapes = {"k": (slots + 1, k, d, max_len), "v": (slots + 1, k, max_len, d)}
+    shape = (slots + 1, cfg.num_kv_heads, max_len, cfg.head_dim)
     if per_layer:
-        return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
-                for n, shape in shapes.items()}
-    return {n: jnp.zeros((cfg.num_layers, *shape), dtype) for n, shape in shapes.items()}
+        return {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n in ("k", "v")}
+    return {n: jnp.zeros((cfg.num_layers, *shape), dtype) for n in ("k", "v")}
 
 
 # A cache of dtype BF16_BITS holds bfloat16 values as their bit patterns. XLA's CPU backend
@@ -479,26 +480,22 @@ def from_cache(x: jax.Array, dtype: Any) -> jax.Array:
     return x.astype(dtype)
 
 
-def _cache_write(c: jax.Array, slots: jax.Array, pos: Any, x: jax.Array, name: str,
-                 lead: tuple = ()) -> jax.Array:
+def _cache_write(c: jax.Array, slots: jax.Array, pos: Any, x: jax.Array, lead: tuple = ()
+                 ) -> jax.Array:
     """c [*lead, S + 1, ...] with x written at (slots [B], positions pos), past the leading
     indices `lead`: pos an int array [B] and x [B, 1, K, Dh]; or pos a slice of T positions and
     x [*lead, B, T, K, Dh]."""
-    index = (*lead, slots, slice(None), slice(None), pos) if name == "k" else \
-        (*lead, slots, slice(None), pos)
+    index = (*lead, slots, slice(None), pos)
     if isinstance(pos, slice):
         n = len(lead)
-        order = (*range(n), *(n + o for o in CACHE_ORDER[name]))
+        order = (*range(n), *(n + o for o in CACHE_ORDER))
         return c.at[index].set(to_cache(x.transpose(order), c.dtype))
     # Index arrays apart from each other put their axis [B] first: x as [B, K, Dh].
     return c.at[index].set(to_cache(x[:, 0], c.dtype))
 
 
-def _cache_read(c: jax.Array, slots: jax.Array, kv_len: int, name: str, lead: tuple = ()
-                ) -> jax.Array:
-    """The first kv_len positions of rows `slots`: keys [B, K, Dh, S], values [B, K, S, Dh]."""
-    if name == "k":
-        return c[(*lead, slots, slice(None), slice(None), slice(0, kv_len))]
+def _cache_read(c: jax.Array, slots: jax.Array, kv_len: int, lead: tuple = ()) -> jax.Array:
+    """The first kv_len positions of rows `slots`: [B, K, S, Dh]."""
     return c[(*lead, slots, slice(None), slice(0, kv_len))]
 
 
@@ -516,10 +513,10 @@ def prefill(params: Params, cache: dict[str, Any], tokens: jax.Array, positions:
     # The row's padding lands past its prompt: decoding overwrites it before anything reads it.
     cols = slice(0, t)
     if isinstance(cache["k"], list):
-        cache = {n: [_cache_write(c, slots, cols, x[i], n) for i, c in enumerate(cache[n])]
+        cache = {n: [_cache_write(c, slots, cols, x[i]) for i, c in enumerate(cache[n])]
                  for n, x in (("k", kv[0]), ("v", kv[1]))}
     else:
-        cache = {n: _cache_write(cache[n], slots, cols, x, n, lead=(slice(None),))
+        cache = {n: _cache_write(cache[n], slots, cols, x, lead=(slice(None),))
                  for n, x in (("k", kv[0]), ("v", kv[1]))}
     return cache, hidden[jnp.arange(hidden.shape[0]), last_col]
 
@@ -547,14 +544,16 @@ def split_layers(params: Params, cfg: ModelConfig, projection_dtype: Any = None,
 
 def decode(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: jax.Array,
            slots: jax.Array, kv_len: int, cfg: ModelConfig,
-           layers: list[tuple[Params, Params]] | None = None
+           layers: list[tuple[Params, Params]] | None = None, cpu_attention: bool = False
            ) -> tuple[dict[str, Any], jax.Array]:
     """One token for each of B sequences: tokens, positions, slots [B]. Writes the token's keys
     and values at its position, attends over the first `kv_len` (static) cache positions, and
     returns the cache and the final hidden states [B, D].
 
     `layers` (from `split_layers`): run over per-layer weights, unrolled, instead of scanning
-    the stacked ones."""
+    the stacked ones. With them, cpu_attention: write and attend with
+    `kernels.decode_attention`, which reads only the positions in use (see `forward_with_kv`
+    for what it needs)."""
     x = _embed(params, tokens[:, None], cfg)  # [B, 1, D]
     pos = positions[:, None]  # [B, 1]
     (gcos, gsin), (lcos, lsin) = _rope(pos, pos + 1, cfg)
@@ -581,23 +580,34 @@ def decode(params: Params, cache: dict[str, Any], tokens: jax.Array, positions: 
 
         def attend(y: jax.Array) -> tuple[jax.Array, tuple]:
             q, k, v = project_qkv(layer, y, cos, sin, cfg)
+            b = q.shape[0]
+            if cpu_attention and isinstance(kv[0], list):
+                # One call per layer in place of XLA's dozen small ops; it updates the cache in
+                # place, a single row included, so no scratch row is needed.
+                window = cfg.sliding_window if sliding and cfg.sliding_window else 0
+                out, ck, cv = kernels.decode_attention(
+                    q.reshape(b, cfg.num_heads, cfg.head_dim), k[:, 0], v[:, 0], kv[0][i],
+                    kv[1][i], slots, positions, window, scale=cfg.query_scale,
+                    softcap=cfg.attn_softcap)
+                out_kv = ([*kv[0][:i], ck, *kv[0][i + 1:]], [*kv[1][:i], cv, *kv[1][i + 1:]])
+                return linear(out.reshape(b, 1, cfg.q_size).astype(q.dtype), layer["wo"]), out_kv
             k, v = _with_scratch_row(k), _with_scratch_row(v)  # [B + 1, 1, K, Dh]
             if isinstance(kv[0], list):  # a cache buffer per layer: [S + 1, ...]
-                ck = _cache_write(kv[0][i], w_slots, w_pos, k, "k")
-                cv = _cache_write(kv[1][i], w_slots, w_pos, v, "v")
+                ck = _cache_write(kv[0][i], w_slots, w_pos, k)
+                cv = _cache_write(kv[1][i], w_slots, w_pos, v)
                 out_kv = ([*kv[0][:i], ck, *kv[0][i + 1:]], [*kv[1][:i], cv, *kv[1][i + 1:]])
                 lead = ()
             else:  # the layers stacked: [L, S + 1, ...]
                 lead = (i,)
-                ck = _cache_write(kv[0], w_slots, w_pos, k, "k", lead=lead)
-                cv = _cache_write(kv[1], w_slots, w_pos, v, "v", lead=lead)
+                ck = _cache_write(kv[0], w_slots, w_pos, k, lead=lead)
+                cv = _cache_write(kv[1], w_slots, w_pos, v, lead=lead)
                 out_kv = (ck, cv)
-            keys = _cache_read(ck, slots, kv_len, "k", lead)  # [B, K, Dh, S]
-            values = _cache_read(cv, slots, kv_len, "v", lead)  # [B, K, S, Dh]
+            keys = _cache_read(ck, slots, kv_len, lead)  # [B, K, S, Dh]
+            values = _cache_read(cv, slots, kv_len, lead)
             # Only the cache in use is read: its first kv_len positions.
             out = _attend_one(q, from_cache(keys, q.dtype), from_cache(values, q.dtype), mask,
                               cfg)
-            return linear(out.reshape(q.shape[0], 1, cfg.q_size), layer["wo"]), out_kv
+            return linear(out.reshape(b, 1, cfg.q_size), layer["wo"]), out_kv
 
         h, kv = decoder_layer(layer, ffn, kind, h, attend, cfg)
         return h, kv, None

@@ -37,8 +37,7 @@ RULES: dict[str, str | None] = {
 
 # The KV cache's axes (see `model.init_cache`): stacked [L, S + 1, ...], or one buffer per layer
 # [S + 1, ...]. It shards by kv heads, as the projections that fill it do.
-CACHE_AXES = {"k": ("layers", "slots", "kv_heads", "head_dim", "cache_len"),
-              "v": ("layers", "slots", "kv_heads", "cache_len", "head_dim")}
+CACHE_AXES = {n: ("layers", "slots", "kv_heads", "cache_len", "head_dim") for n in ("k", "v")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxembed import model
+from jaxembed import kernels, model
 from jaxembed.weights.loader import load_checkpoint
 
 DECODE_FAMILIES = ["gemma3", "phi3", "gemma2", "qwen3_moe", "glm4", "llama"]
@@ -28,16 +28,23 @@ def reference_logits(params, cfg, ids: np.ndarray) -> np.ndarray:
     return np.asarray(model.logits(params, hidden[0], cfg))
 
 
-@pytest.mark.parametrize("layout", ["stacked", "per_layer"])
+# per_layer_kernel: the per-layer layout attending in the CPU kernels (`kernels.attention` for
+# the prefill, `kernels.decode_attention` for the steps), where this machine can run them.
+@pytest.mark.parametrize("layout", ["stacked", "per_layer", "per_layer_kernel"])
 @pytest.mark.parametrize("family", DECODE_FAMILIES)
 def test_decode_matches_the_forward(family: str, layout: str, tmp_path: Path) -> None:
     folder = F.build_family(family, tmp_path / family, seed=3)
     ck = load_checkpoint(folder, "float32", progress=False)
     params, cfg = ck.params, ck.config
+    cpu_attention = layout == "per_layer_kernel"
+    if cpu_attention and not kernels.available():
+        pytest.skip(f"no CPU kernels here: {kernels.unavailable_reason()}")
+    if cpu_attention and not model.cpu_attention_fits(cfg):
+        pytest.skip(f"head size {cfg.head_dim}: the kernels take multiples of 16")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (5, 11)]
     steps, max_len, slots = 14, 64, 4  # past every sliding window (16) and rope threshold
-    layers = model.split_layers(params, cfg) if layout == "per_layer" else None
+    layers = model.split_layers(params, cfg) if layout != "stacked" else None
     cache = model.init_cache(cfg, slots, max_len, jnp.float32, per_layer=layers is not None)
     # Prefill both prompts in one step (rows padded to the longer), into slots 2 and 0.
     t = 16
@@ -48,17 +55,18 @@ def test_decode_matches_the_forward(family: str, layout: str, tmp_path: Path) ->
         tokens[r, :len(p)], seg[r, :len(p)], pos[r, :len(p)] = p, 1, np.arange(len(p))
     row_slots = np.array([2, 0], np.int32)
     cache, last = model.prefill(params, cache, tokens, pos, seg, row_slots,
-                                np.array([len(p) - 1 for p in prompts], np.int32), cfg)
+                                np.array([len(p) - 1 for p in prompts], np.int32), cfg,
+                                cpu_attention)
     seqs = [list(p) for p in prompts]
     got = [[np.asarray(model.logits(params, last[r], cfg))] for r in range(2)]
-    decode = jax.jit(model.decode, static_argnames=("kv_len", "cfg"))
+    decode = jax.jit(model.decode, static_argnames=("kv_len", "cfg", "cpu_attention"))
     for _ in range(steps):
         nxt = [int(np.argmax(g[-1])) for g in got]
         for s, n in zip(seqs, nxt, strict=True):
             s.append(n)
         positions = np.array([len(s) - 1 for s in seqs], np.int32)
         cache, hidden = decode(params, cache, np.array(nxt, np.int32), positions, row_slots,
-                               kv_len=32, cfg=cfg, layers=layers)
+                               kv_len=32, cfg=cfg, layers=layers, cpu_attention=cpu_attention)
         for r in range(2):
             got[r].append(np.asarray(model.logits(params, hidden[r], cfg)))
     for r, s in enumerate(seqs):

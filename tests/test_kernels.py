@@ -149,3 +149,84 @@ def test_model_attends_alike_through_the_kernel(tiny_engine):
     want = np.asarray(run(params, tokens, pos, seg, cfg=cfg))
     got = np.asarray(run(params, tokens, pos, seg, cfg=cfg, cpu_attention=True))
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def _decode_reference(q, kc, vc, slots, positions, window, scale, softcap):
+    """Each row's attention over its slot's cache positions up to its own (within the window),
+    in float64, from caches that already hold the step's keys and values."""
+    g = q.shape[1] // kc.shape[1]
+    out = np.zeros(q.shape)
+    for r, (s, p) in enumerate(zip(slots, positions, strict=True)):
+        lo = max(0, p + 1 - window) if window else 0
+        keys = np.repeat(kc[s, :, lo:p + 1].astype(np.float64), g, axis=0)  # [H, n, Dh]
+        values = np.repeat(vc[s, :, lo:p + 1].astype(np.float64), g, axis=0)
+        x = np.einsum("hd,hnd->hn", q[r], keys) * scale
+        if softcap:
+            x = np.tanh(x / softcap) * softcap
+        e = np.exp(x - x.max(-1, keepdims=True))
+        out[r] = np.einsum("hn,hnd->hd", e / e.sum(-1, keepdims=True), values)
+    return out
+
+
+# Cache types (float32, bfloat16 and its bits), grouped and plain heads, head sizes 16-256,
+# windows (shorter and longer than the position), softcap, positions 0 to the cache's last, and
+# padding rows that share the scratch slot; steps small enough for one thread and large enough
+# to be shared.
+@needs_kernel
+@pytest.mark.parametrize("cache,b,h,kv,dh,m,window,softcap", [
+    ("float32", 1, 9, 3, 64, 96, 0, 0.0), ("uint16", 4, 9, 3, 64, 96, 0, 0.0),
+    ("bfloat16", 3, 8, 2, 128, 96, 5, 0.0), ("float32", 5, 4, 4, 16, 96, 40, 30.0),
+    ("uint16", 2, 16, 1, 256, 96, 0, 50.0), ("float32", 16, 32, 2, 32, 96, 0, 0.0),
+    ("uint16", 16, 9, 3, 64, 1000, 300, 0.0), ("float32", 16, 8, 4, 64, 700, 0, 0.0),
+])
+def test_decode_attention_equals_softmax_over_the_cache(cache, b, h, kv, dh, m, window,
+                                                         softcap):
+    rng = np.random.default_rng(b * h + dh)
+    slots_n = 17
+    bits = cache == "uint16"
+    dtype = ml_dtypes.bfloat16 if cache != "float32" else np.float32
+    kc = rng.standard_normal((slots_n, kv, m, dh)).astype(dtype)
+    vc = rng.standard_normal((slots_n, kv, m, dh)).astype(dtype)
+    q = rng.standard_normal((b, h, dh), np.float32)
+    k = rng.standard_normal((b, kv, dh), np.float32)
+    v = rng.standard_normal((b, kv, dh), np.float32)
+    slots = rng.permutation(slots_n - 1)[:b].astype(np.int32)
+    positions = rng.integers(0, m, b).astype(np.int32)
+    positions[0] = m - 1
+    if b > 2:  # padding rows: the scratch slot, position 0
+        slots[-1] = slots_n - 1
+        positions[-1] = 0
+        positions[1] = 0
+    scale = 3 / np.sqrt(dh)
+
+    def as_cache(x):
+        return jax.lax.bitcast_convert_type(jnp.asarray(x), jnp.uint16) if bits else \
+            jnp.asarray(x)
+
+    def step(kc, vc, q, k, v, slots, positions, window):
+        return kernels.decode_attention(q, k, v, kc, vc, slots, positions, window,
+                                        scale=scale, softcap=softcap)
+    out, kc2, vc2 = jax.jit(step, donate_argnums=(0, 1))(
+        as_cache(kc), as_cache(vc), q, k, v, slots, positions, np.int32(window))
+    if bits:
+        kc2, vc2 = (jax.lax.bitcast_convert_type(c, jnp.bfloat16) for c in (kc2, vc2))
+    # The stored key and value are the step's, rounded to the cache's type.
+    kc_want, vc_want = kc.copy(), vc.copy()
+    for r, (s, p) in enumerate(zip(slots, positions, strict=True)):
+        kc_want[s, :, p, :] = k[r].astype(dtype)
+        vc_want[s, :, p, :] = v[r].astype(dtype)
+    np.testing.assert_array_equal(np.asarray(kc2), kc_want)
+    np.testing.assert_array_equal(np.asarray(vc2), vc_want)
+    want = _decode_reference(q, kc_want, vc_want, slots, positions, window, scale, softcap)
+    assert np.abs(np.asarray(out) - want).max() < 2e-5 * np.abs(want).max()
+
+
+@needs_kernel
+def test_decode_attention_refuses_an_index_outside_the_cache():
+    kc = vc = jnp.zeros((3, 1, 8, 16), jnp.float32)
+    q = jnp.ones((1, 2, 16))
+    k = v = jnp.ones((1, 1, 16))
+    for slot, pos in ((3, 0), (0, 8), (-1, 0)):
+        with pytest.raises(Exception, match="out of range"):
+            jax.block_until_ready(kernels.decode_attention(
+                q, k, v, kc, vc, jnp.array([slot]), jnp.array([pos]), 0, scale=1.0))

@@ -3,7 +3,9 @@ CPUs with AVX512-BF16:
 
 - `matmul`: float32 rows times bfloat16 weights (bf16_matmul.cc), for the projections of
   bf16 embedding and decode steps;
-- `attention`: prefill attention over rows that pack several sequences (attention.cc).
+- `attention`: prefill attention over rows that pack several sequences (attention.cc);
+- `decode_attention`: a decode step's attention over the KV cache, which it updates in place
+  (decode_attention.cc).
 
 The shared library is built with the system's C++ compiler into `<cache>/kernels/`, once per
 source, compiler and jaxlib, and loaded from there afterwards (a few seconds the first time).
@@ -33,10 +35,12 @@ from jaxembed.fetch import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("bf16_matmul.cc", "attention.cc"))
-HEADERS = (Path(__file__).with_name("pool.h"),)
+SOURCES = tuple(Path(__file__).with_name(n)
+                for n in ("bf16_matmul.cc", "attention.cc", "decode_attention.cc"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("pool.h", "vmath.h"))
 MATMUL = "jaxembed_bf16_matmul"
 ATTENTION = "jaxembed_attention"
+DECODE_ATTENTION = "jaxembed_decode_attention"
 BLOCK = 16  # output columns per packed block: float32 lanes in a zmm register
 ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 CPU_FLAG = "avx512_bf16"  # as /proc/cpuinfo names it
@@ -108,6 +112,8 @@ def _load() -> str | None:
                                 platform="cpu")
     jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.JaxembedAttention),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(DECODE_ATTENTION,
+                                jax.ffi.pycapsule(lib.JaxembedDecodeAttention), platform="cpu")
     return None
 
 
@@ -169,3 +175,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
         q.astype(f32), k.astype(f32), v.astype(f32), segment_ids.astype(jnp.int32),
         jnp.asarray(window, jnp.int32), scale=np.float32(scale),
         softcap=np.float32(softcap or 0.0), causal=bool(causal))
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+                     v_cache: jax.Array, slots: jax.Array, positions: jax.Array,
+                     window: jax.Array | int, *, scale: float, softcap: float | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's attention: for each row b, the new key and value k, v [B, K, Dh] go
+    into the cache at (slots[b], positions[b]), then its queries q [B, H, Dh] attend over that
+    slot's positions up to its own (within `window` of it if window > 0: an int32 scalar, may be
+    traced). Returns (out float32 [B, H, Dh], k_cache, v_cache), the caches updated in place:
+    keys and values [S, K, M, Dh] of one layer, as float32, bfloat16, or bfloat16 bits in uint16
+    (model.init_cache). H a multiple of K, Dh of 16. Requires `available()`."""
+    f32, i32 = jnp.float32, jnp.int32
+    out = (jax.ShapeDtypeStruct(q.shape, f32),
+           jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+           jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    return jax.ffi.ffi_call(DECODE_ATTENTION, out, input_output_aliases={3: 1, 4: 2})(
+        q.astype(f32), k.astype(f32), v.astype(f32), k_cache, v_cache, slots.astype(i32),
+        positions.astype(i32), jnp.asarray(window, i32), scale=np.float32(scale),
+        softcap=np.float32(softcap or 0.0))

@@ -18,13 +18,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <vector>
 
 #include "pool.h"
+#include "vmath.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -34,23 +34,6 @@ namespace {
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRows = 6;           // query vectors per register tile
 constexpr int64_t kBlockVectors = 96;  // query vectors (tokens x G) per task, at most
-
-// e^x for x <= 0 (scores minus their max), as Cephes' expf: 2^n * p(r), |error| ~ 2 ulp.
-inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 struct Shape {
   int64_t b, t, h, kv, dh, g;
@@ -139,16 +122,7 @@ struct Job {
       __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       for (int64_t j = 0; j < width; j += kLanes) {
         __m512 x = _mm512_mul_ps(_mm512_loadu_ps(p + j), scale_v);
-        if (softcap > 0) {  // softcap * tanh(x / softcap), tanh(y) = 1 - 2 / (e^2y + 1)
-          const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(2.0f / softcap));
-          // e^2y for any sign: e^-|2y| and its reciprocal keep Exp's argument <= 0.
-          const __m512 em = Exp(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(y)));
-          const __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), em),
-                                         _mm512_add_ps(_mm512_set1_ps(1.0f), em));
-          const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
-          x = _mm512_mul_ps(_mm512_mask_sub_ps(t, neg, _mm512_setzero_ps(), t),
-                            _mm512_set1_ps(softcap));
-        }
+        if (softcap > 0) x = jaxembed::Softcap(x, softcap);
         const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)),
                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
                                                                11, 12, 13, 14, 15));
@@ -165,7 +139,7 @@ struct Job {
         const __m512 x = _mm512_loadu_ps(p + j);
         const __mmask16 in = _mm512_cmp_ps_mask(
             x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ);
-        const __m512 e_ = _mm512_maskz_mov_ps(in, Exp(_mm512_sub_ps(x, m)));
+        const __m512 e_ = _mm512_maskz_mov_ps(in, jaxembed::Exp(_mm512_sub_ps(x, m)));
         _mm512_storeu_ps(p + j, e_);
         sum = _mm512_add_ps(sum, e_);
       }
