@@ -150,14 +150,16 @@ PROJECTIONS = {"layers": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_
 
 
 def _narrow(group: str, tree: Params, dtype: Any, pack: bool = False) -> Params:
-    """One params group with its projection weights cast to dtype (None: as it is). pack: in
-    `kernels.pack`'s bfloat16 layout instead, where their shape allows, for `kernels.matmul`."""
-    if dtype is None:
+    """One params group with its projection weights cast to dtype (None: kept in their own).
+    pack: in `kernels.pack`'s layout for that type instead, where their shape and type allow,
+    for `kernels.matmul`."""
+    if dtype is None and not pack:
         return tree
     names = PROJECTIONS.get(group, ())
 
     def narrow(a: jax.Array) -> jax.Array:
-        return kernels.pack(a) if pack and kernels.packable(a) else a.astype(dtype)
+        kind = dtype or a.dtype
+        return kernels.pack(a, kind) if pack and kernels.packable(a, kind) else a.astype(kind)
     return {n: narrow(a) if n in names else a for n, a in tree.items()}
 
 
@@ -173,7 +175,7 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     under float32) is multiplied in its type and accumulated in the activations': a CPU with
     bf16 dot instructions runs those products at twice the fp32 rate, while norms, attention and
     the residual stream stay in fp32."""
-    if kernels.is_packed(w):  # [N / 16, D / 2, 16, 2]
+    if kernels.is_packed(w):  # [N / 16, D / 2, ...]
         return kernels.matmul(x, w).astype(x.dtype)
     if w.dtype == x.dtype:
         return x @ w
@@ -524,8 +526,8 @@ def prefill(params: Params, cache: dict[str, Any], tokens: jax.Array, positions:
 def split_layers(params: Params, cfg: ModelConfig, projection_dtype: Any = None,
                  pack: bool = False) -> list[tuple[Params, Params]]:
     """Each layer's weights as arrays of their own: (attention and norms, MLP or experts), with
-    the projections (`PROJECTIONS`) cast to projection_dtype if given, or packed for
-    `kernels.matmul` (pack, with bfloat16).
+    the projections (`PROJECTIONS`) cast to projection_dtype if given, and packed for
+    `kernels.matmul` if pack (in projection_dtype, or in their own type).
 
     For decoding on a CPU. There a layer's slice of a stacked weight is copied before every
     matmul that reads it (XLA's CPU dot takes whole buffers), which triples the bytes a decode

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -241,6 +242,14 @@ def test_plan_step_packs_mixed_lengths_with_little_padding():
     assert 1 - lengths.sum() / unpacked > 0.2
 
 
+@contextlib.contextmanager
+def kernels_off():
+    """Engines built inside run XLA's own ops, as where the kernels cannot run."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kernels, "available", lambda: False)
+        yield
+
+
 @pytest.fixture(params=[True, False], ids=["bf16-kernel", "xla-dot"])
 def kernel(request, monkeypatch) -> bool:
     """Whether engines built in the test use the CPU kernels (skipped where they cannot run);
@@ -331,6 +340,39 @@ def test_decoding_with_bfloat16_projections(tiny_engine, kernel):
         engine.shutdown()
     with pytest.raises(ValueError, match="decode_matmul_dtype"):
         LLMEngine(tiny_engine.checkpoint, decode_matmul_dtype="float16")
+
+
+def test_float32_decoding_in_the_kernel(tiny_engine, kernel):
+    # Float32 decode steps multiply in kernels.matmul too, from float32 weights packed for it:
+    # the same tokens and, to float32 rounding, the same log-probabilities as XLA's products.
+    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4)
+    try:
+        assert engine._decode_packed == kernel
+        kw = dict(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+        got = engine.generate("one two three four five six", **kw).choices[0]
+        layer, ffn = engine._decode_layers[0]
+        if kernel:
+            assert kernels.packed_type(layer["wq"]) == kernels.packed_type(ffn["w_down"]) == \
+                kernels.packed_type(engine._decode_head) == "float32"
+            np.testing.assert_array_equal(kernels.unpack(ffn["w_down"]),
+                                          engine.params["mlp"]["w_down"][0])
+            np.testing.assert_array_equal(kernels.unpack(engine._decode_head),
+                                          model.output_head(engine.params, engine.config))
+        else:
+            assert layer["wq"].ndim == 2 and engine._decode_head is None
+        assert engine._gen_state["kv"]["k"][0].dtype == jnp.float32
+    finally:
+        engine.shutdown()
+    with kernels_off():
+        xla = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4)
+    try:
+        assert not xla._decode_packed
+        want = xla.generate("one two three four five six", **kw).choices[0]
+    finally:
+        xla.shutdown()
+    assert got.token_ids == want.token_ids
+    for a, b in zip(got.logprobs, want.logprobs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
 
 # ---- the contract's extensions: normalize, dimensions, pooling choice, truncation, defaults ----
 

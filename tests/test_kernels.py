@@ -15,10 +15,10 @@ needs_kernel = pytest.mark.skipif(not kernels.available(),
                                   reason=f"no bf16 CPU kernel: {kernels.unavailable_reason()}")
 
 
-def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x and w rounded to bfloat16 (to nearest even), multiplied exactly in float64."""
-    bf = ml_dtypes.bfloat16
-    return x.astype(bf).astype(np.float64) @ w.astype(bf).astype(np.float64)
+def _reference(x: np.ndarray, w: np.ndarray, dtype: str = "bfloat16") -> np.ndarray:
+    """x and w rounded to dtype (bfloat16: to nearest even), multiplied exactly in float64."""
+    t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    return x.astype(t).astype(np.float64) @ w.astype(t).astype(np.float64)
 
 
 def test_pack_round_trips_and_lays_out_pairs():
@@ -35,21 +35,42 @@ def test_pack_round_trips_and_lays_out_pairs():
     np.testing.assert_array_equal(kernels.unpack(kernels.pack(jnp.asarray(stacked))), stacked)
     assert kernels.packable(w) and kernels.packable(stacked)
     assert not kernels.packable(w[:5]) and not kernels.packable(w[:, :24])
+    assert not kernels.packable(w, jnp.float16)
+
+
+def test_float32_pack_lays_out_rows_of_a_column_block():
+    w = np.arange(6 * 32, dtype=np.float32).reshape(6, 32)
+    p = kernels.pack(jnp.asarray(w), jnp.float32)
+    assert p.shape == (2, 3, 2, 16) and p.dtype == jnp.float32
+    assert kernels.packed_type(p) == "float32" and kernels.packed_type(kernels.pack(w)) == \
+        "bfloat16"
+    # Block 1, input 5 (pair 2, second of it): output columns 16-31 of row 5, in order.
+    assert p[1, 2, 1].tolist() == w[5, 16:].tolist()
+    np.testing.assert_array_equal(kernels.unpack(p), w)
+    stacked = np.stack([w, -w])
+    np.testing.assert_array_equal(
+        kernels.unpack(kernels.pack(jnp.asarray(stacked), jnp.float32)), stacked)
+    # Neither a plain weight nor experts' [E, K, N] read as packed ones.
+    assert not kernels.is_packed(jnp.zeros((2, 3, 2, 16), jnp.bfloat16))
+    assert not kernels.is_packed(jnp.zeros((2, 3, 16, 2), jnp.float32))
+    assert not kernels.is_packed(jnp.zeros((4, 6, 32), jnp.float32))
 
 
 # Rows around the register tile (6) and the task (96); columns around the 4-block panel (64);
-# inputs whole and partial 16-float vectors.
+# inputs whole and partial 16-float vectors; both weight types.
 @needs_kernel
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("m,k,n", [
     (1, 576, 1536), (2, 64, 48), (5, 34, 16), (6, 96, 64), (7, 64, 80), (13, 1536, 192),
     (16, 576, 576), (97, 128, 272), (200, 96, 112),
 ])
-def test_matmul_equals_numpy(m, k, n):
+def test_matmul_equals_numpy(m, k, n, dtype):
     rng = np.random.default_rng(m * 1000 + n)
     x = rng.standard_normal((m, k), np.float32)
     w = rng.standard_normal((k, n), np.float32)
-    got = np.asarray(jax.jit(kernels.matmul)(jnp.asarray(x), kernels.pack(jnp.asarray(w))))
-    want = _reference(x, w)
+    p = kernels.pack(jnp.asarray(w), dtype)
+    got = np.asarray(jax.jit(kernels.matmul)(jnp.asarray(x), p))
+    want = _reference(x, w, dtype)
     assert got.shape == (m, n) and got.dtype == np.float32
     # Products of bf16 values are exact in float32; only the float32 sums round. Rounding x by
     # truncation instead of to nearest would be off by ~1e-3 of the largest value.

@@ -1,8 +1,8 @@
 """CPU kernels that XLA lacks, as XLA FFI custom calls compiled from C++ on first use, for x86
 CPUs with AVX512-BF16:
 
-- `matmul`: float32 rows times bfloat16 weights (bf16_matmul.cc), for the projections of
-  bf16 embedding and decode steps;
+- `matmul`: float32 rows times bfloat16 or float32 weights packed in its layouts (matmul.cc),
+  for the projections of decode steps and of bf16 embedding steps;
 - `attention`: prefill attention over rows that pack several sequences (attention.cc);
 - `decode_attention`: a decode step's attention over the KV cache, which it updates in place
   (decode_attention.cc).
@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,9 @@ from jaxembed.fetch import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n)
-                for n in ("bf16_matmul.cc", "attention.cc", "decode_attention.cc"))
+                for n in ("matmul.cc", "attention.cc", "decode_attention.cc"))
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("pool.h", "vmath.h"))
-MATMUL = "jaxembed_bf16_matmul"
+MATMUL = {"bfloat16": "jaxembed_bf16_matmul", "float32": "jaxembed_f32_matmul"}
 ATTENTION = "jaxembed_attention"
 DECODE_ATTENTION = "jaxembed_decode_attention"
 BLOCK = 16  # output columns per packed block: float32 lanes in a zmm register
@@ -108,7 +109,9 @@ def _load() -> str | None:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         return f"the kernels did not build: {e}"
-    jax.ffi.register_ffi_target(MATMUL, jax.ffi.pycapsule(lib.JaxembedBf16Matmul),
+    jax.ffi.register_ffi_target(MATMUL["bfloat16"], jax.ffi.pycapsule(lib.JaxembedBf16Matmul),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(MATMUL["float32"], jax.ffi.pycapsule(lib.JaxembedF32Matmul),
                                 platform="cpu")
     jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.JaxembedAttention),
                                 platform="cpu")
@@ -121,42 +124,68 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def packable(w: jax.Array) -> bool:
-    """Whether [..., K, N] weights have the shape `pack` takes."""
-    return w.ndim >= 2 and w.shape[-2] % 2 == 0 and w.shape[-1] % BLOCK == 0
+PACKED_TYPES = ("bfloat16", "float32")  # the weight types `pack` and `matmul` take
 
 
-def pack(w: jax.Array) -> jax.Array:
-    """[..., K, N] weights -> [..., N / 16, K / 2, 16, 2], the kernel's layout: per block of 16
-    output columns, the weights of inputs 2k and 2k + 1 side by side; bfloat16, held as its bits
-    in uint16 (see bf16_matmul.cc)."""
+def packable(w: jax.Array, dtype: Any = jnp.bfloat16) -> bool:
+    """Whether [..., K, N] weights have the shape `pack` takes, and dtype is one it packs."""
+    return (jnp.dtype(dtype).name in PACKED_TYPES and w.ndim >= 2 and w.shape[-2] % 2 == 0
+            and w.shape[-1] % BLOCK == 0)
+
+
+def pack(w: jax.Array, dtype: Any = jnp.bfloat16) -> jax.Array:
+    """[..., K, N] weights -> the kernel's layout for dtype (see matmul.cc), per block of 16
+    output columns:
+
+    - bfloat16: [..., N / 16, K / 2, 16, 2], the weights of inputs 2k and 2k + 1 side by side,
+      held as their bits in uint16;
+    - float32: [..., N / 16, K / 2, 2, 16], that is K rows of the block's 16 weights."""
     *lead, k, n = w.shape
-    w = jnp.asarray(w, jnp.bfloat16).reshape(*lead, k // 2, 2, n // BLOCK, BLOCK)
     r = len(lead)
+    w = jnp.asarray(w, dtype).reshape(*lead, k // 2, 2, n // BLOCK, BLOCK)
+    if jnp.dtype(dtype) == jnp.float32:
+        return w.transpose(*range(r), r + 2, r, r + 1, r + 3)
     return jax.lax.bitcast_convert_type(w.transpose(*range(r), r + 2, r, r + 3, r + 1),
                                         jnp.uint16)
 
 
 def unpack(p: jax.Array) -> jax.Array:
-    """The inverse of `pack`: [..., K, N] bfloat16."""
+    """The inverse of `pack`: [..., K, N] weights, bfloat16 or float32."""
     *lead, nb, kp, _, _ = p.shape
     r = len(lead)
+    if p.dtype == jnp.float32:
+        return p.transpose(*range(r), r + 1, r + 2, r, r + 3).reshape(*lead, kp * 2, nb * BLOCK)
     p = jax.lax.bitcast_convert_type(p, jnp.bfloat16)
     return p.transpose(*range(r), r + 1, r + 3, r, r + 2).reshape(*lead, kp * 2, nb * BLOCK)
 
 
+def packed_type(w: jax.Array) -> str | None:
+    """The weight type of a projection weight from `pack` ("bfloat16" or "float32"), or None
+    for a plain [K, N] (or expert [E, K, N]) weight."""
+    if w.ndim != 4:
+        return None
+    if w.dtype == jnp.uint16 and w.shape[2:] == (BLOCK, 2):
+        return "bfloat16"
+    if w.dtype == jnp.float32 and w.shape[2:] == (2, BLOCK):
+        return "float32"
+    return None
+
+
 def is_packed(w: jax.Array) -> bool:
     """Whether a projection weight comes from `pack` (for `matmul`), not a plain [K, N]."""
-    return w.ndim == 4 and w.dtype == jnp.uint16
+    return packed_type(w) is not None
 
 
 def matmul(x: jax.Array, p: jax.Array) -> jax.Array:
-    """x [..., K] (rounded to bfloat16) @ packed weights p [N / 16, K / 2, 16, 2], accumulated
-    and returned in float32 [..., N]. Requires `available()`."""
+    """x [..., K] @ packed weights p (rounded to bfloat16 first for bfloat16 weights),
+    accumulated and returned in float32 [..., N]. Requires `available()`."""
     *lead, k = x.shape
     n = p.shape[0] * BLOCK
     rows = int(np.prod(lead, dtype=np.int64))
-    out = jax.ffi.ffi_call(MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
+    kind = packed_type(p)
+    if kind is None:
+        raise ValueError(f"matmul takes weights from pack(), not {p.dtype}{list(p.shape)}")
+    out = jax.ffi.ffi_call(MATMUL[kind], jax.ShapeDtypeStruct((rows, n), jnp.float32))(
         x.reshape(rows, k).astype(jnp.float32), p)
     return out.reshape(*lead, n)
 
