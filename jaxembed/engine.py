@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import operator
 import os
 import queue
 import threading
@@ -825,6 +826,11 @@ class LLMEngine:
         self._decode_head: jax.Array | None = None  # a narrowed [D, V] output head
         self._free_slots = list(range(self.max_num_seqs))
         self._active: dict[int, _Seq] = {}
+        # A decode step dispatched before the last one's tokens were read: (its sequences, in
+        # row order; its outputs). See `_may_run_ahead`.
+        self._ahead: tuple[list[_Seq], Any] | None = None
+        self._run_ahead = True
+        self._ahead_steps = 0  # how many steps were dispatched ahead (for tests)
         self._gen_waiting: collections.deque[_Seq] = collections.deque()
         cfg = self.config
 
@@ -1164,47 +1170,92 @@ class LLMEngine:
             self.stats.busy_seconds += time.perf_counter() - start
 
     def _decode_step(self) -> None:
+        """A token for every running sequence. The step's tokens are read back (and detokenized,
+        checked against stops, streamed) while the next step already runs: see `_run_ahead`."""
         seqs = [self._active[s] for s in sorted(self._active)]
+        ahead, self._ahead = self._ahead, None
+        rows = seqs
+        start = time.perf_counter()
+        try:
+            if ahead is not None:  # dispatched last time, for the sequences running then
+                rows, out = ahead
+            else:
+                out = self._dispatch_decode(seqs)
+            # The sequences each row is still for: one that stopped or was cancelled since this
+            # step was dispatched gets nothing from it; one admitted since gets its token next.
+            live = [s if self._active.get(s.slot) is s else None for s in rows]
+            same = len(rows) == len(seqs) and all(map(operator.is_, rows, seqs))
+            if same and self._may_run_ahead(seqs):
+                self._ahead = (seqs, self._dispatch_decode(seqs, fed=out[0]))
+                self._ahead_steps += 1
+            for seq in live:
+                if seq is not None:
+                    seq.pos += 1
+            self._emit_tokens(live, out)
+        except Exception as e:
+            log.exception("decode step of %d sequences failed", len(rows))
+            self._ahead = None
+            self._recover_state()
+            self._fail_seqs([s for s in rows if self._active.get(s.slot) is s], e)
+            return
+        with self._stats_lock:
+            self.stats.decode_steps += 1
+            self.stats.busy_seconds += time.perf_counter() - start
+
+    def _may_run_ahead(self, seqs: Sequence[_Seq]) -> bool:
+        """Whether to dispatch the step after this one before this one's tokens are read.
+
+        Its input tokens are this step's output, on the device: the host's work on a step
+        (reading the tokens back, detokenizing, stop checks, streaming, preparing the next
+        inputs) overlaps the device's next step instead of adding to it. Whatever the host then
+        finds, the step is right for every sequence that goes on: one that stops meanwhile gets
+        nothing from it (its slot's cache and counts are reset when the slot is reused), and
+        its draw for a sequence that goes on is the one a step dispatched later would make.
+        Not when a sequence ends on this step by length (the next step would be wasted, and
+        could run past the cache), nor on a multi-host leader, whose followers get host
+        arrays."""
+        return self._run_ahead and self._channel is None and all(
+            len(s.out) + 1 < s.work.params.max_tokens and s.pos + 1 < self.max_model_len
+            for s in seqs)
+
+    def _dispatch_decode(self, seqs: Sequence[_Seq], fed: jax.Array | None = None) -> Any:
+        """Dispatch a decode step for seqs (their rows in this order); fed: the tokens to feed,
+        the output of the step before it that has not been read yet (each sequence then one
+        position further on)."""
+        ahead = int(fed is not None)
         rows = next(b for b in self.decode_rows if b >= len(seqs))
         tokens = np.zeros(rows, np.int32)
         positions = np.zeros(rows, np.int32)
         slots = np.full(rows, self.max_num_seqs, np.int32)
         for r, seq in enumerate(seqs):
-            tokens[r], positions[r], slots[r] = seq.last, seq.pos, seq.slot
+            tokens[r], positions[r], slots[r] = seq.last, seq.pos + ahead, seq.slot
         kv_len = next(n for n in self.decode_lengths if n > int(positions.max()))
         rows_params = sampling.row_arrays(
-            [(s.work.params, s.seed, len(s.out)) for s in seqs] + [None] * (rows - len(seqs)))
-        start = time.perf_counter()
-        try:
-            out = self._device_step(DECODE, {"tokens": tokens, "positions": positions,
-                                             "slots": slots, "rows": rows_params}, kv_len=kv_len)
-            for seq in seqs:
-                seq.pos += 1
-            self._emit_tokens(seqs, out)
-        except Exception as e:
-            log.exception("decode step of %d rows failed", rows)
-            self._recover_state()
-            self._fail_seqs(seqs, e)
-            return
-        with self._stats_lock:
-            self.stats.decode_steps += 1
-            self.stats.busy_seconds += time.perf_counter() - start
+            [(s.work.params, s.seed, len(s.out) + ahead) for s in seqs]
+            + [None] * (rows - len(seqs)))
+        return self._device_step(DECODE, {"tokens": tokens if fed is None else fed,
+                                          "positions": positions, "slots": slots,
+                                          "rows": rows_params}, kv_len=kv_len)
 
     def _recover_state(self) -> None:
         """After a failed step the donated cache may be gone: start a fresh one (the sequences
         that used it are failed with the step)."""
         state = self._gen_state
         if state is None or any(x.is_deleted() for x in jax.tree.leaves(state)):
+            self._ahead = None  # its sequences are failed below
             for seq in list(self._active.values()):
                 seq.work.stream.fail(EngineUnavailableError(
                     "the engine lost this request's cache after a failed step; retry it"))
                 seq.work.stream.cancel()
             self._gen_state = None
 
-    def _emit_tokens(self, seqs: Sequence[_Seq], out: Sequence[jax.Array]) -> None:
+    def _emit_tokens(self, seqs: Sequence[_Seq | None], out: Sequence[jax.Array]) -> None:
+        """Stream each row's token to its sequence (None: a row whose sequence ended)."""
         tokens, chosen, top_ids, top_lp = (np.asarray(x) for x in out)
         generated = 0
         for r, seq in enumerate(seqs):
+            if seq is None:
+                continue
             token = int(tokens[r])
             seq.out.append(token)
             seq.last = token

@@ -72,6 +72,43 @@ def test_concurrent_requests_get_what_they_get_alone(smollm2_engine: LLMEngine) 
     wait_idle(e)
 
 
+def test_steps_dispatched_ahead_change_no_output(smollm2_engine: LLMEngine) -> None:
+    # The engine dispatches a decode step before the last one's tokens are read; its tokens
+    # must be the ones a step dispatched afterwards would draw, whatever happens in between:
+    # sequences stopping (by stop string, end of text or length), joining, sampling with a
+    # seed and with penalties (which count each fed token once).
+    e = smollm2_engine
+    requests = [(PROMPTS[0], dict(temperature=0, max_tokens=20, ignore_eos=True)),
+                (PROMPTS[1], dict(temperature=0.8, top_p=0.9, seed=7, max_tokens=24)),
+                (PROMPTS[2], dict(temperature=0, max_tokens=18, repetition_penalty=1.3,
+                                  frequency_penalty=0.4, ignore_eos=True)),
+                (PROMPTS[3], dict(temperature=0, max_tokens=30, stop=[","])),
+                (PROMPTS[4], dict(temperature=1.0, seed=3, max_tokens=9, n=2)),
+                (PROMPTS[5], dict(temperature=0, max_tokens=5))]
+
+    def run(i: int) -> list[tuple]:
+        time.sleep(0.05 * i)  # they join at different steps
+        out = e.generate(requests[i][0], **requests[i][1])
+        return [(c.token_ids, c.text, c.finish_reason) for c in out.choices]
+
+    def run_all() -> tuple[list, list]:
+        alone = [run(0), run(3)]
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            return alone, list(pool.map(run, range(len(requests))))
+
+    e._run_ahead = False
+    try:
+        want = run_all()
+    finally:
+        e._run_ahead = True
+    before, steps = e._ahead_steps, e.stats_snapshot().decode_steps
+    got = run_all()
+    ahead, steps = e._ahead_steps - before, e.stats_snapshot().decode_steps - steps
+    assert ahead > steps / 2  # most steps ran ahead
+    assert got == want
+    wait_idle(e)
+
+
 def _penalized_greedy(hf: Any, prompt: list[int], n: int, repetition: float = 1.0,
                       frequency: float = 0.0, presence: float = 0.0) -> list[int]:
     """The reference: transformers' logits, penalized as sampling.penalize says (repetition over
