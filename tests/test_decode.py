@@ -28,8 +28,9 @@ def reference_logits(params, cfg, ids: np.ndarray) -> np.ndarray:
     return np.asarray(model.logits(params, hidden[0], cfg))
 
 
-# per_layer_kernel: the per-layer layout attending in the CPU kernels (`kernels.attention` for
-# the prefill, `kernels.decode_attention` for the steps), where this machine can run them.
+# per_layer_kernel: the per-layer layout in the CPU kernels (`kernels.attention` for the
+# prefill, `kernels.decode_attention` and `kernels.matmul` for the steps), where this machine
+# can run them.
 @pytest.mark.parametrize("layout", ["stacked", "per_layer", "per_layer_kernel"])
 @pytest.mark.parametrize("family", DECODE_FAMILIES)
 def test_decode_matches_the_forward(family: str, layout: str, tmp_path: Path) -> None:
@@ -44,7 +45,8 @@ def test_decode_matches_the_forward(family: str, layout: str, tmp_path: Path) ->
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (5, 11)]
     steps, max_len, slots = 14, 64, 4  # past every sliding window (16) and rope threshold
-    layers = model.split_layers(params, cfg) if layout != "stacked" else None
+    # The kernel layout as the engine decodes with it: float32 weights packed for kernels.matmul.
+    layers = None if layout == "stacked" else model.split_layers(params, cfg, pack=cpu_attention)
     cache = model.init_cache(cfg, slots, max_len, jnp.float32, per_layer=layers is not None)
     # Prefill both prompts in one step (rows padded to the longer), into slots 2 and 0.
     t = 16
