@@ -222,7 +222,7 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   job->tokens_per_block = std::max<int64_t>(1, kBlockVectors / s.g);
   job->blocks_per_head = (s.t + job->tokens_per_block - 1) / job->tokens_per_block;
   job->tasks.count = s.b * s.kv * job->blocks_per_head;
-  jaxembed::Share(pool, job);
+  jaxembed::Share(pool, job, /*quick=*/false);  // a prefill's: long
   return ffi::Error::Success();
 }
 

@@ -250,7 +250,7 @@ ffi::Error Attend(ffi::ThreadPool& pool, const Shape& s, const float* q, const f
   int64_t entries = 0;
   for (int64_t r = 0; r < s.b; ++r) entries += (pos[r] + 1) * s.kv;
   if (entries > kShareAbove) {
-    jaxembed::Share(pool, job);
+    jaxembed::Share(pool, job, /*quick=*/true);
   } else {
     job->Run();
   }

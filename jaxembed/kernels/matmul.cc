@@ -37,6 +37,7 @@ constexpr int64_t kBlock = 16;     // float32 lanes in a zmm: columns per block
 constexpr int64_t kPanel = 4;      // column blocks per task and per register tile
 constexpr int64_t kTileRows = 6;   // rows per register tile
 constexpr int64_t kTaskRows = 96;  // rows per task (a multiple of kTileRows)
+constexpr int64_t kQuickRows = 64;  // at most this many rows: a short job (see pool.h)
 
 // The two weight types. Each has its x element (what one broadcast holds: a bf16 pair, or a
 // float), its steps over K (k-pairs, or single k), and its multiply-add.
@@ -149,7 +150,8 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, c
   job->blocks = blocks;
   job->row_tasks = (m + kTaskRows - 1) / kTaskRows;
   job->tasks.count = job->row_tasks * ((blocks + kPanel - 1) / kPanel);
-  jaxembed::Share(pool, job);
+  // A decode step's rows (up to 64) make short jobs; an embedding step's hundreds, long ones.
+  jaxembed::Share(pool, job, /*quick=*/m <= kQuickRows);
   return ffi::Error::Success();
 }
 

@@ -4,8 +4,11 @@
 // Why helpers of our own: a one-row decode step makes some 200 kernel calls of 5-50 us each, and
 // waking a sleeping thread of XLA's pool costs a good part of that. Our helpers spin for a while
 // after each job (kSpin), so that the next call of the same step finds them awake; past that they
-// sleep, so that an idle engine, or XLA's own ops between calls, get the cores back. A call that
-// finds them busy with another job (XLA may run independent ops at once) asks XLA's pool instead.
+// sleep, so that an idle engine gets the cores back. Only short jobs use them ("quick": a decode
+// step's): after a long one (an embedding step's attention or products) XLA's own ops follow,
+// which would share the cores with a spinning helper (embedding throughput 5-10% lower). A call
+// that finds them busy with another job (XLA may run independent ops at once) asks XLA's pool
+// instead.
 #pragma once
 
 #include <immintrin.h>
@@ -111,14 +114,14 @@ class Helpers {
   std::condition_variable wake_;
 };
 
-// Runs job->Run() (which drains job->tasks) on the calling thread and on helpers, and returns when
-// every task is done. The caller works too, so helpers that never start cost only speed; XLA's
-// pool helpers hold the job, so one that starts after the call returned finds it alive, and no
-// task left.
+// Runs job->Run() (which drains job->tasks) on the calling thread and on helpers (ours if quick
+// and free, else XLA's pool), and returns when every task is done. The caller works too, so
+// helpers that never start cost only speed; XLA's pool helpers hold the job, so one that starts
+// after the call returned finds it alive, and no task left.
 template <typename Job>
-void Share(xla::ffi::ThreadPool& pool, const std::shared_ptr<Job>& job) {
+void Share(xla::ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, bool quick) {
   const int64_t threads = std::min<int64_t>(pool.num_threads(), job->tasks.count);
-  if (threads > 1 &&
+  if (threads > 1 && quick &&
       Helpers::Get(pool.num_threads()).Run([](void* j) { static_cast<Job*>(j)->Run(); },
                                            job.get()))
     return;  // every task is done: each thread that ran ran until none was left
