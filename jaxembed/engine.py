@@ -823,7 +823,9 @@ class LLMEngine:
         self._gen_state: dict[str, Any] | None = None
         self._decode_layers: list[tuple[Any, Any]] | None = None
         self._decode_params: Any = None  # the stacked weights decode steps read
-        self._decode_head: jax.Array | None = None  # a narrowed [D, V] output head
+        # The output head decode steps multiply by, narrowed or packed for kernels.matmul (None:
+        # the params' own).
+        self._decode_head: jax.Array | None = None
         self._free_slots = list(range(self.max_num_seqs))
         self._active: dict[int, _Seq] = {}
         # A decode step dispatched before the last one's tokens were read: (its sequences, in
@@ -1171,13 +1173,15 @@ class LLMEngine:
 
     def _decode_step(self) -> None:
         """A token for every running sequence. The step's tokens are read back (and detokenized,
-        checked against stops, streamed) while the next step already runs: see `_run_ahead`."""
+        checked against stops, streamed) while the next step already runs: see `_may_run_ahead`."""
         seqs = [self._active[s] for s in sorted(self._active)]
         ahead, self._ahead = self._ahead, None
         rows = seqs
         start = time.perf_counter()
         try:
-            if ahead is not None:  # dispatched last time, for the sequences running then
+            # A step dispatched last time, for the sequences running then (unless all of them
+            # have ended since).
+            if ahead is not None and any(self._active.get(s.slot) is s for s in ahead[0]):
                 rows, out = ahead
             else:
                 out = self._dispatch_decode(seqs)
