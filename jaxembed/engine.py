@@ -307,18 +307,15 @@ class LLMEngine:
         # attention and the residual stream stay float32 (see model.linear).
         embed_dtype = _narrowing(embed_matmul_dtype, "embed_matmul_dtype", checkpoint)
         self._decode_dtype = _narrowing(decode_matmul_dtype, "decode_matmul_dtype", checkpoint)
-        # On one CPU with bf16 dot instructions, narrowed products run in `kernels.matmul`, from
-        # weights packed in its layout: XLA's CPU dot is slow for a decode step's few rows
-        # (SmolLM2's 30 layers of products: 9 ms for 16 rows against XLA's 16-24, 5.5 ms for one
-        # row against 120), and around embedding steps' products XLA spends as long again
-        # converting activations and slicing the stacked weights in bfloat16.
         # One CPU device: where the kernels run, and where decoding reads per-layer copies.
         self._one_cpu = jax.default_backend() == "cpu" and (sharding is None
                                                             or sharding.mesh.size == 1)
-        self._packs = (embed_dtype is not None or self._decode_dtype is not None) \
-            and self._one_cpu and kernels.available()
+        self._kernels = self._one_cpu and kernels.available()
+        # With the kernels, bf16 embedding products run in `kernels.matmul`, from weights packed
+        # in its layout: around XLA's own bf16 products it spends as long again converting
+        # activations and slicing the stacked weights in bfloat16.
         self._embed_params = self.params if embed_dtype is None else \
-            model.with_projection_dtype(self.params, embed_dtype, self._packs)  # embed steps'
+            model.with_projection_dtype(self.params, embed_dtype, self._kernels)  # embed steps'
         self.tokenizer = checkpoint.tokenizer.tokenizer
         # A sentence-transformers folder says how the model is meant to be used; its settings
         # are the model's defaults (a plain causal LM has none: mean pooling, no normalization).
@@ -367,8 +364,7 @@ class LLMEngine:
         # Embedding and prefill steps on one CPU attend in `kernels.attention`: XLA computes
         # every score of a packed row and masks most away (SmolLM2, 1024-token rows of mixed
         # lengths: attention was about half of an embedding step).
-        self._cpu_attention = (self._one_cpu and model.cpu_attention_fits(self.config)
-                               and kernels.available())
+        self._cpu_attention = self._kernels and model.cpu_attention_fits(self.config)
         # Every device step (and, on a multi-host leader, the message announcing it) runs under
         # this lock, so that warm-up from a loading thread and the engine thread never interleave.
         self._device_lock = threading.Lock()
@@ -797,10 +793,11 @@ class LLMEngine:
         # of them: each compiles in seconds on a CPU.
         self._row_counts = tuple(sorted({*(1 << i for i in range(self.max_num_seqs.bit_length())
                                             if 1 << i <= self.max_num_seqs), self.max_num_seqs}))
-        # On one CPU with the kernels, decode steps multiply in `kernels.matmul` whatever the
-        # weights' type (float32 or bfloat16): XLA's CPU dot reads a one-row step's weights at
-        # about two thirds of the rate the kernel does.
-        self._decode_packed = self._one_cpu and kernels.available()
+        # With the kernels, decode steps multiply in `kernels.matmul` whatever the weights' type
+        # (float32 or bfloat16): XLA's CPU dot reads a one-row step's weights at about two
+        # thirds of the kernel's rate, and a single bf16 row far slower still (SmolLM2's 30
+        # layers of bf16 products: 5.5 ms for one row against XLA's 120).
+        self._decode_packed = self._kernels
         # Else narrowed decode weights take two rows at least: XLA's CPU product of a single
         # bf16 row takes a slow path (SmolLM2: 150 ms a step, against 23 ms for two rows).
         least = 2 if self._decode_dtype is not None and not self._decode_packed else 1

@@ -52,8 +52,6 @@ class Helpers {
     return *helpers;
   }
 
-  int64_t size() const { return size_; }
-
   // Runs run(arg) on every helper and on the caller, and returns when every helper that joined
   // has left; false (nothing run) when another job holds the helpers.
   bool Run(void (*run)(void*), void* arg) {
