@@ -75,18 +75,7 @@ def decode_bytes_per_token(engine: Any) -> int:
     per-layer weights (narrowed ones with --decode-matmul-dtype), the output head (the whole
     embedding table when tied), the final norm. Without per-layer copies (a mesh): every
     parameter of the weights it scans. The input embedding's one row per token is left out."""
-    import jax
-
-    def size(tree: Any) -> int:
-        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
-
-    if engine._decode_layers is None:
-        return size(engine._decode_params)
-    from jaxembed import model as M
-
-    head = engine._decode_head
-    head = head if head is not None else M.output_head(engine.params, engine.config)
-    return size(engine._decode_layers) + head.nbytes + engine.params["final_norm"].nbytes
+    return engine.runner.decode_weights.nbytes
 
 
 def gguf_bytes_per_token(model: Path) -> int | None:

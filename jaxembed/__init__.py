@@ -2,8 +2,9 @@
 
 from jaxembed.builder import EngineBuilder
 from jaxembed.config import ModelConfig, UnsupportedModelError
-from jaxembed.engine import LLMEngine
+from jaxembed.engine import Engine, LLMEngine
 from jaxembed.errors import EngineError, InvalidRequestError, ModelNotFoundError
+from jaxembed.options import EngineOptions
 from jaxembed.protocol import (
     EmbeddingData,
     EmbeddingInput,
@@ -13,7 +14,6 @@ from jaxembed.protocol import (
     EncodingFormat,
     Usage,
 )
-from jaxembed.replicas import ReplicaRouter
 
 __all__ = [
     "EmbeddingData",
@@ -22,13 +22,14 @@ __all__ = [
     "EmbeddingResponse",
     "EmbeddingType",
     "EncodingFormat",
+    "Engine",
     "EngineBuilder",
+    "EngineOptions",
     "EngineError",
     "InvalidRequestError",
     "LLMEngine",
     "ModelConfig",
     "ModelNotFoundError",
-    "ReplicaRouter",
     "UnsupportedModelError",
     "Usage",
 ]

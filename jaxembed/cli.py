@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 
-from jaxembed.builder import ATTENTION_MODES, EngineBuilder
-from jaxembed.engine import DEFAULT_MAX_QUEUED_REQUESTS
+from jaxembed import options
+from jaxembed.builder import EngineBuilder
 from jaxembed.errors import InvalidRequestError
 from jaxembed.protocol import EmbeddingDefaults, EmbeddingType, InputType
 
@@ -21,55 +21,8 @@ API_KEY_ENV = "JAXEMBED_API_KEY"
 KEEP_ALIVE_SECONDS = 30
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="a GGUF file, an HF model folder, or an HF repo id (local hub cache "
-                        "first); default: the embedded SmolLM2-135M-Instruct Q4_1")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest input, and longest prompt plus answer, in tokens (default: the "
-                        "model's context, at most 2048 on a CPU and 8192 on an accelerator)")
-    p.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="token budget of one batched step (default: 1024 on a CPU, where "
-                        "smaller steps stay in cache, and 8192 on an accelerator)")
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="sequences generated at once, each with KV cache rows of --max-model-len "
-                        "tokens, allocated on the first generation request (default: 16 on a "
-                        "CPU, 64 on an accelerator)")
-    p.add_argument("--embed-matmul-dtype", choices=["bfloat16"], default=None,
-                   help="run embeddings' projections in bfloat16 over float32 activations "
-                        "(about 1.3x on a CPU with bf16 dot instructions)")
-    p.add_argument("--decode-matmul-dtype", choices=["bfloat16"], default=None,
-                   help="run generation's decode steps' projections and LM head, and keep the KV "
-                        "cache, in bfloat16 (about 1.25x for 16 streams on such a CPU; greedy "
-                        "text may differ from float32's at near ties)")
-    p.add_argument("--attention", choices=ATTENTION_MODES, default=None,
-                   help="override the model's attention (default: what its config says)")
-    p.add_argument("--instruction-template", default=None,
-                   help="how a request's 'instruction' is placed before the input, ending with "
-                        "'{text}', e.g. 'Instruct: {instruction}\\nQuery:{text}' (default: the "
-                        "model family's known template, if any)")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="shard the model over N devices (attention heads, MLP width and experts "
-                        "split across them); across hosts, all devices of all processes "
-                        "(default: 1)")
-    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
-                   help="run N replicas, each on its own --tensor-parallel devices of this "
-                        "host, each request going to the least loaded (default: 1)")
-
-
 def _builder(args: argparse.Namespace, **extra: object) -> EngineBuilder:
-    template = args.instruction_template
-    if template is not None:  # a shell passes "\n" literally; templates need real newlines
-        template = template.replace("\\n", "\n")
-    return EngineBuilder(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                         max_batch_tokens=args.max_batch_tokens, attention=args.attention,
-                         instruction_template=template, max_num_seqs=args.max_num_seqs,
-                         embed_matmul_dtype=args.embed_matmul_dtype,
-                         decode_matmul_dtype=args.decode_matmul_dtype,
-                         tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
-                         **extra)
+    return EngineBuilder(**options.from_args(args, **extra))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -84,9 +37,7 @@ def serve(args: argparse.Namespace) -> int:
     elif args.num_processes != 1 or args.process_id != 0:
         raise ValueError("--num-processes and --process-id go with --coordinator HOST:PORT")
     builder = _builder(
-        args, served_model_names=args.served_model_name or None,
-        max_queued_requests=args.max_queued_requests, max_request_tokens=args.max_request_tokens,
-        defaults=EmbeddingDefaults(
+        args, defaults=EmbeddingDefaults(
             embedding_type=(EmbeddingType(args.default_embedding_type)
                             if args.default_embedding_type else None),
             normalize=args.default_normalize,
@@ -195,12 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    _add_model_args(p)
+    options.add_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", action="append", default=[],
-                   help="a name clients use for the model (repeatable; default: the file or "
-                        "folder name); 'default' always works too")
     p.add_argument("--log-level", default="info")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="join a multi-host run through jax.distributed: process 0 listens on "
@@ -215,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: ${API_KEY_ENV}, else no key)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
                    help="largest request body; larger ones get 413 (default: 2 MiB)")
-    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
-                   help="requests queued or running at once; past it, 429 with Retry-After "
-                        f"(default: {DEFAULT_MAX_QUEUED_REQUESTS})")
-    p.add_argument("--max-request-tokens", type=int, default=None,
-                   help="most tokens in one request, all inputs together (default: no limit)")
+    options.add_arguments(p, options.SERVE_FLAGS)
     p.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds an embedding request may take, and a generation may go "
                         "without a token, before it is cancelled with 503; 0 for no limit "
@@ -246,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=serve)
 
     p = sub.add_parser("embed", help="embed texts and print their dimension and first values")
-    _add_model_args(p)
+    options.add_arguments(p)
     p.add_argument("text", nargs="+")
     p.add_argument("--embedding-type", default=None, choices=[t.value for t in EmbeddingType],
                    help="pooling (default: the model's sentence-transformers config, else mean)")
@@ -260,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate", help="continue a prompt (or answer it, with --chat) and "
                                         "stream the text")
-    _add_model_args(p)
+    options.add_arguments(p)
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the model's chat template")

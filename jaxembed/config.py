@@ -12,30 +12,23 @@ from typing import Any
 
 import numpy as np
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one this engine can run."""
-
-
-# HF `model_type` -> family; GGUF `general.architecture` -> family.
-HF_MODEL_TYPES = {
-    "llama": "llama", "mistral": "mistral", "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2",
-    "gemma3_text": "gemma3", "gemma3": "gemma3", "qwen2": "qwen2", "qwen3": "qwen3",
-    "qwen3_moe": "qwen3_moe", "glm4": "glm4",
-}
-GGUF_ARCHITECTURES = {
-    "llama": "llama", "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
-    "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "glm4": "glm4",
-}
-
-SUPPORTED_FAMILIES_TEXT = (
-    "Llama 2/3 (llama), Mistral (mistral; GGUF 'llama'), Phi-3 (phi3), Gemma (gemma), "
-    "Gemma 2 (gemma2), Gemma 3 (gemma3_text; GGUF 'gemma3'), Qwen1.5/2/2.5 (qwen2), Qwen3 (qwen3), "
-    "Qwen3-MoE (qwen3_moe; GGUF 'qwen3moe'), GLM4 (glm4)"
+# The family table lives in `families`; its names are also importable from here.
+from jaxembed.families import (  # noqa: F401
+    DENSE,
+    FAMILY_TRAITS,
+    FULL,
+    GGUF_ARCHITECTURES,
+    HF_MODEL_TYPES,
+    MOE,
+    SLIDING,
+    SUPPORTED_FAMILIES_TEXT,
+    GGUFSource,
+    HFSource,
+    UnsupportedModelError,
+    family_fields,
+    first_id,
+    opt_int,
 )
-
-FULL, SLIDING = "full", "sliding"
-DENSE, MOE = "dense", "moe"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,65 +143,28 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r} in config.json; supported: "
                 f"{SUPPORTED_FAMILIES_TEXT}")
+        traits = FAMILY_TRAITS[family]
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or hidden // heads
         n_layers = cfg["num_hidden_layers"]
-        rope = _hf_rope_params(cfg, family)
+        rope = _hf_rope_params(cfg)
+        rotary = float(rope.get("partial_rotary_factor", traits.partial_rotary_factor))
         base = dict(
             family=family, vocab_size=cfg["vocab_size"], hidden_size=hidden, num_layers=n_layers,
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=head_dim, intermediate_size=cfg.get("intermediate_size") or 0,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.startswith("gemma"))),
-            bos_token_id=_first_id(cfg.get("bos_token_id")),
-            eos_token_id=_first_id(cfg.get("eos_token_id")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", traits.tied_embeddings)),
+            bos_token_id=first_id(cfg.get("bos_token_id")),
+            eos_token_id=first_id(cfg.get("eos_token_id")),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             rope_scaling=_rope_scaling(rope, cfg),
-            rotary_dim=int(head_dim * float(rope.get("partial_rotary_factor", 1.0))),
-            qkv_bias=bool(cfg.get("attention_bias", False)),
+            rotary_dim=int(head_dim * rotary),
         )
-        extra: dict[str, Any] = {}
-        window = cfg.get("sliding_window")
-        if family == "mistral" and window:
-            extra.update(sliding_window=int(window), layer_types=(SLIDING,) * n_layers)
-        elif family in ("qwen2", "qwen3", "qwen3_moe"):
-            if cfg.get("use_sliding_window") and window:
-                raise UnsupportedModelError(f"{model_type} with use_sliding_window is not supported")
-            extra.update(qkv_bias=family == "qwen2" or base["qkv_bias"],
-                         qk_norm=family != "qwen2")
-        elif family.startswith("gemma"):
-            extra.update(norm_offset=1.0, embed_scale=True, activation="gelu_tanh")
-            if family in ("gemma2", "gemma3"):
-                types = cfg.get("layer_types") or _gemma_layer_types(family, n_layers, cfg)
-                extra.update(
-                    sandwich_norm=True, sliding_window=int(window),
-                    layer_types=tuple(SLIDING if "sliding" in t else FULL for t in types),
-                    query_scale=float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
-                    attn_softcap=cfg.get("attn_logit_softcapping"),
-                    final_softcap=cfg.get("final_logit_softcapping"))
-            if family == "gemma3":
-                extra.update(qk_norm=True, rope_local_theta=float(rope.get("rope_local_theta",
-                                                                            10000.0)))
-                if cfg.get("use_bidirectional_attention"):
-                    # transformers halves the window of bidirectional models (it looks both
-                    # ways): tokens closer than window // 2 + 1 see each other.
-                    extra.update(causal=False, sliding_window=int(window) // 2 + 1)
-        elif family == "glm4":
-            extra.update(sandwich_norm=True, rope_interleaved=True)
-        if family == "qwen3_moe":
-            n_exp = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
-            step = int(cfg.get("decoder_sparse_step") or 1)
-            dense_only = set(cfg.get("mlp_only_layers") or [])
-            extra.update(
-                num_experts=n_exp, num_experts_per_tok=int(cfg["num_experts_per_tok"]),
-                moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-                mlp_layer_kinds=tuple(
-                    MOE if n_exp > 0 and i not in dense_only and (i + 1) % step == 0 else DENSE
-                    for i in range(n_layers)))
-        return cls(**{**base, **extra})
+        source = HFSource(cfg, rope, str(model_type))
+        return cls(**base, **family_fields(traits, source, n_layers, head_dim))
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], *, vocab_size: int, tied: bool,
@@ -224,10 +180,8 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported GGUF general.architecture {arch!r}; supported: "
                 f"{SUPPORTED_FAMILIES_TEXT}")
-
-        def key(name: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{name}", default)
-
+        source = GGUFSource(meta, str(arch))
+        key = source.key
         hidden = int(key("embedding_length"))
         heads = int(key("attention.head_count"))
         head_dim = int(key("attention.key_length", hidden // heads))
@@ -253,69 +207,16 @@ class ModelConfig:
             max_position_embeddings=int(key("context_length", 2048)),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
             tie_word_embeddings=tied,
-            bos_token_id=_opt_int(meta.get("tokenizer.ggml.bos_token_id")),
-            eos_token_id=_opt_int(meta.get("tokenizer.ggml.eos_token_id")),
+            bos_token_id=opt_int(meta.get("tokenizer.ggml.bos_token_id")),
+            eos_token_id=opt_int(meta.get("tokenizer.ggml.eos_token_id")),
             rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=rope,
+            # llama.cpp rotates the whole head where the file gives no count.
             rotary_dim=int(key("rope.dimension_count", head_dim)),
         )
-        extra: dict[str, Any] = {}
-        window = key("attention.sliding_window")
-        if family in ("qwen2",):
-            extra.update(qkv_bias=True)
-        elif family in ("qwen3", "qwen3_moe"):
-            extra.update(qk_norm=True)
-        elif family.startswith("gemma"):
-            # The converter bakes gemma's +1 into the norm weights: a plain x * w norm here.
-            extra.update(embed_scale=True, activation="gelu_tanh")
-            if family in ("gemma2", "gemma3"):
-                types = _gemma_layer_types(family, n_layers, {})
-                # GGUF has no query_pre_attn_scalar: it is head_dim for every Gemma 2/3 size
-                # but the 27B ones, which use hidden / heads (llama.cpp hardcodes the same).
-                big = (family, n_layers) in (("gemma2", 46), ("gemma3", 62))
-                extra.update(
-                    sandwich_norm=True, sliding_window=int(window) if window else 4096,
-                    layer_types=tuple(SLIDING if "sliding" in t else FULL for t in types),
-                    query_scale=(hidden / heads if big else head_dim) ** -0.5,
-                    attn_softcap=_opt_float(key("attn_logit_softcapping")),
-                    final_softcap=_opt_float(key("final_logit_softcapping")))
-            if family == "gemma3":
-                # Older converters write no local rope base: 10000 is every Gemma 3's.
-                extra.update(qk_norm=True,
-                             rope_local_theta=float(key("rope.freq_base_swa", 10000.0)))
-        elif family == "glm4":
-            extra.update(sandwich_norm=True, rope_interleaved=True, qkv_bias=True)
-        if family == "qwen3_moe":
-            n_exp = int(key("expert_count", 0))
-            extra.update(
-                num_experts=n_exp, num_experts_per_tok=int(key("expert_used_count", 0)),
-                moe_intermediate_size=int(key("expert_feed_forward_length", 0)),
-                norm_topk_prob=True, mlp_layer_kinds=(MOE,) * n_layers)
-        return cls(**{**base, **extra})
+        return cls(**base, **family_fields(FAMILY_TRAITS[family], source, n_layers, head_dim))
 
 
-def _gemma_layer_types(family: str, n_layers: int, cfg: dict[str, Any]) -> list[str]:
-    """Gemma 2 alternates sliding and full layers; Gemma 3 has five sliding then one full."""
-    if family == "gemma2":
-        return ["sliding" if i % 2 == 0 else "full" for i in range(n_layers)]
-    pattern = int(cfg.get("sliding_window_pattern", 6))
-    return ["sliding" if (i + 1) % pattern else "full" for i in range(n_layers)]
-
-
-def _first_id(value: Any) -> int | None:
-    if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _hf_rope_params(cfg: dict[str, Any], family: str) -> dict[str, Any]:
+def _hf_rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     """Merge the two config styles into one flat dict of rope settings.
 
     Classic: `rope_theta`, `rope_scaling` (with `type` or `rope_type`), `partial_rotary_factor`
@@ -340,8 +241,6 @@ def _hf_rope_params(cfg: dict[str, Any], family: str) -> dict[str, Any]:
         merged.update(cfg["rope_scaling"])
     if "type" in merged and "rope_type" not in merged:
         merged["rope_type"] = merged["type"]
-    if family == "glm4":
-        merged.setdefault("partial_rotary_factor", 0.5)
     return merged
 
 

@@ -1,4 +1,4 @@
-"""Plan prefill steps: pack sequences into a small bounded set of (rows x length) shapes.
+"""Plan embedding steps: pack sequences into a small bounded set of (rows x length) shapes.
 
 Everything here is plain data and pure functions, so a step can be logged, tested, or broadcast to
 other hosts as-is. A step holds several sequences per row ("packing"): segment ids keep them apart
@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from jaxembed.steps import EmbedStep
 
 # Sequences per row are capped so that the per-step pooling outputs have a static size.
 MAX_SEQS_PER_ROW = 64
@@ -72,38 +74,8 @@ def row_buckets(cap: int) -> list[int]:
     return sorted(set(out))
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One prefill step. Arrays are [rows, length] int32 unless noted."""
-
-    tokens: np.ndarray
-    positions: np.ndarray
-    segment_ids: np.ndarray  # 0 is padding; 1, 2, ... the sequences of a row
-    # Which planned sequence each token is pooled into; `slots` (the padding slot) for padding
-    # and for the leading tokens a sequence leaves out of its mean (a prompt), which still attend.
-    seq_index: np.ndarray
-    last_index: np.ndarray  # [slots] flat index (row * length + col) of each sequence's last token
-    first_index: np.ndarray  # [slots] flat index of each sequence's first pooled token
-    sequences: tuple[int, ...]  # the caller's ids of the sequences, in slot order
-
-    @classmethod
-    def empty(cls, rows: int, length: int, slots: int) -> Step:
-        """A step of padding only (for compiling a shape ahead of traffic)."""
-        zeros = np.zeros((rows, length), np.int32)
-        return cls(zeros, zeros, zeros, np.full((rows, length), slots, np.int32),
-                   np.zeros(slots, np.int32), np.zeros(slots, np.int32), ())
-
-    @property
-    def real_tokens(self) -> int:
-        return int((self.segment_ids > 0).sum())
-
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.tokens.size)
-
-
 def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets,
-              skip: Mapping[int, int] | None = None) -> tuple[Step, list[int]]:
+              skip: Mapping[int, int] | None = None) -> tuple[EmbedStep, list[int]]:
     """Pack as many pending sequences as fit one step; return it and the ids left over.
 
     `pending` holds (id, token ids) pairs. The longest sequence sets the row length; sequences are
@@ -157,5 +129,6 @@ def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets,
             first_index[slot] = r * length + col + (left_out if left_out < n else 0)
             ids.append(pending[i][0])
             col += n
-    step = Step(tokens, positions, segments, seq_index, last_index, first_index, tuple(ids))
+    step = EmbedStep(tokens, positions, segments, seq_index, last_index, first_index,
+                     tuple(ids))
     return step, left

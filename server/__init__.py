@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server over an `LLMEngine`."""
+"""The OpenAI-compatible HTTP server over an `Engine`."""
 
 from .app import create_app
 

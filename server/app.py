@@ -19,8 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-import jax
-import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
@@ -33,8 +31,7 @@ from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 from litestar.types import Receive, Send
 
 from jaxembed.builder import EngineBuilder
-from jaxembed.completions import Completions
-from jaxembed.engine import LLMEngine
+from jaxembed.engine import Engine
 from jaxembed.errors import EngineUnavailableError, RequestTimeoutError
 from jaxembed.protocol import (
     ChatCompletionRequest,
@@ -49,8 +46,10 @@ from jaxembed.protocol import (
     TokenizeResponse,
 )
 
+from .completions import Completions
 from .decoding import decode_body
 from .errors import ClientDisconnected, ErrorResponse, add_request_id_header, exception_handlers
+from .info import Health, ModelCard, ModelList, ServerInfo, server_info, version
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openapi import DetokenizeOperation, EmbeddingsOperation, TokenizeOperation
 
@@ -62,71 +61,6 @@ DEFAULT_REQUEST_TIMEOUT = 120.0
 PUBLIC = "public"
 
 T = TypeVar("T")
-
-
-class ModelCard(msgspec.Struct, kw_only=True):
-    id: str
-    created: int
-    object: str = "model"
-    owned_by: str = "jaxembed"
-
-
-class ModelList(msgspec.Struct, kw_only=True):
-    data: list[ModelCard]
-    object: str = "list"
-
-
-class Health(msgspec.Struct, kw_only=True):
-    status: str = "ok"
-
-
-class EmbeddingInfo(msgspec.Struct, kw_only=True):
-    embedding_size: int
-    embedding_type: str  # the pooling a request gets when it names none
-    normalize: bool
-    dimensions: list[int]  # the Matryoshka sizes the model declares; empty: any size
-    prompts: list[str]  # the names a request may give as prompt_name
-
-
-class GenerationInfo(msgspec.Struct, kw_only=True):
-    chat_template: bool
-    max_num_seqs: int
-
-
-class ServerInfo(msgspec.Struct, kw_only=True):
-    """What the playground (and operators) need to know about the served model."""
-
-    model: str
-    served_model_names: list[str]
-    family: str
-    format: str
-    dtype: str
-    backend: str
-    max_model_len: int
-    attention: str
-    embeddings: EmbeddingInfo
-    generation: GenerationInfo
-    version: str
-
-
-def _server_info(engine: LLMEngine) -> ServerInfo:
-    # The defaults a request gets are resolved as for an empty request, so that server flags,
-    # the model's sentence-transformers config and the built-in defaults combine as they do
-    # for real requests.
-    options = engine.resolve(EmbeddingRequest(input="x"))
-    return ServerInfo(
-        model=engine.model_name, served_model_names=list(engine.served_model_names),
-        family=engine.config.family, format=engine.checkpoint.format,
-        dtype=engine.checkpoint.dtype, backend=jax.default_backend(),
-        max_model_len=engine.max_model_len,
-        attention="causal" if engine.is_causal else "bidirectional",
-        embeddings=EmbeddingInfo(
-            embedding_size=engine.embedding_size, embedding_type=options.pooling.value,
-            normalize=options.normalize, dimensions=list(engine.supported_dimensions),
-            prompts=sorted(engine.prompts)),
-        generation=GenerationInfo(chat_template=engine.chat_template is not None,
-                                  max_num_seqs=engine.max_num_seqs),
-        version=_version())
 
 
 # The playground's files, served from memory under fixed names: nothing in a request's path
@@ -176,11 +110,11 @@ class EngineHost:
     started (`EngineBuilder.build_in_background`), it answers the same way until that is done.
     """
 
-    def __init__(self, source: LLMEngine | EngineBuilder | Future[LLMEngine], *, owned: bool,
+    def __init__(self, source: Engine | EngineBuilder | Future[Engine], *, owned: bool,
                  on_load_error: Callable[[BaseException], None] | None = None) -> None:
         # What the engine comes from while there is none yet: a builder, or a build under way.
         self._source = source if isinstance(source, EngineBuilder | Future) else None
-        self.engine: LLMEngine | None = None if self._source is not None else source
+        self.engine: Engine | None = None if self._source is not None else source
         # An engine the app built is the app's to stop; a given one only when asked.
         self.owned = owned or self._source is not None
         self.error: BaseException | None = None
@@ -210,7 +144,7 @@ class EngineHost:
         with self._lock:
             if not self.draining:
                 self.engine = engine
-                log.info("ready: serving %s as %s", engine.checkpoint.path,
+                log.info("ready: serving %s as %s", engine.describe().model,
                          engine.served_model_names)
                 return
         engine.shutdown()  # the server stopped while the model was loading
@@ -220,7 +154,7 @@ class EngineHost:
         engine = self.engine
         return engine is not None and not self.draining and engine.ready
 
-    def get(self) -> LLMEngine:
+    def get(self) -> Engine:
         """The engine, or a 503 saying why there is none to serve with."""
         engine = self.engine
         if self.draining:
@@ -415,7 +349,7 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
     @get("/info", summary="The served model: family, dtype, context, pooling and generation "
                           "settings", tags=["models"], responses=_errors(401, 503))
     async def info() -> ServerInfo:
-        return _server_info(host.get())
+        return server_info(host.get())
 
     @get("/health", summary="Readiness: 200 once the model is loaded and warm", tags=["health"],
          opt={PUBLIC: True}, responses=_errors(503))
@@ -461,14 +395,7 @@ def _bearer_guard(api_key: str) -> Callable[[ASGIConnection, BaseRouteHandler], 
     return require_api_key
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("jaxembed")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"
-
-
-def create_app(source: LLMEngine | EngineBuilder | Future[LLMEngine], *,
+def create_app(source: Engine | EngineBuilder | Future[Engine], *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                api_key: str | None = None,
                cors_origins: Sequence[str] = (),
@@ -511,7 +438,7 @@ def create_app(source: LLMEngine | EngineBuilder | Future[LLMEngine], *,
         request_max_body_size=max_body_bytes,
         state=State({"engine_host": host}),
         openapi_config=OpenAPIConfig(
-            title="jaxembed", version=_version(),
+            title="jaxembed", version=version(),
             description="Embeddings from decoder LLMs, in OpenAI's API shape."),
         # The process's logging belongs to whoever runs the server, not to the app.
         logging_config=None,

@@ -16,7 +16,6 @@ from typing import TypeVar
 import msgspec
 
 from jaxembed.errors import InvalidRequestError
-from jaxembed.protocol import EmbeddingRequest
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -63,10 +62,6 @@ def decode_body(body: bytes, kind: type[S]) -> S:
             f"the request body is not valid JSON: it is not UTF-8 (byte {e.object[e.start]:#04x} "
             "cannot start or continue a character there); send the body encoded as UTF-8",
             code="invalid_json") from None
-
-
-def decode_embedding_request(body: bytes) -> EmbeddingRequest:
-    return decode_body(body, EmbeddingRequest)
 
 
 def _validation_error(text: str, kind: type[msgspec.Struct]) -> InvalidRequestError:

@@ -11,7 +11,8 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable
 
-from jaxembed.engine import Histogram, LLMEngine
+from jaxembed.engine import Engine
+from jaxembed.stats import Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -38,7 +39,7 @@ class ServerMetrics:
             self.queue_time.observe(queue_seconds)
             self.inference_time.observe(inference_seconds)
 
-    def render(self, engine: LLMEngine | None, ready: bool) -> str:
+    def render(self, engine: Engine | None, ready: bool) -> str:
         out = _Writer()
         with self._lock:
             out.metric("jaxembed_http_requests_total", "counter",

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jaxembed import EngineBuilder, LLMEngine  # noqa: E402
+from jaxembed import Engine, EngineBuilder  # noqa: E402
 from jaxembed.fetch import default_model_path, packaged_model_path  # noqa: E402
 
 from tiny_models import LLAMA3_ROPE, build_llama  # noqa: E402
@@ -24,7 +24,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_llama_dir: Path) -> Iterator[LLMEngine]:
+def tiny_engine(tiny_llama_dir: Path) -> Iterator[Engine]:
     """An engine over the tiny Llama, shared by the tests (a small token budget, so batches split)."""
     engine = EngineBuilder(model=tiny_llama_dir, dtype="float32", max_batch_tokens=512,
                            warmup=False, progress=False, compilation_cache=False).build()
@@ -39,7 +39,7 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_engine(smollm2_path: Path) -> Iterator[LLMEngine]:
+def smollm2_engine(smollm2_path: Path) -> Iterator[Engine]:
     engine = EngineBuilder(model=smollm2_path, dtype="float32", warmup=False, progress=False,
                            compilation_cache=False).build()
     yield engine

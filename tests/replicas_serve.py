@@ -29,17 +29,18 @@ def main(folder: str) -> None:
     builder = EngineBuilder(model=folder, dtype="float32", tensor_parallel=2, data_parallel=2,
                             max_model_len=64, max_num_seqs=2, warmup=False, progress=False,
                             compilation_cache=False)
-    app = create_app(builder)  # the app builds the router as `jaxembed serve` does
+    app = create_app(builder)  # the app builds the replicas as `jaxembed serve` does
     report: dict = {}
     with serve_in_thread(app) as base, httpx.Client(base_url=base, timeout=120) as client:
         deadline = time.monotonic() + 120
         while client.get(base.removesuffix("/v1") + "/health").status_code != 200:
             assert time.monotonic() < deadline, "the server never became ready"
             time.sleep(0.2)
-        router = app.state.engine_host.engine
-        report["kind"] = type(router).__name__
-        report["devices"] = [sorted(d.id for d in e.params["layers"]["wq"].sharding.device_set)
-                             for e in router.replicas]
+        engine = app.state.engine_host.engine
+        report["kind"] = type(engine).__name__
+        report["devices"] = [
+            sorted(d.id for d in c.runner.params["layers"]["wq"].sharding.device_set)
+            for c in engine.cores]
 
         def embed(i: int) -> list[list[float]]:
             r = client.post("/embeddings", json={"input": TEXTS[i % 2 :], "model": "default"})
@@ -67,8 +68,8 @@ def main(folder: str) -> None:
         report["replicas"] = [{
             "requests": st.requests, "generation_requests": st.generation_requests,
             "generated_tokens": st.generated_tokens, "steps": st.steps,
-        } for st in (e.stats_snapshot() for e in router.replicas)]
-        total = router.stats_snapshot()
+        } for st in (c.stats_snapshot() for c in engine.cores)]
+        total = engine.stats_snapshot()
         report["total"] = {"requests": total.requests,
                            "generation_requests": total.generation_requests}
         metrics = client.get(base.removesuffix("/v1") + "/metrics").text

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from jaxembed import EngineBuilder, LLMEngine
+from jaxembed import Engine, EngineBuilder
 from jaxembed.protocol import EmbeddingType
 
 MESHES = (1, 2, 4)
@@ -30,7 +30,7 @@ EMBED_LENGTHS = (3, 17, 40, 9)  # packed together into one step
 PROMPT_LENGTHS = (5, 12)  # generated together: two rows of one prefill and of each decode step
 
 
-def build(folder: str, tp: int) -> LLMEngine:
+def build(folder: str, tp: int) -> Engine:
     return EngineBuilder(model=folder, dtype="float32", tensor_parallel=tp, max_model_len=64,
                          max_num_seqs=2, warmup=False, progress=False,
                          compilation_cache=False).build()
@@ -45,7 +45,7 @@ def layout(a: jax.Array) -> dict:
             "shard": list(shapes.pop())}
 
 
-def greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[tuple[list[int], list]]:
+def greedy(engine: Engine, prompts: list[list[int]], n: int) -> list[tuple[list[int], list]]:
     """Generate for all prompts at once (rows of the same steps); tokens and, per step, the
     top-2 logprobs (their gap is the logit gap). Submitted while the engine is paused, so that
     they share one prefill step: fewer step shapes to compile."""
@@ -59,7 +59,7 @@ def greedy(engine: LLMEngine, prompts: list[list[int]], n: int) -> list[tuple[li
     return out
 
 
-def check_greedy(engine: LLMEngine, prompt: list[int], ours: list[int],
+def check_greedy(engine: Engine, prompt: list[int], ours: list[int],
                  ref: tuple[list[int], list]) -> dict:
     """Hold our tokens to one device's under the tie rule, regenerating from the reference's
     token after an allowed tie."""
@@ -114,7 +114,7 @@ def main(folders: list[str]) -> None:
                     if stack in engine.params:
                         row["params"][f"{stack}.w_up"] = layout(engine.params[stack]["w_up"])
                         row["params"][f"{stack}.w_down"] = layout(engine.params[stack]["w_down"])
-                k = engine._gen_state["kv"]["k"]
+                k = engine.runner.state.kv.k
                 row["cache"] = layout(k[0] if isinstance(k, list) else k)
                 row["replicated"] = list(engine.sharding.replicated) if engine.sharding else []
                 if ref is None:

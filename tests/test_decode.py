@@ -6,6 +6,7 @@ the CPU runs). Every family with a variant that touches decoding: sliding window
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import families as F
@@ -14,7 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxembed import kernels, model
+from jaxembed import kernels, kv_cache, model
+from jaxembed.kv_cache import KVCache
+from jaxembed.options import EngineOptions
+from jaxembed.plan import CPU_KERNELS, STACKED, ExecutionPlan, kernels_fit
 from jaxembed.weights.loader import load_checkpoint
 
 DECODE_FAMILIES = ["gemma3", "phi3", "gemma2", "qwen3_moe", "glm4", "llama"]
@@ -40,14 +44,22 @@ def test_decode_matches_the_forward(family: str, layout: str, tmp_path: Path) ->
     cpu_attention = layout == "per_layer_kernel"
     if cpu_attention and not kernels.available():
         pytest.skip(f"no CPU kernels here: {kernels.unavailable_reason()}")
-    if cpu_attention and not model.cpu_attention_fits(cfg):
+    if cpu_attention and not kernels_fit(cfg):
         pytest.skip(f"head size {cfg.head_dim}: the kernels take multiples of 16")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (5, 11)]
     steps, max_len, slots = 14, 64, 4  # past every sliding window (16) and rope threshold
-    # The kernel layout as the engine decodes with it: float32 weights packed for kernels.matmul.
-    layers = None if layout == "stacked" else model.split_layers(params, cfg, pack=cpu_attention)
-    cache = model.init_cache(cfg, slots, max_len, jnp.float32, per_layer=layers is not None)
+    # The plan as the engine makes it for one CPU, with or without the kernels (which decode
+    # from float32 weights packed for kernels.matmul); "stacked" as a mesh would decode.
+    plan = ExecutionPlan.decide(cfg, "float32", EngineOptions(max_num_seqs=slots,
+                                                              max_model_len=max_len),
+                                kernels_ok=cpu_attention)
+    assert (plan.attention == CPU_KERNELS) == cpu_attention
+    if layout == "stacked":
+        plan = dataclasses.replace(plan, decode_layers=STACKED)
+    layers = None if layout == "stacked" else model.split_layers(params, cfg,
+                                                                plan.decode_weights)
+    cache = KVCache.zeros(cfg, slots, max_len, jnp.float32, per_layer=plan.kv_per_layer)
     # Prefill both prompts in one step (rows padded to the longer), into slots 2 and 0.
     t = 16
     tokens = np.zeros((2, t), np.int32)
@@ -57,18 +69,17 @@ def test_decode_matches_the_forward(family: str, layout: str, tmp_path: Path) ->
         tokens[r, :len(p)], seg[r, :len(p)], pos[r, :len(p)] = p, 1, np.arange(len(p))
     row_slots = np.array([2, 0], np.int32)
     cache, last = model.prefill(params, cache, tokens, pos, seg, row_slots,
-                                np.array([len(p) - 1 for p in prompts], np.int32), cfg,
-                                cpu_attention)
+                                np.array([len(p) - 1 for p in prompts], np.int32), cfg, plan)
     seqs = [list(p) for p in prompts]
     got = [[np.asarray(model.logits(params, last[r], cfg))] for r in range(2)]
-    decode = jax.jit(model.decode, static_argnames=("kv_len", "cfg", "cpu_attention"))
+    decode = jax.jit(model.decode, static_argnames=("kv_len", "cfg", "plan"))
     for _ in range(steps):
         nxt = [int(np.argmax(g[-1])) for g in got]
         for s, n in zip(seqs, nxt, strict=True):
             s.append(n)
         positions = np.array([len(s) - 1 for s in seqs], np.int32)
         cache, hidden = decode(params, cache, np.array(nxt, np.int32), positions, row_slots,
-                               kv_len=32, cfg=cfg, layers=layers, cpu_attention=cpu_attention)
+                               kv_len=32, cfg=cfg, layers=layers, plan=plan)
         for r in range(2):
             got[r].append(np.asarray(model.logits(params, hidden[r], cfg)))
     for r, s in enumerate(seqs):
@@ -79,9 +90,10 @@ def test_decode_matches_the_forward(family: str, layout: str, tmp_path: Path) ->
 
 def test_a_bf16_bits_cache_holds_bfloat16_values():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3, 8)), jnp.float32)
-    stored = model.to_cache(x, model.BF16_BITS)
-    assert stored.dtype == model.BF16_BITS
-    back = model.from_cache(stored, jnp.float32)
+    stored = kv_cache.to_cache(x, kv_cache.BF16_BITS)
+    assert stored.dtype == kv_cache.BF16_BITS
+    back = kv_cache.from_cache(stored, jnp.float32)
     np.testing.assert_array_equal(back, x.astype(jnp.bfloat16).astype(jnp.float32))
     assert not np.array_equal(back, x)  # rounded to bfloat16, not kept whole
-    np.testing.assert_array_equal(model.from_cache(model.to_cache(x, jnp.float32), jnp.float32), x)
+    np.testing.assert_array_equal(
+        kv_cache.from_cache(kv_cache.to_cache(x, jnp.float32), jnp.float32), x)

@@ -20,7 +20,7 @@ import pytest
 from litestar.testing import TestClient
 from safetensors.numpy import save_file
 
-from jaxembed import EmbeddingRequest, EngineBuilder, InvalidRequestError, LLMEngine
+from jaxembed import EmbeddingRequest, Engine, EngineBuilder, InvalidRequestError
 from jaxembed.protocol import EmbeddingDefaults, EmbeddingType
 from jaxembed.scheduler import Buckets, plan_step
 from jaxembed.server import create_app
@@ -138,7 +138,7 @@ def embedding_gemma(folder: Path) -> Path:
         dense=[(64, 96, "identity"), (96, 64, "tanh")], prompts=GEMMA_PROMPTS, seed=5)
 
 
-def build_engine(folder: Path, **kwargs: Any) -> LLMEngine:
+def build_engine(folder: Path, **kwargs: Any) -> Engine:
     return EngineBuilder(model=folder, dtype="float32", max_batch_tokens=512, warmup=False,
                          progress=False, compilation_cache=False, **kwargs).build()
 
@@ -187,14 +187,14 @@ def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen(qwen_dir: Path) -> Iterator[tuple[LLMEngine, Any]]:
+def qwen(qwen_dir: Path) -> Iterator[tuple[Engine, Any]]:
     engine = build_engine(qwen_dir)
     yield engine, reference(qwen_dir)
     engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def gemma(gemma_dir: Path) -> Iterator[tuple[LLMEngine, Any]]:
+def gemma(gemma_dir: Path) -> Iterator[tuple[Engine, Any]]:
     engine = build_engine(gemma_dir)
     yield engine, reference(gemma_dir)
     engine.shutdown()
@@ -206,17 +206,17 @@ def gemma(gemma_dir: Path) -> Iterator[tuple[LLMEngine, Any]]:
 def test_configuration_is_read_from_the_folder(qwen, gemma, tiny_engine):
     q, _ = qwen
     g, _ = gemma
-    assert q.model_defaults == EmbeddingDefaults(embedding_type=EmbeddingType.Last,
+    assert q.embedding.model_defaults == EmbeddingDefaults(embedding_type=EmbeddingType.Last,
                                                  normalize=True)
-    assert q.prompts == QWEN_PROMPTS and q.is_causal and q.embedding_size == 64
+    assert q.embedding.prompts == QWEN_PROMPTS and q.is_causal and q.embedding_size == 64
     assert q.max_model_len == 256
-    assert g.model_defaults.embedding_type == EmbeddingType.Mean and g.model_defaults.normalize
-    assert not g.is_causal and not g.sentence_transformers.include_prompt
-    assert [d.activation for d in g.sentence_transformers.dense] == ["Identity", "Tanh"]
-    assert g.supported_dimensions == (16, 32, 48, 64)
+    assert g.embedding.model_defaults.embedding_type == EmbeddingType.Mean and g.embedding.model_defaults.normalize
+    assert not g.is_causal and not g.embedding.sentence_transformers.include_prompt
+    assert [d.activation for d in g.embedding.sentence_transformers.dense] == ["Identity", "Tanh"]
+    assert g.embedding.supported_dimensions == (16, 32, 48, 64)
     # A plain causal LM keeps the built-in defaults: mean over all tokens, no normalization.
-    assert tiny_engine.sentence_transformers is None
-    assert tiny_engine.model_defaults == EmbeddingDefaults()
+    assert tiny_engine.embedding.sentence_transformers is None
+    assert tiny_engine.embedding.model_defaults == EmbeddingDefaults()
     v = tiny_engine.encode("hello world")
     assert abs(np.linalg.norm(v) - 1) > 1e-3
 
@@ -231,7 +231,7 @@ def test_the_eos_token_is_appended_and_kept(qwen):
 
 def test_server_flags_override_the_model_config_and_requests_override_both(qwen):
     engine, model = qwen  # the model's config: last token, normalized
-    served = LLMEngine(engine.checkpoint, max_batch_tokens=512,
+    served = Engine(engine.checkpoint, max_batch_tokens=512,
                        defaults=EmbeddingDefaults(embedding_type=EmbeddingType.Mean,
                                                   normalize=False))
     try:
@@ -262,7 +262,7 @@ def test_truncation_keeps_the_appended_eos(qwen):
 
 def test_tokenize_includes_the_prompt_the_embeddings_route_prepends(gemma):
     engine, _ = gemma
-    served = LLMEngine(engine.checkpoint, max_batch_tokens=512,
+    served = Engine(engine.checkpoint, max_batch_tokens=512,
                        defaults=EmbeddingDefaults(prompt_name="query"))
     text = TEXTS[0]
 
@@ -378,9 +378,9 @@ def test_gemma_prompts_left_out_of_the_mean(gemma):
     # Negative control: the same prompted tokens with the prompt kept in the mean differ.
     prompt = GEMMA_PROMPTS["query"]
     prepared = engine.prepare(TEXTS, None, prompt)
-    assert prepared.skip == [engine.prompt_length(prompt)] * len(TEXTS)
+    assert prepared.skip == [engine.embedding.prompt_length(prompt)] * len(TEXTS)
     kept = engine.submit(prepared.sequences).result()
-    kept = engine.sentence_transformers.project(kept)
+    kept = engine.embedding.sentence_transformers.project(kept)
     assert differs(kept / np.linalg.norm(kept, axis=-1, keepdims=True), ref)
     resp = engine.embed(EmbeddingRequest(input=TEXTS[:1], prompt_name="query"))
     assert resp.usage.prompt_tokens == len(prepared.sequences[0])
@@ -388,7 +388,7 @@ def test_gemma_prompts_left_out_of_the_mean(gemma):
 
 def test_default_prompt_from_the_server(gemma):
     engine, model = gemma
-    served = LLMEngine(engine.checkpoint, max_batch_tokens=512,
+    served = Engine(engine.checkpoint, max_batch_tokens=512,
                        defaults=EmbeddingDefaults(prompt_name="query"))
     try:
         ref = st_encode(model, TEXTS, prompt_name="query")
@@ -434,7 +434,7 @@ def test_cls_pooling_on_the_bidirectional_model(gemma):
     assert cosine(cls, ref).min() > COSINE_MIN
     # Through a request: the first token's state, then the Dense layers and normalization.
     resp = engine.embed(EmbeddingRequest(input=TEXTS, embedding_type="cls"))
-    want = engine.sentence_transformers.project(ref)
+    want = engine.embedding.sentence_transformers.project(ref)
     assert_same(np.array([d.embedding for d in resp.data]),
                 want / np.linalg.norm(want, axis=-1, keepdims=True))
 
@@ -459,7 +459,7 @@ def test_prompt_errors(qwen, tiny_engine):
     assert e.value.param == "instruction" and "template" in e.value.message
     with pytest.raises(InvalidRequestError, match="not one of this model's prompts"):
         tiny_engine.embed(EmbeddingRequest(input="x", prompt_name="query"))
-    templated = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512,
+    templated = Engine(tiny_engine.checkpoint, max_batch_tokens=512,
                           instruction_template="Task: {instruction}\n{text}")
     try:
         np.testing.assert_allclose(templated.encode("abc", instruction="find"),
@@ -467,7 +467,7 @@ def test_prompt_errors(qwen, tiny_engine):
     finally:
         templated.shutdown()
     with pytest.raises(ValueError, match="bad server default"):
-        LLMEngine(engine.checkpoint, defaults=EmbeddingDefaults(prompt_name="nope"))
+        Engine(engine.checkpoint, defaults=EmbeddingDefaults(prompt_name="nope"))
 
 
 def test_a_prompt_asked_for_token_ids_is_refused(qwen):

@@ -18,12 +18,14 @@ from jaxembed import (
     EmbeddingRequest,
     EmbeddingType,
     EncodingFormat,
+    Engine,
     EngineBuilder,
     InvalidRequestError,
-    LLMEngine,
     ModelNotFoundError,
     kernels,
+    kv_cache,
     model,
+    plan,
 )
 from jaxembed.errors import EngineOverloadedError, EngineUnavailableError
 from jaxembed.protocol import EmbeddingDefaults
@@ -193,7 +195,7 @@ def test_shutdown_finishes_queued_work(tiny_llama_dir):
     engine.shutdown()
     assert all(f.done() and f.result().shape == (len(TEXTS), engine.embedding_size)
                for f in futures)
-    assert not engine._thread.is_alive()
+    assert not any(c.thread.is_alive() for c in engine.cores)
     with pytest.raises(Exception, match="shut down"):
         engine.encode("too late")
 
@@ -262,17 +264,18 @@ def kernel(request, monkeypatch) -> bool:
 
 
 def test_embeddings_with_bfloat16_projections(tiny_engine, kernel):
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512,
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512,
                        embed_matmul_dtype="bfloat16")
     try:
-        narrowed = engine._embed_params
+        narrowed = engine.runner.embed_params
         for group, names in (("layers", ("wq", "wk", "wv", "wo")),
                              ("mlp", ("w_gate", "w_up", "w_down"))):
             for name in names:
                 got = narrowed[group][name]
                 want = engine.params[group][name].astype(jnp.bfloat16)
                 if kernel:  # the stacked weights, packed for kernels.matmul
-                    got = kernels.unpack(got)
+                    assert isinstance(got, kernels.Packed)
+                    got = got.unpacked()
                 assert got.dtype == jnp.bfloat16
                 np.testing.assert_array_equal(got, want)
                 assert engine.params[group][name].dtype == jnp.float32  # generation's own
@@ -287,18 +290,18 @@ def test_embeddings_with_bfloat16_projections(tiny_engine, kernel):
     finally:
         engine.shutdown()
     with pytest.raises(ValueError, match="'bfloat16'"):
-        LLMEngine(tiny_engine.checkpoint, embed_matmul_dtype="int8")
+        Engine(tiny_engine.checkpoint, embed_matmul_dtype="int8")
 
 
 
 def test_decoding_with_bfloat16_projections(tiny_engine, kernel):
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4,
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4,
                        decode_matmul_dtype="bfloat16")
     try:
-        assert engine._decode_packed == kernel
+        assert engine.plan.decode_weights.packed == kernel
         # Without the kernel a single bf16 row takes XLA's slow path: one stream decodes in
         # 2-row steps.
-        assert engine.decode_rows == ((1, 2, 4) if kernel else (2, 4))
+        assert engine.cores[0].generation.decode_rows == ((1, 2, 4) if kernel else (2, 4))
         prompts = ["hello there", "one two three four five six"]
         kw = dict(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
         alone = [engine.generate(p, **kw).choices[0] for p in prompts]
@@ -306,22 +309,24 @@ def test_decoding_with_bfloat16_projections(tiny_engine, kernel):
             together = [r.choices[0] for r in pool.map(lambda p: engine.generate(p, **kw),
                                                        prompts)]
         assert [c.token_ids for c in together] == [c.token_ids for c in alone]
-        layer, ffn = engine._decode_layers[0]
+        weights = engine.runner.decode_weights
+        layer, ffn = weights.layers[0]
         assert layer["attn_norm"].dtype == jnp.float32  # only the projections narrow
         cfg = engine.config
         head = model.output_head(engine.params, cfg).astype(jnp.bfloat16)
-        got_head = engine._decode_head
+        got_head = weights.head
         if kernel:  # every weight of the tiny model has a shape the kernel takes
-            assert all(map(kernels.is_packed, (layer["wq"], ffn["w_down"], got_head)))
-            got_head = kernels.unpack(got_head)
-            np.testing.assert_array_equal(kernels.unpack(ffn["w_down"]),
+            assert all(isinstance(w, kernels.Packed) for w in (layer["wq"], ffn["w_down"], got_head))
+            got_head = got_head.unpacked()
+            np.testing.assert_array_equal(ffn["w_down"].unpacked(),
                                           engine.params["mlp"]["w_down"][0].astype(jnp.bfloat16))
         else:
             assert layer["wq"].dtype == ffn["w_down"].dtype == jnp.bfloat16
         assert got_head.dtype == jnp.bfloat16
         np.testing.assert_array_equal(got_head, head)
         assert engine.params["layers"]["wq"].dtype == jnp.float32  # embeddings and prefill's
-        assert engine._gen_state["kv"]["k"][0].dtype == model.BF16_BITS  # a bfloat16 cache
+        kv = engine.runner.state.kv
+        assert kv.dtype == kv_cache.BF16_BITS and engine.plan.kv_dtype == plan.BF16_BITS
         # Against float32, token by token while the texts agree: the first token comes from the
         # (float32) prefill, the rest from narrowed decode steps, close but not equal.
         compared, differ = 0, 0.0
@@ -339,34 +344,34 @@ def test_decoding_with_bfloat16_projections(tiny_engine, kernel):
     finally:
         engine.shutdown()
     with pytest.raises(ValueError, match="decode_matmul_dtype"):
-        LLMEngine(tiny_engine.checkpoint, decode_matmul_dtype="float16")
+        Engine(tiny_engine.checkpoint, decode_matmul_dtype="float16")
 
 
 def test_float32_decoding_in_the_kernel(tiny_engine, kernel):
     # Float32 decode steps multiply in kernels.matmul too, from float32 weights packed for it:
     # the same tokens and, to float32 rounding, the same log-probabilities as XLA's products.
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4)
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4)
     try:
-        assert engine._decode_packed == kernel
+        assert engine.plan.decode_weights.packed == kernel
         kw = dict(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
         got = engine.generate("one two three four five six", **kw).choices[0]
-        layer, ffn = engine._decode_layers[0]
+        weights = engine.runner.decode_weights
+        layer, ffn = weights.layers[0]
         if kernel:
-            assert kernels.packed_type(layer["wq"]) == kernels.packed_type(ffn["w_down"]) == \
-                kernels.packed_type(engine._decode_head) == "float32"
-            np.testing.assert_array_equal(kernels.unpack(ffn["w_down"]),
+            assert layer["wq"].kind == ffn["w_down"].kind == weights.head.kind == "float32"
+            np.testing.assert_array_equal(ffn["w_down"].unpacked(),
                                           engine.params["mlp"]["w_down"][0])
-            np.testing.assert_array_equal(kernels.unpack(engine._decode_head),
+            np.testing.assert_array_equal(weights.head.unpacked(),
                                           model.output_head(engine.params, engine.config))
         else:
-            assert layer["wq"].ndim == 2 and engine._decode_head is None
-        assert engine._gen_state["kv"]["k"][0].dtype == jnp.float32
+            assert layer["wq"].ndim == 2 and weights.head is None
+        assert engine.runner.state.kv.dtype == jnp.float32
     finally:
         engine.shutdown()
     with kernels_off():
-        xla = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4)
+        xla = Engine(tiny_engine.checkpoint, max_batch_tokens=512, max_num_seqs=4)
     try:
-        assert not xla._decode_packed
+        assert not xla.plan.decode_weights.packed
         want = xla.generate("one two three four five six", **kw).choices[0]
     finally:
         xla.shutdown()
@@ -398,7 +403,7 @@ def test_normalize_and_dimensions(tiny_engine):
 def test_server_defaults_and_precedence(tiny_engine):
     defaults = EmbeddingDefaults(normalize=True, embedding_type=EmbeddingType.Last,
                                  truncate_prompt_tokens=4)
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, defaults=defaults)
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512, defaults=defaults)
     try:
         text = TEXTS[1]
         ids = tiny_engine.tokenize([text])[0]
@@ -426,7 +431,7 @@ def test_cls_needs_a_bidirectional_model(tiny_engine):
         tiny_engine.embed(EmbeddingRequest(input="x", embedding_type="cls"))
     assert e.value.param == "embedding_type" and "'mean' or 'last'" in e.value.message
     with pytest.raises(ValueError, match="bad server default.*cls"):
-        LLMEngine(tiny_engine.checkpoint, defaults=EmbeddingDefaults(embedding_type="cls"))
+        Engine(tiny_engine.checkpoint, defaults=EmbeddingDefaults(embedding_type="cls"))
 
 
 def test_truncation_keeps_the_last_tokens(tiny_engine):
@@ -468,7 +473,7 @@ def test_lone_surrogate_text_is_refused(tiny_engine):
 
 
 def test_request_token_limit(tiny_engine):
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_request_tokens=10)
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512, max_request_tokens=10)
     try:
         with pytest.raises(InvalidRequestError, match="limit of 10") as e:
             engine.embed(EmbeddingRequest(input=[[1] * 6, [2] * 6]))
@@ -484,7 +489,7 @@ def test_request_token_limit(tiny_engine):
 @pytest.fixture
 def small_queue_engine(tiny_engine):
     """An engine over the shared weights whose queue holds three requests."""
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_queued_requests=3)
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512, max_queued_requests=3)
     yield engine
     engine.shutdown()
 
@@ -544,7 +549,7 @@ def test_aembed_cancellation_drops_the_work(small_queue_engine):
 
 
 def test_shutdown_ends_a_pause_and_finishes_the_queue(tiny_engine):
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512)
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512)
     engine.pause()
     futures = [engine.submit(engine.prepare([t]).sequences) for t in TEXTS]
     assert engine.ready

@@ -17,7 +17,7 @@ import openai
 import pytest
 from litestar.testing import TestClient
 
-from jaxembed import EngineBuilder, LLMEngine
+from jaxembed import Engine, EngineBuilder
 from jaxembed.server.app import create_app
 
 from live import serve_in_thread
@@ -36,16 +36,17 @@ PROMPTS = [
 ]
 
 
-def wait_idle(engine: LLMEngine, timeout: float = 30.0) -> None:
+def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
     """Until no sequence holds a slot (a cancelled one is freed at the next step)."""
     deadline = time.monotonic() + timeout
-    while engine._active or engine._gen_waiting:
+    scheduler = engine.cores[0].generation
+    while scheduler.has_work:
         assert time.monotonic() < deadline, "the engine kept sequences it should have freed"
         time.sleep(0.02)
-    assert sorted(engine._free_slots) == list(range(engine.max_num_seqs))
+    assert sorted(scheduler.free_slots) == list(range(engine.max_num_seqs))
 
 
-def greedy(engine: LLMEngine, prompt: str, n: int = 12) -> list[int]:
+def greedy(engine: Engine, prompt: str, n: int = 12) -> list[int]:
     return engine.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True
                            ).choices[0].token_ids
 
@@ -53,7 +54,7 @@ def greedy(engine: LLMEngine, prompt: str, n: int = 12) -> list[int]:
 # ---- the engine ----------------------------------------------------------------------------
 
 
-def test_concurrent_requests_get_what_they_get_alone(smollm2_engine: LLMEngine) -> None:
+def test_concurrent_requests_get_what_they_get_alone(smollm2_engine: Engine) -> None:
     e = smollm2_engine
     lengths = [6, 14, 9, 20, 3, 11, 16, 8]  # they finish at different steps
     alone = [greedy(e, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
@@ -72,7 +73,7 @@ def test_concurrent_requests_get_what_they_get_alone(smollm2_engine: LLMEngine) 
     wait_idle(e)
 
 
-def test_steps_dispatched_ahead_change_no_output(smollm2_engine: LLMEngine) -> None:
+def test_steps_dispatched_ahead_change_no_output(smollm2_engine: Engine) -> None:
     # The engine dispatches a decode step before the last one's tokens are read; its tokens
     # must be the ones a step dispatched afterwards would draw, whatever happens in between:
     # sequences stopping (by stop string, end of text or length), joining, sampling with a
@@ -96,14 +97,15 @@ def test_steps_dispatched_ahead_change_no_output(smollm2_engine: LLMEngine) -> N
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
             return alone, list(pool.map(run, range(len(requests))))
 
-    e._run_ahead = False
+    scheduler = e.cores[0].generation
+    scheduler.run_ahead = False
     try:
         want = run_all()
     finally:
-        e._run_ahead = True
-    before, steps = e._ahead_steps, e.stats_snapshot().decode_steps
+        scheduler.run_ahead = True
+    before, steps = scheduler.ahead_steps, e.stats_snapshot().decode_steps
     got = run_all()
-    ahead, steps = e._ahead_steps - before, e.stats_snapshot().decode_steps - steps
+    ahead, steps = scheduler.ahead_steps - before, e.stats_snapshot().decode_steps - steps
     assert ahead > steps / 2  # most steps ran ahead
     assert got == want
     wait_idle(e)
@@ -132,7 +134,7 @@ def _penalized_greedy(hf: Any, prompt: list[int], n: int, repetition: float = 1.
 
 @pytest.mark.parametrize("penalties", [{"repetition_penalty": 1.8},
                                        {"frequency_penalty": 1.5, "presence_penalty": 0.5}])
-def test_penalties_follow_the_tokens_generated(tiny_engine: LLMEngine, tiny_llama_dir: Path,
+def test_penalties_follow_the_tokens_generated(tiny_engine: Engine, tiny_llama_dir: Path,
                                                penalties: dict[str, float]) -> None:
     # End to end: the engine's per-slot counts of prompt and generated tokens, updated in every
     # decode step, alone (one-row steps) and beside another request (two rows).
@@ -155,7 +157,7 @@ def test_penalties_follow_the_tokens_generated(tiny_engine: LLMEngine, tiny_llam
     assert together == want
 
 
-def test_steady_serving_does_not_compile(smollm2_engine: LLMEngine) -> None:
+def test_steady_serving_does_not_compile(smollm2_engine: Engine) -> None:
     e = smollm2_engine
 
     def workload() -> None:
@@ -179,7 +181,8 @@ def test_generation_warm_up_compiles_every_decode_shape(tiny_llama_dir: Path) ->
     try:
         e.warmup_generation()
         before = e.stats_snapshot().compilations
-        assert before >= len(e.decode_rows) * len(e.decode_lengths)
+        scheduler = e.cores[0].generation
+        assert before >= len(scheduler.decode_rows) * len(scheduler.decode_lengths)
         for prompt, n in (("hello", 5), ("a somewhat longer prompt than that", 3)):
             r = e.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True)
             assert len(r.choices[0].token_ids) == n
@@ -194,7 +197,7 @@ def test_generation_warm_up_compiles_every_decode_shape(tiny_llama_dir: Path) ->
         e.shutdown()
 
 
-def test_seeded_sampling_repeats_alone_and_among_others(smollm2_engine: LLMEngine) -> None:
+def test_seeded_sampling_repeats_alone_and_among_others(smollm2_engine: Engine) -> None:
     e = smollm2_engine
     kw: dict[str, Any] = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16,
                               ignore_eos=True)
@@ -208,7 +211,7 @@ def test_seeded_sampling_repeats_alone_and_among_others(smollm2_engine: LLMEngin
     assert len(other_seeds) > 1  # the seed matters
 
 
-def test_n_choices_are_independent_and_repeatable(smollm2_engine: LLMEngine) -> None:
+def test_n_choices_are_independent_and_repeatable(smollm2_engine: Engine) -> None:
     e = smollm2_engine
     r = e.generate(PROMPTS[3], n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
     assert [c.index for c in r.choices] == [0, 1, 2]
@@ -218,7 +221,7 @@ def test_n_choices_are_independent_and_repeatable(smollm2_engine: LLMEngine) -> 
     assert r.completion_tokens == 30
 
 
-def test_stop_strings_end_the_text_before_them(smollm2_engine: LLMEngine) -> None:
+def test_stop_strings_end_the_text_before_them(smollm2_engine: Engine) -> None:
     e = smollm2_engine
     full = e.generate(PROMPTS[1], temperature=0, max_tokens=24, ignore_eos=True)
     text = full.text
@@ -230,7 +233,7 @@ def test_stop_strings_end_the_text_before_them(smollm2_engine: LLMEngine) -> Non
     assert len(r.choices[0].token_ids) < 24  # the slot was freed early
 
 
-def test_eos_and_length_finish(smollm2_engine: LLMEngine) -> None:
+def test_eos_and_length_finish(smollm2_engine: Engine) -> None:
     e = smollm2_engine
     r = e.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0,
                max_tokens=40)
@@ -241,7 +244,7 @@ def test_eos_and_length_finish(smollm2_engine: LLMEngine) -> None:
     assert r.choices[0].finish_reason == "length" and len(r.choices[0].token_ids) == 3
 
 
-def test_a_closed_stream_frees_its_slot(smollm2_engine: LLMEngine) -> None:
+def test_a_closed_stream_frees_its_slot(smollm2_engine: Engine) -> None:
     e = smollm2_engine
     stream = e.generate_stream(PROMPTS[0], temperature=0, max_tokens=500, ignore_eos=True)
     first = next(iter(stream))
@@ -251,7 +254,7 @@ def test_a_closed_stream_frees_its_slot(smollm2_engine: LLMEngine) -> None:
     assert e.stats_snapshot().generated_tokens > 0
 
 
-def test_async_generation_matches_the_sync_one(smollm2_engine: LLMEngine) -> None:
+def test_async_generation_matches_the_sync_one(smollm2_engine: Engine) -> None:
     import asyncio
 
     e = smollm2_engine
@@ -268,7 +271,7 @@ def test_async_generation_matches_the_sync_one(smollm2_engine: LLMEngine) -> Non
     wait_idle(e)
 
 
-def test_prompt_plus_max_tokens_must_fit_the_context(smollm2_engine: LLMEngine) -> None:
+def test_prompt_plus_max_tokens_must_fit_the_context(smollm2_engine: Engine) -> None:
     from jaxembed.errors import InvalidRequestError
 
     e = smollm2_engine
@@ -284,13 +287,13 @@ def test_prompt_plus_max_tokens_must_fit_the_context(smollm2_engine: LLMEngine) 
 
 
 @pytest.fixture(scope="module")
-def client(smollm2_engine: LLMEngine) -> Iterator[TestClient]:
+def client(smollm2_engine: Engine) -> Iterator[TestClient]:
     with TestClient(create_app(smollm2_engine)) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def live_api(smollm2_engine: LLMEngine) -> Iterator[str]:
+def live_api(smollm2_engine: Engine) -> Iterator[str]:
     with serve_in_thread(create_app(smollm2_engine)) as url:
         yield url
 
@@ -300,7 +303,7 @@ def oai(live_api: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=live_api, api_key="unused", max_retries=0)
 
 
-def test_openai_completions(oai: openai.OpenAI, smollm2_engine: LLMEngine) -> None:
+def test_openai_completions(oai: openai.OpenAI, smollm2_engine: Engine) -> None:
     r = oai.completions.create(model="default", prompt=PROMPTS[0], max_tokens=8, temperature=0,
                                logprobs=2)
     want = smollm2_engine.generate(PROMPTS[0], temperature=0, max_tokens=8)
@@ -322,7 +325,7 @@ def test_openai_completions_several_prompts_and_echo(oai: openai.OpenAI) -> None
     assert by_index[0] == by_index[1]  # greedy: both choices agree
 
 
-def test_openai_chat(oai: openai.OpenAI, smollm2_engine: LLMEngine) -> None:
+def test_openai_chat(oai: openai.OpenAI, smollm2_engine: Engine) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     r = oai.chat.completions.create(model="default", messages=messages, temperature=0,
                                     max_tokens=30, logprobs=True, top_logprobs=3)
@@ -387,7 +390,7 @@ def test_openai_seeded_sampling_repeats(oai: openai.OpenAI) -> None:
 
 
 def test_a_client_leaving_mid_stream_frees_its_slot(live_api: str,
-                                                     smollm2_engine: LLMEngine) -> None:
+                                                     smollm2_engine: Engine) -> None:
     body = {"prompt": PROMPTS[0], "max_tokens": 1000, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", f"{live_api}/completions", json=body, timeout=60) as r:
@@ -444,7 +447,7 @@ def test_still_serves_after_bad_input(client: TestClient) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
-def test_a_generation_that_gets_no_token_in_time_is_cancelled(smollm2_engine: LLMEngine
+def test_a_generation_that_gets_no_token_in_time_is_cancelled(smollm2_engine: Engine
                                                               ) -> None:
     engine = smollm2_engine
     # No step runs while paused: no token comes.
@@ -508,7 +511,7 @@ def test_a_model_without_chat_template_serves_completions_only(gemma3_path: Path
         engine.shutdown()
 
 
-def test_metrics_count_generation(client: TestClient, smollm2_engine: LLMEngine) -> None:
+def test_metrics_count_generation(client: TestClient, smollm2_engine: Engine) -> None:
     before = smollm2_engine.stats_snapshot().generated_tokens
     assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3,
                                                 "ignore_eos": True}).status_code == 200

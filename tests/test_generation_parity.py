@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxembed import EngineBuilder, LLMEngine
+from jaxembed import Engine, EngineBuilder
 from jaxembed.generation import FinishReason, TokenLogprob
 
 FAMILIES = ("llama", "qwen3", "gemma3")
@@ -91,7 +91,7 @@ def reference_greedy(model: Any, prompt: Sequence[int], n: int) -> Reference:
     return Reference(tokens, logits)
 
 
-def our_greedy(engine: LLMEngine, prompt: Sequence[int], n: int, logprobs: bool = False
+def our_greedy(engine: Engine, prompt: Sequence[int], n: int, logprobs: bool = False
                ) -> tuple[list[int], list[TokenLogprob]]:
     result = engine.generate([int(t) for t in prompt], temperature=0, max_tokens=n,
                              ignore_eos=True, logprobs=TOP_LOGPROBS if logprobs else None)
@@ -110,7 +110,7 @@ def check_logprobs(ours: TokenLogprob, ref_logits: np.ndarray, step: int) -> Non
                               f"{worst:.3g} (tolerance {LOGPROB_ATOL})")
 
 
-def assert_greedy_matches(engine: LLMEngine, ref: Reference, prompt: Sequence[int],
+def assert_greedy_matches(engine: Engine, ref: Reference, prompt: Sequence[int],
                           logprobs: bool = False) -> list[int]:
     """Hold our greedy tokens to the reference's under the tie rule; the tied steps."""
     n, start, ties = len(ref.tokens), 0, []
@@ -145,7 +145,7 @@ def assert_greedy_matches(engine: LLMEngine, ref: Reference, prompt: Sequence[in
 class Family:
     name: str
     folder: Path
-    engine: LLMEngine
+    engine: Engine
     reference: Any  # transformers' causal LM over the same safetensors
     vocab: int
 
@@ -227,7 +227,7 @@ def test_logprobs_along_greedy_path_match_transformers(family_models, references
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path: Path, smollm2_transformers: Any) -> Iterator[tuple[LLMEngine, Any]]:
+def smollm2(smollm2_path: Path, smollm2_transformers: Any) -> Iterator[tuple[Engine, Any]]:
     engine = EngineBuilder(model=smollm2_path, dtype="float32", warmup=False, progress=False,
                            compilation_cache=False, max_num_seqs=4, max_model_len=512).build()
     yield engine, smollm2_transformers[0]

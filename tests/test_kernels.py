@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxembed import kernels, model
+from jaxembed.plan import CPU_KERNELS
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
                                   reason=f"no bf16 CPU kernel: {kernels.unavailable_reason()}")
@@ -166,9 +167,11 @@ def test_model_attends_alike_through_the_kernel(tiny_engine):
     seg = np.array([np.repeat(np.arange(1, len(r) + 1), r) for r in lengths], np.int32)
     pos = np.array([np.concatenate([np.arange(n) for n in r]) for r in lengths], np.int32)
     tokens = rng.integers(0, cfg.vocab_size, seg.shape).astype(np.int32)
-    run = jax.jit(model.forward, static_argnames=("cfg", "cpu_attention"))
+    run = jax.jit(model.forward, static_argnames=("cfg", "plan"))
+    plan = tiny_engine.plan
+    assert plan.attention == CPU_KERNELS  # the engine attends in the kernel on this machine
     want = np.asarray(run(params, tokens, pos, seg, cfg=cfg))
-    got = np.asarray(run(params, tokens, pos, seg, cfg=cfg, cpu_attention=True))
+    got = np.asarray(run(params, tokens, pos, seg, cfg=cfg, plan=plan))
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
 
 

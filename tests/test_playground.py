@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from litestar.testing import TestClient
 
-from jaxembed import LLMEngine
+from jaxembed import Engine
 from jaxembed.server import create_app
 
 from live import serve_in_thread
@@ -39,7 +39,7 @@ TEXTS = ["The cat sits on the mat.", "A kitten is resting on a rug.",
 # ---- served files and /info, without a browser ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def client(smollm2_engine: LLMEngine) -> Iterator[TestClient]:
+def client(smollm2_engine: Engine) -> Iterator[TestClient]:
     with TestClient(app=create_app(smollm2_engine)) as c:
         yield c
 
@@ -65,7 +65,7 @@ def test_assets_are_served_by_name_only(client: TestClient) -> None:
         assert r.status_code == 404 and r.json()["error"]["type"], bad
 
 
-def test_info_describes_the_served_model(client: TestClient, smollm2_engine: LLMEngine) -> None:
+def test_info_describes_the_served_model(client: TestClient, smollm2_engine: Engine) -> None:
     info = client.get("/info").json()
     assert info["model"] == smollm2_engine.model_name
     assert info["family"] == "llama" and info["format"] == "gguf" and info["dtype"] == "float32"
@@ -77,20 +77,20 @@ def test_info_describes_the_served_model(client: TestClient, smollm2_engine: LLM
                                   "max_num_seqs": smollm2_engine.max_num_seqs}
 
 
-def test_info_follows_the_server_defaults(smollm2_engine: LLMEngine) -> None:
+def test_info_follows_the_server_defaults(smollm2_engine: Engine) -> None:
     from jaxembed.protocol import EmbeddingDefaults, EmbeddingType
 
-    saved = smollm2_engine.defaults
-    smollm2_engine.defaults = EmbeddingDefaults(embedding_type=EmbeddingType.Last, normalize=True)
+    saved = smollm2_engine.embedding.defaults
+    smollm2_engine.embedding.defaults = EmbeddingDefaults(embedding_type=EmbeddingType.Last, normalize=True)
     try:
         with TestClient(app=create_app(smollm2_engine)) as c:
             emb = c.get("/info").json()["embeddings"]
     finally:
-        smollm2_engine.defaults = saved
+        smollm2_engine.embedding.defaults = saved
     assert (emb["embedding_type"], emb["normalize"]) == ("last", True)
 
 
-def test_the_page_is_public_but_the_api_is_not(smollm2_engine: LLMEngine) -> None:
+def test_the_page_is_public_but_the_api_is_not(smollm2_engine: Engine) -> None:
     with TestClient(app=create_app(smollm2_engine, api_key=KEY)) as c:
         assert c.get("/").status_code == 200
         assert c.get("/playground/playground.js").status_code == 200
@@ -98,7 +98,7 @@ def test_the_page_is_public_but_the_api_is_not(smollm2_engine: LLMEngine) -> Non
         assert c.get("/info", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
-def test_no_playground_turns_the_page_off(smollm2_engine: LLMEngine) -> None:
+def test_no_playground_turns_the_page_off(smollm2_engine: Engine) -> None:
     with TestClient(app=create_app(smollm2_engine, playground=False)) as c:
         for path in ["/", "/playground", "/playground/playground.js"]:
             assert c.get(path).status_code == 404, path
@@ -144,13 +144,13 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def root(smollm2_engine: LLMEngine) -> Iterator[str]:
+def root(smollm2_engine: Engine) -> Iterator[str]:
     with serve_in_thread(create_app(smollm2_engine)) as api:
         yield api.removesuffix("/v1")
 
 
 @pytest.fixture(scope="module")
-def keyed_root(smollm2_engine: LLMEngine) -> Iterator[str]:
+def keyed_root(smollm2_engine: Engine) -> Iterator[str]:
     with serve_in_thread(create_app(smollm2_engine, api_key=KEY)) as api:
         yield api.removesuffix("/v1")
 
@@ -210,7 +210,7 @@ def curl_body(p: Any) -> dict:
 
 
 def test_page_loads_without_console_errors(page: tuple[Any, Console], root: str,
-                                           smollm2_engine: LLMEngine) -> None:
+                                           smollm2_engine: Engine) -> None:
     p, console = page
     open_page(p, root + "/")
     assert p.text_content("#model-name") == smollm2_engine.model_name
@@ -284,7 +284,7 @@ def test_invalid_input_shows_the_servers_message(page: tuple[Any, Console], root
 
 
 def test_chat_streams_a_reply(page: tuple[Any, Console], root: str,
-                              smollm2_engine: LLMEngine) -> None:
+                              smollm2_engine: Engine) -> None:
     p, console = page
     open_page(p, root + "/")
     p.click("#tab-chat")
@@ -317,7 +317,7 @@ def test_chat_streams_a_reply(page: tuple[Any, Console], root: str,
 
 
 def test_stop_ends_the_generation(page: tuple[Any, Console], root: str,
-                                  smollm2_engine: LLMEngine) -> None:
+                                  smollm2_engine: Engine) -> None:
     p, console = page
     open_page(p, root + "/")
     p.click("#tab-chat")
@@ -371,7 +371,7 @@ def test_the_page_waits_for_a_loading_model(page: tuple[Any, Console],
     gate = threading.Event()
 
     class GatedBuilder(EngineBuilder):
-        def build(self) -> LLMEngine:
+        def build(self) -> Engine:
             gate.wait(60)
             return super().build()
 

@@ -1,5 +1,5 @@
 """`--data-parallel 2` on 4 CPU devices: two replicas of a model sharded over 2 devices each, behind
-one HTTP server, both doing work for concurrent requests; and the router's least-loaded choice."""
+one HTTP server, both doing work for concurrent requests; and the least-loaded choice of a replica."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import families as F
 import pytest
 
-from jaxembed.engine import EngineStats
-from jaxembed.replicas import ReplicaRouter, sum_stats
+from jaxembed.engine import least_loaded
+from jaxembed.stats import EngineStats, sum_stats
 
 SCRIPT = Path(__file__).with_name("replicas_serve.py")
 
@@ -27,7 +27,7 @@ def test_data_parallel_serves_concurrent_requests_from_both_replicas(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["kind"] == "ReplicaRouter"
+    assert r["kind"] == "Engine"
     assert r["devices"] == [[0, 1], [2, 3]]  # disjoint device groups, in order
     for rep in r["replicas"]:  # both did embedding and generation work
         assert rep["requests"] > 0 and rep["generation_requests"] > 0, r["replicas"]
@@ -38,29 +38,15 @@ def test_data_parallel_serves_concurrent_requests_from_both_replicas(tmp_path):
     assert r["embed_spread"] <= 1e-5 and r["same_completions"]
 
 
-class FakeEngine:
-    def __init__(self, depth: int) -> None:
-        self.queue_depth = depth
-        self.calls = 0
-        self.stats = EngineStats(requests=depth)
-
-    def submit(self, *args: object) -> str:
-        self.calls += 1
-        return "done"
-
-    def stats_snapshot(self) -> EngineStats:
-        return self.stats
-
-
-def test_router_picks_the_least_loaded_and_takes_turns_at_ties():
-    busy, idle = FakeEngine(3), FakeEngine(0)
-    router = ReplicaRouter([busy, idle])  # type: ignore[list-item]
-    assert router.submit([]) == "done" and (busy.calls, idle.calls) == (0, 1)
-    busy.queue_depth = 0
-    for _ in range(4):
-        router.submit([])
-    assert (busy.calls, idle.calls) == (2, 3)
-    assert router.queue_depth == 0 and router.stats_snapshot().requests == 3
+def test_requests_go_to_the_least_loaded_replica_and_take_turns_at_ties():
+    assert least_loaded([3, 0], 0) == 1 and least_loaded([0, 3], 1) == 0
+    picks, start = [], 0
+    for _ in range(4):  # all idle: each replica in turn
+        i = least_loaded([0, 0, 0], start)
+        picks.append(i)
+        start = (i + 1) % 3
+    assert picks == [0, 1, 2, 0]
+    assert least_loaded([2, 1, 1], 0) == 1 and least_loaded([2, 1, 1], 2) == 2
 
 
 def test_summed_stats_add_histograms():

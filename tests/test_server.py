@@ -19,7 +19,7 @@ import openai
 import pytest
 from litestar.testing import TestClient
 
-from jaxembed import LLMEngine
+from jaxembed import Engine
 from jaxembed.protocol import EmbeddingRequest, EmbeddingType
 from jaxembed.server import create_app
 
@@ -67,12 +67,12 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = None
     return err
 
 
-def assert_still_serves(client: TestClient, engine: LLMEngine) -> None:
+def assert_still_serves(client: TestClient, engine: Engine) -> None:
     body = embed(client, input="still works")
     assert_close(vectors(body), engine.encode(["still works"]))
 
 
-def last_token_vectors(engine: LLMEngine, texts: list[str]) -> np.ndarray:
+def last_token_vectors(engine: Engine, texts: list[str]) -> np.ndarray:
     seqs = [np.asarray(ids, np.int32) for ids in engine.tokenize(texts)]
     return engine.submit(seqs, EmbeddingType.Last).result()
 
@@ -81,7 +81,7 @@ def last_token_vectors(engine: LLMEngine, texts: list[str]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_engine: LLMEngine) -> Iterator[TestClient]:
+def client(tiny_engine: Engine) -> Iterator[TestClient]:
     with TestClient(create_app(tiny_engine)) as c:
         yield c
 
@@ -90,7 +90,7 @@ class _Delegate:
     """Stands in for the engine, forwarding everything, so a test can break one method of it
     without touching the engine the other tests share."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     def __getattr__(self, name: str) -> Any:
@@ -98,7 +98,7 @@ class _Delegate:
 
 
 @pytest.fixture(scope="module")
-def live_server(tiny_engine: LLMEngine) -> Iterator[str]:
+def live_server(tiny_engine: Engine) -> Iterator[str]:
     """uvicorn on a loopback port in a background thread; yields the base URL of the API."""
     with serve_in_thread(create_app(tiny_engine)) as url:
         yield url
@@ -107,7 +107,7 @@ def live_server(tiny_engine: LLMEngine) -> Iterator[str]:
 # ---- results ---------------------------------------------------------------------------------
 
 
-def test_float_response_has_openai_shape(client: TestClient, tiny_engine: LLMEngine) -> None:
+def test_float_response_has_openai_shape(client: TestClient, tiny_engine: Engine) -> None:
     body = embed(client, input=TEXTS, encoding_format="float")
     assert set(body) == {"object", "data", "model", "usage"}
     assert body["object"] == "list"
@@ -120,7 +120,7 @@ def test_float_response_has_openai_shape(client: TestClient, tiny_engine: LLMEng
     assert_close(vectors(body), tiny_engine.encode(TEXTS))
 
 
-def test_base64_is_little_endian_float32(client: TestClient, tiny_engine: LLMEngine) -> None:
+def test_base64_is_little_endian_float32(client: TestClient, tiny_engine: Engine) -> None:
     b64 = embed(client, input=TEXTS, encoding_format="base64")
     assert all(isinstance(item["embedding"], str) for item in b64["data"])
     raw = base64.b64decode(b64["data"][0]["embedding"])
@@ -129,7 +129,7 @@ def test_base64_is_little_endian_float32(client: TestClient, tiny_engine: LLMEng
     assert_close(vectors(b64), vectors(embed(client, input=TEXTS)))
 
 
-def test_four_input_forms(client: TestClient, tiny_engine: LLMEngine) -> None:
+def test_four_input_forms(client: TestClient, tiny_engine: Engine) -> None:
     want = tiny_engine.encode(TEXTS)
     ids = tiny_engine.tokenize(TEXTS)
     assert_close(vectors(embed(client, input=TEXTS[0])), want[:1])
@@ -138,14 +138,14 @@ def test_four_input_forms(client: TestClient, tiny_engine: LLMEngine) -> None:
     assert_close(vectors(embed(client, input=ids)), want)
 
 
-def test_usage_counts_tokens(client: TestClient, tiny_engine: LLMEngine) -> None:
+def test_usage_counts_tokens(client: TestClient, tiny_engine: Engine) -> None:
     n = sum(len(ids) for ids in tiny_engine.tokenize(TEXTS))
     for value in (TEXTS, tiny_engine.tokenize(TEXTS)):
         usage = embed(client, input=value)["usage"]
         assert usage == {"prompt_tokens": n, "total_tokens": n}
 
 
-def test_model_names(client: TestClient, tiny_engine: LLMEngine) -> None:
+def test_model_names(client: TestClient, tiny_engine: Engine) -> None:
     name = tiny_engine.model_name
     for extra in ({}, {"model": "default"}, {"model": name}):
         assert embed(client, input="hi", **extra)["model"] == name
@@ -159,14 +159,14 @@ def test_model_names(client: TestClient, tiny_engine: LLMEngine) -> None:
         assert isinstance(m["created"], int)
 
 
-def test_last_token_pooling(client: TestClient, tiny_engine: LLMEngine) -> None:
+def test_last_token_pooling(client: TestClient, tiny_engine: Engine) -> None:
     body = embed(client, input=TEXTS, embedding_type="last")
     want = last_token_vectors(tiny_engine, TEXTS)
     assert_close(vectors(body), want)
     assert not np.allclose(want, tiny_engine.encode(TEXTS))
 
 
-def test_dimensions_truncates(client: TestClient, tiny_engine: LLMEngine) -> None:
+def test_dimensions_truncates(client: TestClient, tiny_engine: Engine) -> None:
     want = tiny_engine.encode(TEXTS)
     for fmt in ("float", "base64"):
         body = embed(client, input=TEXTS, dimensions=8, encoding_format=fmt)
@@ -210,7 +210,7 @@ def test_openapi_documents_the_request_body(client: TestClient) -> None:
 
 # ---- errors ----------------------------------------------------------------------------------
 
-Body = Callable[[LLMEngine], Any]
+Body = Callable[[Engine], Any]
 
 BAD_BODIES: list[tuple[str, Body, int, str | None, str | None]] = [
     ("empty string", lambda e: {"input": ""}, 400, "input", "empty_input"),
@@ -254,7 +254,7 @@ BAD_BODIES: list[tuple[str, Body, int, str | None, str | None]] = [
 
 @pytest.mark.parametrize(("body", "status", "param", "code"),
                          [case[1:] for case in BAD_BODIES], ids=[case[0] for case in BAD_BODIES])
-def test_bad_body(client: TestClient, tiny_engine: LLMEngine, body: Body, status: int,
+def test_bad_body(client: TestClient, tiny_engine: Engine, body: Body, status: int,
                   param: str | None, code: str | None) -> None:
     r = client.post(URL, json=body(tiny_engine))
     assert_openai_error(r, status, param, code)
@@ -281,7 +281,7 @@ def test_messages_name_the_problem(client: TestClient) -> None:
      "unsupported_media_type"),
     (b'{"input": "a"}', {}, 415, "unsupported_media_type"),
 ], ids=["truncated json", "empty body", "not utf-8", "text/plain", "form", "no content type"])
-def test_bad_transport(client: TestClient, tiny_engine: LLMEngine, content: bytes,
+def test_bad_transport(client: TestClient, tiny_engine: Engine, content: bytes,
                        headers: dict[str, str], status: int, code: str) -> None:
     r = client.post(URL, content=content, headers=headers)
     err = assert_openai_error(r, status, None, code)
@@ -296,7 +296,7 @@ def test_json_content_type_with_charset(client: TestClient) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_oversize_body(tiny_engine: LLMEngine) -> None:
+def test_oversize_body(tiny_engine: Engine) -> None:
     with TestClient(create_app(tiny_engine, max_body_bytes=256)) as small:
         err = assert_openai_error(small.post(URL, json={"input": "a" * 300}), 413, None,
                                   "request_too_large")
@@ -309,7 +309,7 @@ def test_oversize_body(tiny_engine: LLMEngine) -> None:
         assert_still_serves(small, tiny_engine)
 
 
-def test_unknown_route_and_wrong_method(client: TestClient, tiny_engine: LLMEngine) -> None:
+def test_unknown_route_and_wrong_method(client: TestClient, tiny_engine: Engine) -> None:
     assert_openai_error(client.get("/v1/nothing"), 404, None, "not_found")
     assert_openai_error(client.post("/v2/embeddings", json={"input": "a"}), 404, None,
                         "not_found")
@@ -320,7 +320,7 @@ def test_unknown_route_and_wrong_method(client: TestClient, tiny_engine: LLMEngi
     assert_still_serves(client, tiny_engine)
 
 
-def test_internal_error_hides_details(client: TestClient, tiny_engine: LLMEngine,
+def test_internal_error_hides_details(client: TestClient, tiny_engine: Engine,
                                       monkeypatch: pytest.MonkeyPatch,
                                       caplog: pytest.LogCaptureFixture) -> None:
     async def broken(request: EmbeddingRequest) -> None:
@@ -369,7 +369,7 @@ def test_shutdown_engine_only_when_owned(owned: bool) -> None:
 # ---- a real server and the official client ---------------------------------------------------
 
 
-def test_openai_client(live_server: str, tiny_engine: LLMEngine) -> None:
+def test_openai_client(live_server: str, tiny_engine: Engine) -> None:
     sent: list[bytes] = []
     http = httpx.Client(event_hooks={"request": [lambda req: sent.append(req.read())]})
     client = openai.OpenAI(base_url=live_server, api_key="x", max_retries=0, http_client=http)
@@ -407,7 +407,7 @@ def test_openai_client_errors(live_server: str) -> None:
     assert bad.value.param == "input" and bad.value.type == "invalid_request_error"
 
 
-def test_concurrent_requests(live_server: str, tiny_engine: LLMEngine) -> None:
+def test_concurrent_requests(live_server: str, tiny_engine: Engine) -> None:
     texts = [f"{t} #{i}" for i, t in enumerate(TEXTS * 4)]
     want = tiny_engine.encode(texts)
 

@@ -33,7 +33,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from tokenizers import Tokenizer, processors
 
-from jaxembed import EngineBuilder, LLMEngine
+from jaxembed import Engine, EngineBuilder
 from jaxembed.cli import KEEP_ALIVE_SECONDS, main
 from jaxembed.protocol import EmbeddingDefaults, EmbeddingType
 from jaxembed.server import create_app
@@ -135,23 +135,23 @@ def bos_model_dir(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def guarded(tiny_engine: LLMEngine) -> Iterator[TestClient]:
+def guarded(tiny_engine: Engine) -> Iterator[TestClient]:
     """The shared engine behind an API key and a 64 KiB body limit."""
     with TestClient(create_app(tiny_engine, api_key=KEY, max_body_bytes=64 * 1024)) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def queue_engine(tiny_engine: LLMEngine) -> Iterator[LLMEngine]:
+def queue_engine(tiny_engine: Engine) -> Iterator[Engine]:
     """An engine over the shared weights whose queue holds four requests."""
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_queued_requests=4)
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512, max_queued_requests=4)
     yield engine
     engine.shutdown()
 
 
 @pytest.fixture(scope="module")
 def bos_engine(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[LLMEngine]:
+               ) -> Iterator[Engine]:
     path = bos_model_dir(tiny_llama_dir, tmp_path_factory.mktemp("bos") / "tiny-bos")
     engine = EngineBuilder(model=path, dtype="float32", max_batch_tokens=512, warmup=False,
                            progress=False, compilation_cache=False).build()
@@ -162,7 +162,7 @@ def bos_engine(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
 # ---- concurrency and batch invariance --------------------------------------------------------
 
 
-def test_concurrent_clients_get_batch_invariant_vectors(tiny_engine: LLMEngine) -> None:
+def test_concurrent_clients_get_batch_invariant_vectors(tiny_engine: Engine) -> None:
     rng = np.random.default_rng(7)
     pool = [" ".join(rng.choice(WORDS, size=int(n))) for n in rng.integers(1, 32, 40)]
     ids = tiny_engine.tokenize(pool)
@@ -226,7 +226,7 @@ def test_concurrent_clients_get_batch_invariant_vectors(tiny_engine: LLMEngine) 
 # ---- bad input -------------------------------------------------------------------------------
 
 J = {"content-type": "application/json"}
-Case = tuple[str, Callable[[LLMEngine], dict[str, Any]], int, str | None]
+Case = tuple[str, Callable[[Engine], dict[str, Any]], int, str | None]
 
 
 def _json(body: Any) -> dict[str, Any]:
@@ -326,8 +326,8 @@ BAD: list[Case] = [
 
 @pytest.mark.parametrize(("make", "status", "code"), [c[1:] for c in BAD],
                          ids=[c[0] for c in BAD])
-def test_bad_input(guarded: TestClient, tiny_engine: LLMEngine,
-                   make: Callable[[LLMEngine], dict[str, Any]], status: int,
+def test_bad_input(guarded: TestClient, tiny_engine: Engine,
+                   make: Callable[[Engine], dict[str, Any]], status: int,
                    code: str | None) -> None:
     r = guarded.post(URL, **make(tiny_engine))
     err = assert_openai_error(r, status, code)
@@ -353,8 +353,8 @@ def test_other_statuses_have_openai_shape(guarded: TestClient) -> None:
     assert guarded.get("/v1/models", headers=AUTH).status_code == 200
 
 
-def test_one_sentence_clients_are_served_in_a_few_batched_steps(tiny_engine: LLMEngine) -> None:
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=1024, max_queued_requests=128)
+def test_one_sentence_clients_are_served_in_a_few_batched_steps(tiny_engine: Engine) -> None:
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=1024, max_queued_requests=128)
     sentences = [" ".join(WORDS[i % 7 : i % 7 + 3 + i % 5]) for i in range(64)]
     want = tiny_engine.encode(sentences)
 
@@ -381,7 +381,7 @@ def test_one_sentence_clients_are_served_in_a_few_batched_steps(tiny_engine: LLM
         invariant(vectors(r.json()), want[i : i + 1])
 
 
-def test_a_request_of_2048_inputs_is_split_not_refused(tiny_engine: LLMEngine) -> None:
+def test_a_request_of_2048_inputs_is_split_not_refused(tiny_engine: Engine) -> None:
     texts = [f"{WORDS[i % len(WORDS)]} item {i}" for i in range(2048)]
     before = tiny_engine.stats_snapshot().steps
     with TestClient(create_app(tiny_engine)) as c:
@@ -394,8 +394,8 @@ def test_a_request_of_2048_inputs_is_split_not_refused(tiny_engine: LLMEngine) -
     invariant(vectors(body)[sample], tiny_engine.encode([texts[i] for i in sample]))
 
 
-def test_request_token_limit_over_http(tiny_engine: LLMEngine) -> None:
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, max_request_tokens=24)
+def test_request_token_limit_over_http(tiny_engine: Engine) -> None:
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512, max_request_tokens=24)
     try:
         with TestClient(create_app(engine)) as c:
             for body in ({"input": "fox " * 40}, {"input": ["fox dog"] * 20}):
@@ -406,8 +406,8 @@ def test_request_token_limit_over_http(tiny_engine: LLMEngine) -> None:
         engine.shutdown()
 
 
-def test_draining_answers_503_with_retry_after(tiny_engine: LLMEngine) -> None:
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512)
+def test_draining_answers_503_with_retry_after(tiny_engine: Engine) -> None:
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512)
     try:
         app = create_app(engine)
         with TestClient(app) as c:
@@ -425,7 +425,7 @@ def test_draining_answers_503_with_retry_after(tiny_engine: LLMEngine) -> None:
         engine.shutdown()
 
 
-def test_schema_and_its_docs_page(tiny_engine: LLMEngine) -> None:
+def test_schema_and_its_docs_page(tiny_engine: Engine) -> None:
     with TestClient(create_app(tiny_engine)) as c:
         page = c.get("/schema")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -467,7 +467,7 @@ def test_serve_binds_loopback_by_default_and_passes_its_limits(
 # ---- overload, disconnects, timeouts ---------------------------------------------------------
 
 
-def test_burst_past_the_queue_bound_gets_429_then_recovers(queue_engine: LLMEngine) -> None:
+def test_burst_past_the_queue_bound_gets_429_then_recovers(queue_engine: Engine) -> None:
     engine = queue_engine
     codes: list[int] = []
 
@@ -499,7 +499,7 @@ def test_burst_past_the_queue_bound_gets_429_then_recovers(queue_engine: LLMEngi
     assert codes == [429] * 16
 
 
-def test_client_gone_is_dropped_before_compute(queue_engine: LLMEngine) -> None:
+def test_client_gone_is_dropped_before_compute(queue_engine: Engine) -> None:
     engine = queue_engine
     before = engine.stats_snapshot()
 
@@ -522,7 +522,7 @@ def test_client_gone_is_dropped_before_compute(queue_engine: LLMEngine) -> None:
     assert after.sequences - before.sequences == 1
 
 
-def test_request_timeout_cancels_the_work(queue_engine: LLMEngine) -> None:
+def test_request_timeout_cancels_the_work(queue_engine: Engine) -> None:
     with TestClient(create_app(queue_engine, request_timeout=0.3)) as c, queue_engine.paused():
         r = c.post(URL, json={"input": "too slow"})
         err = assert_openai_error(r, 503, "timeout")
@@ -542,7 +542,7 @@ class GatedBuilder(EngineBuilder):
         super().__init__(**kw)
         self.gate, self.fail = gate, fail
 
-    def build(self) -> LLMEngine:
+    def build(self) -> Engine:
         assert self.gate.wait(60)
         if self.fail:
             raise RuntimeError("no such weights")
@@ -588,8 +588,8 @@ def test_failed_load_is_reported(tiny_llama_dir: Path, started: bool) -> None:
     assert "no such weights" in str(errors[0])
 
 
-def test_graceful_shutdown_completes_requests_in_flight(tiny_engine: LLMEngine) -> None:
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512)
+def test_graceful_shutdown_completes_requests_in_flight(tiny_engine: Engine) -> None:
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512)
     texts = [f"in flight {i} " * (1 + i) for i in range(8)]
     want = tiny_engine.encode(texts)
     results: dict[int, httpx.Response] = {}
@@ -616,7 +616,7 @@ def test_graceful_shutdown_completes_requests_in_flight(tiny_engine: LLMEngine) 
     for i, r in results.items():
         assert r.status_code == 200, r.text
         invariant(vectors(r.json()), want[i : i + 1])
-    assert not engine.ready and not engine._thread.is_alive()
+    assert not engine.ready and not any(c.thread.is_alive() for c in engine.cores)
 
 
 def test_serve_exits_2_when_the_model_cannot_be_served(tiny_llama_dir: Path,
@@ -675,7 +675,7 @@ def test_sigterm_drains_and_exits_zero(tiny_llama_dir: Path) -> None:
 # ---- tokenize and detokenize, truncation with BOS, defaults over HTTP ------------------------
 
 
-def test_tokenize_matches_the_embedding_path(bos_engine: LLMEngine) -> None:
+def test_tokenize_matches_the_embedding_path(bos_engine: Engine) -> None:
     bos = bos_engine.tokenizer.token_to_id("<|im_start|>")
     text = "The quick brown fox"
     with TestClient(create_app(bos_engine)) as c:
@@ -710,7 +710,7 @@ def test_tokenize_matches_the_embedding_path(bos_engine: LLMEngine) -> None:
                                    headers={"content-type": "text/plain"}), 415)
 
 
-def test_truncation_keeps_bos_and_the_last_tokens(bos_engine: LLMEngine) -> None:
+def test_truncation_keeps_bos_and_the_last_tokens(bos_engine: Engine) -> None:
     bos = bos_engine.tokenizer.token_to_id("<|im_start|>")
     text = "one two three four five six seven eight nine ten " * 40
     ids = bos_engine.tokenize([text])[0]
@@ -730,9 +730,9 @@ def test_truncation_keeps_bos_and_the_last_tokens(bos_engine: LLMEngine) -> None
         assert "at least 2" in err["message"]
 
 
-def test_server_defaults_and_request_precedence(tiny_engine: LLMEngine) -> None:
+def test_server_defaults_and_request_precedence(tiny_engine: Engine) -> None:
     defaults = EmbeddingDefaults(normalize=True, embedding_type=EmbeddingType.Last)
-    engine = LLMEngine(tiny_engine.checkpoint, max_batch_tokens=512, defaults=defaults)
+    engine = Engine(tiny_engine.checkpoint, max_batch_tokens=512, defaults=defaults)
     texts = ["first text", "a second, longer text"]
     seqs = [np.asarray(s, np.int32) for s in tiny_engine.tokenize(texts)]
     last = tiny_engine.submit(seqs, EmbeddingType.Last).result()
@@ -757,7 +757,7 @@ def test_server_defaults_and_request_precedence(tiny_engine: LLMEngine) -> None:
 # ---- CORS ------------------------------------------------------------------------------------
 
 
-def test_cors_only_when_asked(tiny_engine: LLMEngine) -> None:
+def test_cors_only_when_asked(tiny_engine: Engine) -> None:
     origin = {"origin": "https://app.example"}
     preflight = {**origin, "access-control-request-method": "POST",
                  "access-control-request-headers": "authorization, content-type"}
@@ -781,7 +781,7 @@ def test_cors_only_when_asked(tiny_engine: LLMEngine) -> None:
 # ---- metrics ---------------------------------------------------------------------------------
 
 
-def test_metrics_are_prometheus_text(tiny_engine: LLMEngine) -> None:
+def test_metrics_are_prometheus_text(tiny_engine: Engine) -> None:
     with TestClient(create_app(tiny_engine)) as c:
         c.post(URL, json={"input": ["a", "b"]})
         c.get("/nowhere")
@@ -809,7 +809,7 @@ def test_metrics_are_prometheus_text(tiny_engine: LLMEngine) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_client(tiny_engine: LLMEngine) -> Iterator[TestClient]:
+def fuzz_client(tiny_engine: Engine) -> Iterator[TestClient]:
     with TestClient(create_app(tiny_engine)) as c:
         yield c
 

@@ -17,6 +17,7 @@ keep XLA's own ops: the kernels are an optimization, never a requirement.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -176,9 +177,32 @@ def is_packed(w: jax.Array) -> bool:
     return packed_type(w) is not None
 
 
-def matmul(x: jax.Array, p: jax.Array) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A projection weight in `pack`'s layout, for `matmul`: the type says how the weight is
+    held, so the model never has to guess it from a shape."""
+
+    blocks: jax.Array  # pack()'s array
+    kind: str = dataclasses.field(metadata={"static": True})  # "bfloat16" or "float32"
+
+    @classmethod
+    def of(cls, w: jax.Array, dtype: Any) -> Packed:
+        return cls(pack(w, dtype), jnp.dtype(dtype).name)
+
+    def unpacked(self) -> jax.Array:
+        return unpack(self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.blocks.nbytes)
+
+
+def matmul(x: jax.Array, p: jax.Array | Packed) -> jax.Array:
     """x [..., K] @ packed weights p (rounded to bfloat16 first for bfloat16 weights),
     accumulated and returned in float32 [..., N]. Requires `available()`."""
+    if isinstance(p, Packed):
+        p = p.blocks
     *lead, k = x.shape
     n = p.shape[0] * BLOCK
     rows = int(np.prod(lead, dtype=np.int64))

@@ -1,7 +1,7 @@
 """OpenAI's completions and chat completions over the engine: requests to sampling settings and
 prompts, engine deltas to responses and server-sent-event chunks.
 
-Nothing here computes; it validates, submits to `LLMEngine`, and shapes what comes back. A stream
+Nothing here computes; it validates, submits to `Engine`, and shapes what comes back. A stream
 ends with `data: [DONE]`; usage rides in a last chunk of its own when `stream_options` asks.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from jaxembed.engine import LLMEngine
+from jaxembed.engine import Engine
 from jaxembed.errors import EngineError, InvalidRequestError
 from jaxembed.generation import Delta, GenerationResult, GenerationStream, TokenLogprob
 from jaxembed.protocol import (
@@ -57,7 +57,7 @@ def _unsupported(param: str, why: str) -> InvalidRequestError:
     return InvalidRequestError(why, param=param, code="unsupported_parameter")
 
 
-def _sampling(engine: LLMEngine, req: CompletionRequest | ChatCompletionRequest,
+def _sampling(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
               max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     if req.logit_bias:
         raise _unsupported("logit_bias", "'logit_bias' is not supported; leave it out")
@@ -77,7 +77,7 @@ def _sampling(engine: LLMEngine, req: CompletionRequest | ChatCompletionRequest,
     return engine.sampling_params(**fields)
 
 
-def _room(engine: LLMEngine, prompt: np.ndarray) -> int:
+def _room(engine: Engine, prompt: np.ndarray) -> int:
     """The default length of a chat answer: the rest of the context."""
     return max(1, engine.max_model_len - len(prompt))
 
@@ -119,14 +119,14 @@ async def _merge(streams: Sequence[GenerationStream]) -> AsyncIterator[tuple[int
             s.cancel()
 
 
-def _token_text(engine: LLMEngine, token: int) -> str:
+def _token_text(engine: Engine, token: int) -> str:
     return engine.tokenizer.decode([token], skip_special_tokens=False)
 
 
 class Completions:
     """The two generation routes of one engine."""
 
-    def __init__(self, engine: LLMEngine, idle_timeout: float | None = None) -> None:
+    def __init__(self, engine: Engine, idle_timeout: float | None = None) -> None:
         self.engine = engine
         self.idle_timeout = idle_timeout  # see GenerationStream.idle_timeout
 

@@ -1,0 +1,118 @@
+"""The embedding batcher: sequences of every queued embedding request, packed into steps.
+
+It keeps the sequences waiting for a step, plans the next step from them (`scheduler.plan_step`:
+the longest sets the row length, short ones fill the gaps), has the runner run it, and writes each
+pooled vector to its request, whose future completes with its last sequence. Runs on the engine
+thread only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import time
+
+import numpy as np
+
+from jaxembed.protocol import EmbeddingType
+from jaxembed.runner import ModelRunner
+from jaxembed.scheduler import Buckets, plan_step
+from jaxembed.stats import EngineStats, StatsRecorder
+from jaxembed.steps import EmbedStep
+from jaxembed.work import EmbeddingWork
+
+log = logging.getLogger("jaxembed.batcher")
+
+# The order of the runner's pooled outputs.
+POOLINGS = (EmbeddingType.Mean, EmbeddingType.Last, EmbeddingType.Cls)
+
+
+class EmbeddingBatcher:
+    def __init__(self, runner: ModelRunner, buckets: Buckets, stats: StatsRecorder) -> None:
+        self.runner, self.buckets, self.stats = runner, buckets, stats
+        self._pending: dict[int, tuple[EmbeddingWork, int]] = {}  # id -> (work, its index)
+        self._waiting: list[tuple[int, np.ndarray]] = []  # (id, token ids), in arrival order
+        self._ids = itertools.count()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting)
+
+    def add(self, work: EmbeddingWork) -> None:
+        if work.remaining == 0 and not work.future.done():  # no sequences at all
+            work.future.set_result(work.out)
+        for i, seq in enumerate(work.sequences):
+            sid = next(self._ids)
+            self._pending[sid] = (work, i)
+            self._waiting.append((sid, seq))
+
+    def drop_cancelled(self) -> None:
+        """Forget the sequences of requests whose future was cancelled: nobody awaits them."""
+        dropped: set[int] = set()
+        kept = []
+        for sid, seq in self._waiting:
+            work = self._pending[sid][0]
+            if work.future.cancelled():
+                self._pending.pop(sid)
+                dropped.add(id(work))
+            else:
+                kept.append((sid, seq))
+        self._waiting = kept
+        if dropped:
+            self.stats.add(cancelled=len(dropped))
+
+    def step(self) -> None:
+        """Plan one step from the waiting sequences and run it."""
+        skips = {}
+        for sid, _ in self._waiting:
+            work, i = self._pending[sid]
+            if work.skip is not None and work.skip[i]:
+                skips[sid] = work.skip[i]
+        step, left = plan_step(self._waiting, self.buckets, skips)
+        left_ids = set(left)
+        self._waiting = [w for w in self._waiting if w[0] in left_ids]
+        self._execute(step)
+
+    def _execute(self, step: EmbedStep) -> None:
+        start = time.perf_counter()
+        pending = self._pending
+        works = {id(pending[s][0]): pending[s][0] for s in step.sequences}
+        for w in works.values():
+            if w.future.timing.started is None:
+                w.future.timing.started = start
+        try:
+            pooled = {kind: np.asarray(v) for kind, v in zip(POOLINGS, self.runner.run(step),
+                                                              strict=True)}
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("step %s failed", step.tokens.shape)
+            for s in step.sequences:
+                pending.pop(s, None)
+            for w in works.values():
+                if not w.future.done():
+                    w.future.set_exception(e)
+            return
+        finished = time.perf_counter()
+        completed = 0
+        for slot, s in enumerate(step.sequences):
+            work, i = pending.pop(s)
+            work.out[i] = pooled[work.pooling][slot]
+            work.remaining -= 1
+            if work.remaining == 0 and not work.future.done():
+                work.future.timing.finished = finished
+                with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled now
+                    work.future.set_result(work.out)
+                    completed += 1
+
+        def count(st: EngineStats) -> None:
+            st.steps += 1
+            st.sequences += len(step.sequences)
+            st.requests += completed
+            st.real_tokens += step.real_tokens
+            st.padded_tokens += step.padded_tokens
+            st.busy_seconds += finished - start
+            st.step_sequences.observe(len(step.sequences))
+            st.step_requests.observe(len(works))
+            st.step_tokens.observe(step.real_tokens)
+        self.stats.update(count)

@@ -1,0 +1,325 @@
+"""The generation scheduler: KV cache slots, and the prefill and decode steps that fill them.
+
+Each choice of a request is a `Sequence`: it waits for a free slot, joins a prefill step (one
+prompt a row, its first token sampled), then gains a token in every decode step until a stop token,
+a stop string or its length ends it. Decode steps run one ahead: the next step is dispatched,
+fed this one's tokens still on the device, before this one's are read back, detokenized and
+streamed (`may_run_ahead`). Step shapes come from a small set, all compiled by `warmup`.
+Runs on the engine thread only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import operator
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxembed import sampling
+from jaxembed.errors import EngineUnavailableError
+from jaxembed.generation import (
+    Delta,
+    FinishReason,
+    IncrementalDetokenizer,
+    StopStrings,
+    TokenLogprob,
+)
+from jaxembed.runner import ModelRunner
+from jaxembed.scheduler import Buckets
+from jaxembed.stats import StatsRecorder
+from jaxembed.steps import DecodeStep, PrefillStep
+from jaxembed.work import GenerationWork
+
+log = logging.getLogger("jaxembed.generation")
+
+# Below this KV length a decode step's attention is a sliver of a step that reads every weight.
+MIN_DECODE_LENGTH = 128
+# Prefills of prompts up to this many tokens are compiled ahead, in every group size.
+WARM_PREFILL_LENGTH = 128
+
+
+@dataclasses.dataclass
+class SeqState:
+    """One choice of a generation request, from waiting for a slot to finished."""
+
+    work: GenerationWork
+    index: int
+    seed: int
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    slot: int = -1
+    pos: int = 0  # tokens in its cache rows; the next token is written here
+    last: int = 0  # the last token drawn, fed to the next decode step
+    out: list[int] = dataclasses.field(default_factory=list)
+
+
+def row_counts(max_num_seqs: int) -> tuple[int, ...]:
+    """Rows of decode (and prefill) steps: powers of two up to the slots, and the slots."""
+    return tuple(sorted({*(1 << i for i in range(max_num_seqs.bit_length())
+                           if 1 << i <= max_num_seqs), max_num_seqs}))
+
+
+class GenerationScheduler:
+    def __init__(self, runner: ModelRunner, buckets: Buckets, tokenizer: Any,
+                 stats: StatsRecorder, on_done: Callable[[], None]) -> None:
+        """on_done: called once a request's last choice has ended (to free its queue place)."""
+        plan = runner.plan
+        self.runner, self.buckets, self.tokenizer, self.stats = runner, buckets, tokenizer, stats
+        self._on_done = on_done
+        self.max_num_seqs, self.max_model_len = plan.max_num_seqs, plan.max_model_len
+        # Decode shapes: rows in powers of two, and cache lengths from 128, so that a server
+        # sees few of them: each compiles in seconds on a CPU.
+        self.row_counts = row_counts(self.max_num_seqs)
+        self.decode_rows = tuple(sorted({max(r, plan.min_decode_rows) for r in self.row_counts}))
+        self.decode_lengths = tuple(n for n in buckets.lengths
+                                    if n >= min(MIN_DECODE_LENGTH, self.max_model_len))
+        self.free_slots = list(range(self.max_num_seqs))
+        self.active: dict[int, SeqState] = {}  # slot -> its sequence
+        self.waiting: collections.deque[SeqState] = collections.deque()
+        # A decode step dispatched before the last one's tokens were read: (its sequences, in
+        # row order; its outputs).
+        self._ahead: tuple[list[SeqState], Any] | None = None
+        self.run_ahead = True  # tests turn it off to compare
+        self.ahead_steps = 0  # how many steps were dispatched ahead
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    @property
+    def running_sequences(self) -> int:
+        return len(self.active)
+
+    @property
+    def can_admit(self) -> bool:
+        return bool(self.waiting and self.free_slots)
+
+    def add(self, work: GenerationWork) -> None:
+        skip = work.params.skip_special_tokens
+        for i, seed in enumerate(work.seeds):
+            self.waiting.append(SeqState(
+                work, i, seed, IncrementalDetokenizer(self.tokenizer, work.prompt, skip),
+                StopStrings(work.params.stop)))
+
+    def drop_cancelled(self) -> None:
+        kept: collections.deque[SeqState] = collections.deque()
+        for seq in self.waiting:
+            if seq.work.cancelled:
+                self._end(seq, cancelled=True)
+            else:
+                kept.append(seq)
+        self.waiting = kept
+        for seq in list(self.active.values()):
+            if seq.work.cancelled:
+                self._end(seq, cancelled=True)
+
+    def prefill_rows(self, prompts: int, length: int) -> int:
+        """Rows of a prefill step for that many prompts: powers of two, as decode steps, so a
+        burst of requests admitted in groups of any size meets shapes that warm-up compiled."""
+        cap = self.buckets.max_rows(length)
+        return min(next((b for b in self.row_counts if b >= prompts), cap), cap)
+
+    def warmup(self) -> None:
+        """Compile every decode shape (slots x KV length) and the prefills of prompts up to 128
+        tokens in any group size, so that steady generation never waits for the compiler."""
+        scratch = self.runner.scratch_slot
+        for rows in self.decode_rows:
+            for kv_len in self.decode_lengths:
+                self.runner.run(DecodeStep.empty(rows, kv_len, scratch))
+        for length in self.buckets.lengths:
+            if length > WARM_PREFILL_LENGTH:
+                break
+            for rows in sorted({self.prefill_rows(n, length) for n in self.row_counts}):
+                self.runner.run(PrefillStep.empty(rows, length, scratch))
+        self.runner.sync()
+
+    # ---- steps -----------------------------------------------------------------------------
+
+    def prefill_step(self) -> None:
+        """Admit waiting prompts into free slots: one prefill step, one prompt per row."""
+        batch: list[SeqState] = []
+        longest = 0
+        for seq in self.waiting:
+            n = max(longest, len(seq.work.prompt))
+            length = self.buckets.length_for(n)
+            if len(batch) == len(self.free_slots) or len(batch) + 1 > self.buckets.max_rows(
+                    length):
+                break
+            batch.append(seq)
+            longest = n
+        for _ in batch:
+            self.waiting.popleft()
+        step = self._plan_prefill(batch, self.buckets.length_for(longest))
+        start = time.perf_counter()
+        try:
+            self._emit(batch, self.runner.run(step))
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("prefill step %s failed", step.tokens.shape)
+            self._recover()
+            self._fail(batch, e)
+            return
+        self.stats.add(prefill_steps=1, busy_seconds=time.perf_counter() - start)
+
+    def _plan_prefill(self, batch: list[SeqState], length: int) -> PrefillStep:
+        """The step for these sequences, each given a slot."""
+        step = PrefillStep.empty(self.prefill_rows(len(batch), length), length,
+                                 self.runner.scratch_slot)
+        tokens, positions, segments, slots, last_col = (
+            a.copy() for a in (step.tokens, step.positions, step.segment_ids, step.slots,
+                               step.last_col))
+        for r, seq in enumerate(batch):
+            n = len(seq.work.prompt)
+            tokens[r, :n] = seq.work.prompt
+            positions[r, :n] = np.arange(n)
+            segments[r, :n] = 1
+            seq.slot = self.free_slots.pop(0)
+            self.active[seq.slot] = seq
+            seq.pos = n
+            slots[r] = seq.slot
+            last_col[r] = n - 1
+        rows = sampling.row_arrays([(s.work.params, s.seed, 0) for s in batch]
+                                   + [None] * (len(slots) - len(batch)))
+        return PrefillStep(tokens, positions, segments, slots, last_col, rows)
+
+    def decode_step(self) -> None:
+        """A token for every running sequence. The step's tokens are read back (and detokenized,
+        checked against stops, streamed) while the next step already runs."""
+        seqs = [self.active[s] for s in sorted(self.active)]
+        ahead, self._ahead = self._ahead, None
+        rows = seqs
+        start = time.perf_counter()
+        try:
+            # A step dispatched last time, for the sequences running then (unless all of them
+            # have ended since).
+            if ahead is not None and any(self.active.get(s.slot) is s for s in ahead[0]):
+                rows, out = ahead
+            else:
+                out = self.runner.run(self._plan_decode(seqs))
+            # The sequences each row is still for: one that stopped or was cancelled since this
+            # step was dispatched gets nothing from it; one admitted since gets its token next.
+            live = [s if self.active.get(s.slot) is s else None for s in rows]
+            same = len(rows) == len(seqs) and all(map(operator.is_, rows, seqs))
+            if same and self.may_run_ahead(seqs):
+                self._ahead = (seqs, self.runner.run(self._plan_decode(seqs, fed=out[0])))
+                self.ahead_steps += 1
+            for seq in live:
+                if seq is not None:
+                    seq.pos += 1
+            self._emit(live, out)
+        except Exception as e:
+            log.exception("decode step of %d sequences failed", len(rows))
+            self._ahead = None
+            self._recover()
+            self._fail([s for s in rows if self.active.get(s.slot) is s], e)
+            return
+        self.stats.add(decode_steps=1, busy_seconds=time.perf_counter() - start)
+
+    def may_run_ahead(self, seqs: Sequence[SeqState]) -> bool:
+        """Whether to dispatch the step after this one before this one's tokens are read.
+
+        Its input tokens are this step's output, on the device: the host's work on a step
+        (reading the tokens back, detokenizing, stop checks, streaming, preparing the next
+        inputs) overlaps the device's next step instead of adding to it. Whatever the host then
+        finds, the step is right for every sequence that goes on: one that stops meanwhile gets
+        nothing from it (its slot's cache and counts are reset when the slot is reused), and
+        its draw for a sequence that goes on is the one a step dispatched later would make.
+        Not when a sequence ends on this step by length (the next step would be wasted, and
+        could run past the cache), nor on a multi-host leader, whose followers get host
+        arrays."""
+        return self.run_ahead and self.runner.channel is None and all(
+            len(s.out) + 1 < s.work.params.max_tokens and s.pos + 1 < self.max_model_len
+            for s in seqs)
+
+    def _plan_decode(self, seqs: Sequence[SeqState], fed: jax.Array | None = None
+                     ) -> DecodeStep:
+        """A decode step for seqs (their rows in this order); fed: the tokens to feed, the
+        output of the step before it that has not been read yet (each sequence then one
+        position further on)."""
+        ahead = int(fed is not None)
+        rows = next(b for b in self.decode_rows if b >= len(seqs))
+        tokens = np.zeros(rows, np.int32)
+        positions = np.zeros(rows, np.int32)
+        slots = np.full(rows, self.runner.scratch_slot, np.int32)
+        for r, seq in enumerate(seqs):
+            tokens[r], positions[r], slots[r] = seq.last, seq.pos + ahead, seq.slot
+        kv_len = next(n for n in self.decode_lengths if n > int(positions.max()))
+        sampling_rows = sampling.row_arrays(
+            [(s.work.params, s.seed, len(s.out) + ahead) for s in seqs]
+            + [None] * (rows - len(seqs)))
+        return DecodeStep(tokens if fed is None else fed, positions, slots, sampling_rows,
+                          kv_len)
+
+    # ---- results -------------------------------------------------------------------------
+
+    def _emit(self, seqs: Sequence[SeqState | None], out: Sequence[jax.Array]) -> None:
+        """Stream each row's token to its sequence (None: a row whose sequence ended)."""
+        tokens, chosen, top_ids, top_lp = (np.asarray(x) for x in out)
+        generated = 0
+        for r, seq in enumerate(seqs):
+            if seq is None:
+                continue
+            token = int(tokens[r])
+            seq.out.append(token)
+            seq.last = token
+            generated += 1
+            p = seq.work.params
+            logprobs: tuple[TokenLogprob, ...] = ()
+            if p.logprobs is not None:
+                top = tuple((int(i), float(v)) for i, v in
+                            zip(top_ids[r, : p.logprobs], top_lp[r, : p.logprobs], strict=True))
+                logprobs = (TokenLogprob(token, float(chosen[r]), top),)
+            finish, hit, text = None, False, ""
+            if token in seq.work.stop_ids:
+                finish = FinishReason.STOP
+            else:
+                text, hit = seq.stops.add(seq.detok.add(token))
+                if hit:
+                    finish = FinishReason.STOP
+            if finish is None and (len(seq.out) >= p.max_tokens or seq.pos >= self.max_model_len):
+                finish = FinishReason.LENGTH
+            if finish is not None and not hit:  # release what was held back
+                tail, hit = seq.stops.add(seq.detok.flush())
+                text += tail
+                if hit:
+                    finish = FinishReason.STOP
+                else:
+                    text += seq.stops.flush()
+            seq.work.stream.push(Delta(seq.index, text, (token,), logprobs, finish))
+            if finish is not None:
+                self._end(seq)
+        self.stats.add(generated_tokens=generated)
+
+    def _end(self, seq: SeqState, cancelled: bool = False) -> None:
+        """A choice is done: free its slot; the request is done with its last choice."""
+        if seq.slot >= 0:
+            self.active.pop(seq.slot, None)
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+        work = seq.work
+        work.open -= 1
+        if work.open == 0:
+            self.stats.add(**{"cancelled" if cancelled else "generation_requests": 1})
+            self._on_done()
+
+    def _fail(self, seqs: Sequence[SeqState], error: Exception) -> None:
+        for seq in seqs:
+            if seq.work.open > 0 and not seq.work.cancelled:
+                seq.work.stream.fail(error)
+                seq.work.stream.cancel()
+            self._end(seq, cancelled=True)
+
+    def _recover(self) -> None:
+        """After a failed step: if the runner lost the cache, every running sequence lost its
+        rows (the ones of the failed step are failed with it)."""
+        if self.runner.recover():
+            self._ahead = None
+            for seq in list(self.active.values()):
+                seq.work.stream.fail(EngineUnavailableError(
+                    "the engine lost this request's cache after a failed step; retry it"))
+                seq.work.stream.cancel()

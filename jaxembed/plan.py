@@ -1,0 +1,163 @@
+"""The execution plan: how this engine runs its model here, decided once.
+
+Every per-platform choice lives in `ExecutionPlan.decide`: which ops attend and multiply (XLA's,
+or the CPU kernels of `jaxembed.kernels`), how each path's weights are laid out, the KV cache's
+layout and dtype, and the limits that follow from the backend. Nothing downstream asks which
+backend it is on: the model runner prepares weights and caches as the plan says, and the model
+reads its ops from the plan. A GPU path is a new branch here and new ops in the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxembed import kernels
+from jaxembed.config import ModelConfig
+from jaxembed.options import EngineOptions
+
+# Where an op runs.
+XLA = "xla"  # XLA's own ops, on any backend
+CPU_KERNELS = "cpu_kernels"  # jaxembed.kernels: C++ custom calls for one CPU with AVX512-BF16
+
+# How decode steps read the layer weights.
+STACKED = "stacked"  # [L, ...] arrays, scanned (and sharded on a mesh)
+PER_LAYER = "per_layer"  # an array per layer, unrolled: a CPU's matmuls read them in place
+
+# The KV cache's storage: a dtype name, or BF16_BITS (see kv_cache.BF16_BITS).
+BF16_BITS = "bf16_bits"
+
+# Defaults by platform. On a CPU a step's activations should stay in cache: with SmolLM2 on two
+# cores, 1024-token steps embed about 20% more tokens/s than 8192-token ones (bench/, interleaved
+# runs), and 512 to 1536 are level; accelerators want large steps. Every KV cache slot costs host
+# memory on a CPU, and long contexts are slow there anyway.
+MAX_BATCH_TOKENS = {"cpu": 1024, "accelerator": 8192}
+MAX_MODEL_LEN = {"cpu": 2048, "accelerator": 8192}
+MAX_NUM_SEQS = {"cpu": 16, "accelerator": 64}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+    """How one path's projection weights (attention, dense MLPs, and for decoding the LM head)
+    are held: `dtype` to narrow float32 weights to (None: their own), and `packed` for
+    `kernels.matmul`'s layout where a weight's shape allows (`kernels.Packed`)."""
+
+    dtype: str | None = None
+    packed: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """The params as loaded, shared as they are."""
+        return self.dtype is None and not self.packed
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionPlan:
+    """Frozen and hashable: the jitted steps close over it, and the model reads its ops here."""
+
+    backend: str  # jax.default_backend(): "cpu", "gpu", "tpu"
+    devices: int  # devices one model runs on (its mesh; 1 without one)
+    attention: str  # embedding and prefill steps' attention: XLA or CPU_KERNELS
+    decode_attention: str  # decode steps' attention over the cache: XLA or CPU_KERNELS
+    embed_weights: WeightLayout
+    prefill_weights: WeightLayout
+    decode_weights: WeightLayout
+    decode_layers: str  # STACKED or PER_LAYER
+    kv_dtype: str  # the cache's storage: "float32", "bfloat16", "float16" or BF16_BITS
+    max_model_len: int
+    max_batch_tokens: int
+    max_num_seqs: int
+    # Decode steps' fewest rows: XLA's CPU product of a single bf16 row takes a slow path
+    # (SmolLM2: 150 ms a step, against 23 ms for two rows).
+    min_decode_rows: int = 1
+
+    @property
+    def accelerated(self) -> bool:
+        return self.backend != "cpu"
+
+    @property
+    def kv_per_layer(self) -> bool:
+        """A cache buffer per layer, to go with per-layer decode weights."""
+        return self.decode_layers == PER_LAYER
+
+    @property
+    def kv_storage(self) -> Any:
+        """The dtype the cache's arrays have (bfloat16 kept as bits: uint16)."""
+        return jnp.uint16 if self.kv_dtype == BF16_BITS else jnp.dtype(self.kv_dtype)
+
+    @classmethod
+    def decide(cls, cfg: ModelConfig, weights_dtype: str, options: EngineOptions,
+               devices: int = 1, backend: str | None = None, kernels_ok: bool | None = None,
+               model_len_cap: int | None = None) -> ExecutionPlan:
+        """The plan for a model whose params are `weights_dtype`, on `devices` devices of the
+        default backend, under `options`. `kernels_ok` (default: `kernels.available()`) and
+        `backend` can be given to plan for another machine; `model_len_cap`: a further bound on
+        the context (a sentence-transformers folder's max_seq_length)."""
+        backend = backend or jax.default_backend()
+        where = "cpu" if backend == "cpu" else "accelerator"
+        embed_dtype = _narrowing(options.embed_matmul_dtype, "embed_matmul_dtype", weights_dtype)
+        decode_dtype = _narrowing(options.decode_matmul_dtype, "decode_matmul_dtype",
+                                  weights_dtype)
+        # One CPU device: where the kernels run, and where decoding reads per-layer copies (a
+        # mesh scans its stacked, sharded weights: copies would need layouts of their own, and
+        # the trick is about one CPU's memory traffic, not about a mesh).
+        one_cpu = backend == "cpu" and devices == 1
+        use_kernels = one_cpu and (kernels.available() if kernels_ok is None else kernels_ok)
+        # The kernels' attention computes only the scores a packed row's mask keeps (SmolLM2,
+        # 1024-token rows of mixed lengths: attention was about half of an embedding step).
+        attention = CPU_KERNELS if use_kernels and kernels_fit(cfg) else XLA
+        limit = min(cfg.max_position_embeddings, MAX_MODEL_LEN[where],
+                    model_len_cap or cfg.max_position_embeddings)
+        max_num_seqs = int(options.max_num_seqs or MAX_NUM_SEQS[where])
+        return cls(
+            backend=backend, devices=devices, attention=attention,
+            # The decode kernel writes and reads the per-layer cache buffers in place.
+            decode_attention=attention,
+            # With the kernels, bf16 embedding products run in `kernels.matmul`: around XLA's
+            # own bf16 products it spends as long again converting activations and slicing the
+            # stacked weights in bfloat16. Float32 embedding steps have hundreds of rows, where
+            # XLA's dot is as fast as the kernel, so they keep the loaded weights.
+            embed_weights=WeightLayout(embed_dtype, packed=use_kernels and embed_dtype is not None),
+            prefill_weights=WeightLayout(),
+            # With the kernels, decode steps multiply in `kernels.matmul` whatever the weights'
+            # type: XLA's CPU dot reads a one-row step's weights at about two thirds of the
+            # kernel's rate, and a single bf16 row far slower still (SmolLM2's 30 layers of
+            # bf16 products: 5.5 ms for one row against XLA's 120).
+            decode_weights=WeightLayout(decode_dtype, packed=use_kernels),
+            decode_layers=PER_LAYER if one_cpu else STACKED,
+            # Narrowed decoding keeps the cache in bfloat16 too, as its bits: half the bytes each
+            # step gathers (SmolLM2, 16 rows: 8% a step), and XLA's CPU backend moves 16-bit
+            # integers as plain data where it converts bfloat16 element by element.
+            kv_dtype=BF16_BITS if decode_dtype is not None else weights_dtype,
+            max_model_len=int(options.max_model_len or limit),
+            max_batch_tokens=int(options.max_batch_tokens or MAX_BATCH_TOKENS[where]),
+            max_num_seqs=max_num_seqs,
+            min_decode_rows=2 if decode_dtype is not None and not use_kernels else 1)
+
+    @property
+    def summary(self) -> str:
+        """One line for the log: what runs where."""
+        return (f"{self.backend} x{self.devices}: attention {self.attention}, decode "
+                f"{self.decode_layers} weights ({self.decode_weights.dtype or 'loaded'}"
+                f"{', packed' if self.decode_weights.packed else ''}), KV cache {self.kv_dtype}")
+
+
+def kernels_fit(cfg: ModelConfig) -> bool:
+    """Whether the CPU kernels' attention takes this model's heads (given `kernels.available()`):
+    head sizes a multiple of 16, query heads a multiple of kv heads."""
+    return cfg.head_dim % 16 == 0 and cfg.num_heads % cfg.num_kv_heads == 0
+
+
+def _narrowing(value: str | None, name: str, weights_dtype: str) -> str | None:
+    """The dtype a `*_matmul_dtype` option asks projections to be multiplied in, or None."""
+    if value is None:
+        return None
+    if value != "bfloat16":
+        raise ValueError(f"{name} must be 'bfloat16' (or unset); got {value!r}")
+    if weights_dtype != "float32":
+        raise ValueError(f"{name} needs float32 weights to narrow; these are "
+                         f"{weights_dtype}: load them as float32")
+    return value

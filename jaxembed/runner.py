@@ -1,0 +1,284 @@
+"""The model runner: runs the three kinds of step on the devices, and owns what they need there.
+
+It holds the params and the variants of them each path reads (as the execution plan lays them
+out), the jitted step programs, the generation state (the KV cache and the penalty counts), and the
+placement on a mesh. Its interface is small: `run(step)` for an embedding, prefill or decode step,
+`compile_embed` for warm-up, `follow` for a multi-host follower, `recover` after a failed step.
+
+On a mesh (`sharding`) step inputs are placed replicated and XLA partitions the rest. On a
+multi-host run the leader sends each step to the other processes first, which run it too
+(`follow`): one SPMD program, called by every process in one order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxembed import model, modules, multihost, sampling
+from jaxembed.config import ModelConfig
+from jaxembed.kv_cache import KVCache
+from jaxembed.plan import PER_LAYER, ExecutionPlan
+from jaxembed.sharding import ShardingPlan, cache_sharding, replicated
+from jaxembed.steps import DecodeStep, EmbedStep, PrefillStep, Step, from_message
+
+log = logging.getLogger("jaxembed.runner")
+
+
+@dataclasses.dataclass
+class GenerationState:
+    """What decode steps carry from one to the next, donated to each: the KV cache, and per slot
+    (plus the scratch slot) how often each token was drawn and whether the prompt held it."""
+
+    kv: KVCache
+    counts: jax.Array  # int32 [S + 1, V]
+    seen: jax.Array  # bool [S + 1, V]
+
+
+jax.tree_util.register_dataclass(GenerationState, data_fields=["kv", "counts", "seen"],
+                                 meta_fields=[])
+
+
+@dataclasses.dataclass
+class DecodeWeights:
+    """The weights decode steps read, laid out as the plan says: per-layer copies (or the
+    stacked params, narrowed), and the output head (None: the params' own)."""
+
+    params: Any
+    layers: list[tuple[Any, Any]] | None
+    head: Any
+    nbytes: int  # what a step reads: the layers, the head and the final norm
+
+
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(a.nbytes) for a in jax.tree.leaves(tree))
+
+
+class ModelRunner:
+    def __init__(self, params: Any, cfg: ModelConfig, plan: ExecutionPlan,
+                 sharding: ShardingPlan | None = None,
+                 channel: multihost.StepChannel | None = None,
+                 on_compile: Callable[[], None] = lambda: None) -> None:
+        """sharding: the mesh the params were placed on (by that plan); step inputs and the KV
+        cache go there too. None: everything on the default device. channel: on a multi-host
+        run, where the leader sends each step. on_compile: called once per trace (a new step
+        shape)."""
+        self.params, self.config, self.plan = params, cfg, plan
+        self.sharding, self.channel = sharding, channel
+        self.embed_params = model.with_layout(params, plan.embed_weights)
+        # The decoder module's structure, split once; each jitted step merges its params in.
+        self._graph = modules.decoder_graph(cfg, plan, params["embed"].dtype)
+        self._decode_weights: DecodeWeights | None = None  # made when generation starts
+        self.state: GenerationState | None = None  # allocated on the first generation step
+        # Every device step (and, on a multi-host leader, the message announcing it) runs under
+        # this lock, so that warm-up from a loading thread and the engine thread never interleave.
+        self._lock = threading.Lock()
+        self._on_compile = on_compile
+        self._pooled = jax.jit(self._pooled_fn)
+        # The state is donated: XLA updates the cache in place instead of copying it each step.
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(3,), static_argnames=("kv_len",))
+        self._apply: dict[type, Callable[[Any], Any]] = {
+            EmbedStep: self._run_embed, PrefillStep: self._run_prefill,
+            DecodeStep: self._run_decode}
+
+    @property
+    def scratch_slot(self) -> int:
+        """The cache slot padding rows write to: one past the last real slot."""
+        return self.plan.max_num_seqs
+
+    @property
+    def leader(self) -> bool:
+        return self.channel is not None and self.channel.leader
+
+    # ---- the interface -------------------------------------------------------------------
+
+    def run(self, step: Step) -> Any:
+        """Run one step: an EmbedStep gives (mean, last, first) pooled states [slots, D]; a
+        prefill or decode step (token, its logprob, top ids, top logprobs) per row, device
+        arrays the caller reads when it needs them."""
+        with self._lock:
+            if self.leader:
+                kind, arrays, static = step.message()
+                self.channel.send(kind, multihost.flatten(arrays), static)  # type: ignore
+            return self._apply[type(step)](step)
+
+    def compile_embed(self, rows: int, length: int, slots: int) -> None:
+        """Compile an embedding step's shape ahead of traffic, without running it: the compiled
+        step lands in the caches a call reads, and running it would cost a forward pass per shape
+        (about 0.2 s each for SmolLM2 on a CPU) before a server may answer. A multi-host leader
+        runs it instead: its followers compile as they run."""
+        step = EmbedStep.empty(rows, length, slots)
+        if self.channel is not None:
+            jax.block_until_ready(self.run(step))
+            return
+        self._pooled.lower(self.embed_params, *self._put(step.inputs())).compile()
+
+    def follow(self) -> None:
+        """On a multi-host follower: run every step the leader sends, in its order, until the
+        leader stops. Outputs stay on the devices: only the leader answers requests."""
+        assert self.channel is not None and not self.channel.leader
+        while True:
+            kind, arrays, static = self.channel.receive()
+            if kind == multihost.STOP:
+                return
+            if kind == multihost.IDLE:
+                continue
+            step = from_message(kind, multihost.unflatten(arrays), static)
+            try:
+                jax.block_until_ready(self._apply[type(step)](step))
+            except Exception:  # the leader's step failed alike; it fails its requests and goes on
+                log.exception("%s step failed", kind)
+                self.recover()
+
+    def send(self, kind: str) -> None:
+        """A multi-host leader's control message (idle, stop) to its followers."""
+        if self.leader:
+            with self._lock:
+                self.channel.send(kind)  # type: ignore[union-attr]
+
+    def recover(self) -> bool:
+        """After a failed step the donated state may be gone: drop it (a fresh one is made on
+        the next generation step). True if it was lost, and with it every running sequence."""
+        state = self.state
+        if state is not None and not any(x.is_deleted() for x in jax.tree.leaves(state)):
+            return False
+        self.state = None
+        return True
+
+    def sync(self) -> None:
+        """Wait for the generation state to be computed (after warm-up)."""
+        self.state = jax.block_until_ready(self.state)
+
+    @property
+    def decode_weights(self) -> DecodeWeights:
+        """The weights decode steps read, made on first use: an engine that only embeds never
+        holds a second copy."""
+        if self._decode_weights is None:
+            cfg, layout = self.config, self.plan.decode_weights
+            layers = model.split_layers(self.params, cfg, layout) \
+                if self.plan.decode_layers == PER_LAYER else None
+            stacked = self.params if layers is not None else model.with_layout(
+                self.params, dataclasses.replace(layout, packed=False))
+            head = model.head_with_layout(self.params, cfg, layout)
+            # The embedding rows a step gathers are a sliver of what it reads.
+            read = _nbytes(stacked) if layers is None else (
+                _nbytes(layers) + _nbytes(model.output_head(self.params, cfg) if head is None
+                                          else head) + int(self.params["final_norm"].nbytes))
+            self._decode_weights = DecodeWeights(stacked, layers, head, read)
+        return self._decode_weights
+
+    # ---- the jitted programs -----------------------------------------------------------------
+
+    def _pooled_fn(self, params: Any, tokens: jax.Array, positions: jax.Array,
+                   segment_ids: jax.Array, seq_index: jax.Array, last_index: jax.Array,
+                   first_index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        self._on_compile()  # runs once per trace, i.e. once per new step shape
+        # The first tokens' states ride along as extra "last" indexes: the model gathers both
+        # sets at once. Its mean then has twice the segments; the padding slot (N) falls in the
+        # second half, which is dropped, so the first N means are unchanged.
+        n = last_index.shape[0]
+        decoder = modules.bind(self._graph, params)
+        mean, picked = decoder.pooled(tokens, positions, segment_ids, seq_index,
+                                      jnp.concatenate([last_index, first_index]))
+        return self._replicate((mean[:n], picked[:n], picked[n:]))
+
+    def _prefill_fn(self, params: Any, state: GenerationState, tokens: jax.Array,
+                    positions: jax.Array, segment_ids: jax.Array, slots: jax.Array,
+                    last_col: jax.Array, rows: dict[str, jax.Array]) -> tuple[Any, ...]:
+        self._on_compile()
+        decoder = modules.bind(self._graph, params)
+        kv, hidden = decoder.prefill(state.kv, tokens, positions, segment_ids, slots, last_col)
+        scratch = state.counts.shape[0] - 1
+        counts = state.counts.at[slots].set(0)
+        seen = state.seen.at[slots].set(False)
+        seen = seen.at[jnp.where(segment_ids > 0, slots[:, None], scratch), tokens].set(True)
+        out = sampling.sample(decoder.logits(hidden), counts[slots], seen[slots], rows)
+        return self._new_state(kv, counts, seen), *self._replicate(out)
+
+    def _decode_fn(self, params: Any, layers: Any, head: Any, state: GenerationState,
+                   tokens: jax.Array, positions: jax.Array, slots: jax.Array,
+                   rows: dict[str, jax.Array], kv_len: int) -> tuple[Any, ...]:
+        self._on_compile()
+        decoder = modules.bind(self._graph, params)
+        kv, hidden = decoder.decode(state.kv, tokens, positions, slots, kv_len, layers)
+        # The fed token is the one drawn last step: it now counts for the penalties. The scratch
+        # row comes along unchanged: a scatter of one row would become a dynamic update, for
+        # which XLA copies both whole [S + 1, V] arrays (1.3 ms of a 21 ms step).
+        scratch = state.counts.shape[0] - 1
+        at = (jnp.append(slots, scratch), jnp.append(tokens, 0))
+        real = jnp.arange(len(slots) + 1) < len(slots)
+        counts = state.counts.at[at].add(real.astype(jnp.int32))
+        seen = state.seen.at[at].max(real)
+        out = sampling.sample(decoder.logits(hidden, head), counts[slots], seen[slots], rows)
+        return self._new_state(kv, counts, seen), *self._replicate(out)
+
+    # ---- running steps -----------------------------------------------------------------------
+
+    def _run_embed(self, step: EmbedStep) -> Any:
+        return self._pooled(self.embed_params, *self._put(step.inputs()))
+
+    def _run_prefill(self, step: PrefillStep) -> Any:
+        a = self._put((step.tokens, step.positions, step.segment_ids, step.slots, step.last_col,
+                       step.rows))
+        self.state, *out = self._prefill(self.params, self._ensure_state(), *a)
+        return out
+
+    def _run_decode(self, step: DecodeStep) -> Any:
+        weights = self.decode_weights
+        tokens = step.tokens if isinstance(step.tokens, jax.Array) else self._put(step.tokens)
+        positions, slots, rows = self._put((step.positions, step.slots, step.rows))
+        self.state, *out = self._decode(weights.params, weights.layers, weights.head,
+                                        self._ensure_state(), tokens, positions, slots, rows,
+                                        kv_len=step.kv_len)
+        return out
+
+    def _ensure_state(self) -> GenerationState:
+        if self.state is None:
+            cfg, plan = self.config, self.plan
+            s = plan.max_num_seqs
+
+            def zeros() -> GenerationState:
+                kv = KVCache.zeros(cfg, s, plan.max_model_len, plan.kv_storage,
+                                   per_layer=plan.kv_per_layer)
+                return self._new_state(kv, jnp.zeros((s + 1, cfg.vocab_size), jnp.int32),
+                                       jnp.zeros((s + 1, cfg.vocab_size), bool))
+
+            # On a mesh the zeros are made in place, each device only its share of the cache.
+            self.state = zeros() if self.sharding is None else jax.jit(zeros)()
+        return self.state
+
+    # ---- placement -------------------------------------------------------------------------
+
+    def _new_state(self, kv: KVCache, counts: jax.Array, seen: jax.Array) -> GenerationState:
+        """Inside a jitted step (or making the zeros): the cache keeps the layout it came in
+        with (sharded by kv heads), so the donated buffers are reused in place step after step;
+        the counts are replicated."""
+        if self.sharding is not None:
+            sp = self.sharding
+            kv = kv.map(lambda name, c: jax.lax.with_sharding_constraint(
+                c, cache_sharding(sp, name, kv.per_layer)))
+            counts, seen = self._replicate((counts, seen))
+        return GenerationState(kv, counts, seen)
+
+    def _replicate(self, tree: Any) -> Any:
+        """Inside a jitted step: outputs the host reads whole on every device, whatever layout
+        the partitioner would have left them in."""
+        if self.sharding is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, replicated(self.sharding))
+
+    def _put(self, arrays: Any) -> Any:
+        """A step's host inputs, on the mesh (replicated) when there is one; otherwise as they
+        are (jit moves them to the default device)."""
+        if self.sharding is None:
+            return arrays
+        return jax.device_put(arrays, replicated(self.sharding))
