@@ -10,10 +10,11 @@ from concurrent.futures import Future
 import jax
 from jax.sharding import Mesh
 
-from jaxembed.engine import Engine, default_dtype
+from jaxembed.engine import Engine
 from jaxembed.fetch import cache_dir, resolve_model
 from jaxembed.multihost import StepChannel
 from jaxembed.options import EngineOptions
+from jaxembed.plan import default_dtype
 from jaxembed.sharding import make_mesh, placement, plan, shard_params
 from jaxembed.weights.loader import load_checkpoint
 

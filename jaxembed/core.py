@@ -56,8 +56,8 @@ class EngineCore:
         self.max_queued_requests = int(max_queued_requests)
         self.recorder = recorder
         self.runner = runner
-        self.embeddings = EmbeddingBatcher(runner, buckets, self.recorder)
-        self.generation = GenerationScheduler(runner, buckets, tokenizer, self.recorder,
+        self.batcher = EmbeddingBatcher(runner, buckets, self.recorder)
+        self.scheduler = GenerationScheduler(runner, buckets, tokenizer, self.recorder,
                                               on_done=self._release)
         self._queue: queue.Queue[Work | None] = queue.Queue()
         self._closed = False
@@ -145,7 +145,7 @@ class EngineCore:
             self.runner.send(multihost.STOP)
 
     def _steps(self) -> None:
-        embeddings, generation = self.embeddings, self.generation
+        embeddings, generation = self.batcher, self.scheduler
         stopping = False
 
         def take(item: Work | None) -> None:

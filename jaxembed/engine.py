@@ -21,7 +21,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxembed import multihost
@@ -53,12 +52,7 @@ from jaxembed.work import EmbeddingFuture, EmbeddingWork
 
 log = logging.getLogger("jaxembed.engine")
 
-__all__ = ["DEFAULT_ALIAS", "Engine", "EngineStats", "LLMEngine", "ModelInfo", "default_dtype"]
-
-
-def default_dtype() -> str:
-    """float32 on the CPU (no fast bf16 matmul there), bfloat16 on accelerators."""
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+__all__ = ["DEFAULT_ALIAS", "Engine", "EngineStats", "LLMEngine", "ModelInfo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +201,7 @@ class Engine:
     @property
     def running_sequences(self) -> int:
         """Sequences holding KV cache slots right now."""
-        return sum(c.generation.running_sequences for c in self.cores)
+        return sum(c.scheduler.running_sequences for c in self.cores)
 
     def stats_snapshot(self) -> EngineStats:
         """A consistent copy of the statistics, summed over the replicas."""
@@ -404,7 +398,7 @@ class Engine:
         """Compile every decode shape and the prefills of short prompts, on every replica, so
         that steady generation never waits for the compiler."""
         for core in self.cores:
-            core.generation.warmup()
+            core.scheduler.warmup()
 
     # ---- control ---------------------------------------------------------------------------
 

@@ -39,6 +39,12 @@ MAX_MODEL_LEN = {"cpu": 2048, "accelerator": 8192}
 MAX_NUM_SEQS = {"cpu": 16, "accelerator": 64}
 
 
+def default_dtype(backend: str | None = None) -> str:
+    """The dtype weights load in when none is asked: float32 on a CPU (whose fast bf16 products
+    the plan uses through narrowed projections instead), bfloat16 on accelerators."""
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightLayout:
     """How one path's projection weights (attention, dense MLPs, and for decoding the LM head)

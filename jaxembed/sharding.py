@@ -35,7 +35,7 @@ RULES: dict[str, str | None] = {
     "cache_len": None,  # KV cache positions
 }
 
-# The KV cache's axes (see `model.init_cache`): stacked [L, S + 1, ...], or one buffer per layer
+# The KV cache's axes (see `kv_cache.KVCache`): stacked [L, S + 1, ...], or one buffer per layer
 # [S + 1, ...]. It shards by kv heads, as the projections that fill it do.
 CACHE_AXES = {n: ("layers", "slots", "kv_heads", "cache_len", "head_dim") for n in ("k", "v")}
 

@@ -34,10 +34,6 @@ from jaxembed.builder import EngineBuilder
 from jaxembed.engine import Engine
 from jaxembed.errors import EngineUnavailableError, RequestTimeoutError
 from jaxembed.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingRequest,
@@ -52,6 +48,12 @@ from .errors import ClientDisconnected, ErrorResponse, add_request_id_header, ex
 from .info import Health, ModelCard, ModelList, ServerInfo, server_info, version
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openapi import DetokenizeOperation, EmbeddingsOperation, TokenizeOperation
+from .wire import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+)
 
 log = logging.getLogger("jaxembed.server")
 

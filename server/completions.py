@@ -20,6 +20,11 @@ from jaxembed.engine import Engine
 from jaxembed.errors import EngineError, InvalidRequestError
 from jaxembed.generation import Delta, GenerationResult, GenerationStream, TokenLogprob
 from jaxembed.protocol import (
+    split_input,
+)
+from jaxembed.sampling import SamplingParams
+
+from .wire import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -35,9 +40,7 @@ from jaxembed.protocol import (
     CompletionResponse,
     CompletionUsage,
     TopLogprob,
-    split_input,
 )
-from jaxembed.sampling import SamplingParams
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for the completions route
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the completions route

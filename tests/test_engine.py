@@ -301,7 +301,7 @@ def test_decoding_with_bfloat16_projections(tiny_engine, kernel):
         assert engine.plan.decode_weights.packed == kernel
         # Without the kernel a single bf16 row takes XLA's slow path: one stream decodes in
         # 2-row steps.
-        assert engine.cores[0].generation.decode_rows == ((1, 2, 4) if kernel else (2, 4))
+        assert engine.cores[0].scheduler.decode_rows == ((1, 2, 4) if kernel else (2, 4))
         prompts = ["hello there", "one two three four five six"]
         kw = dict(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
         alone = [engine.generate(p, **kw).choices[0] for p in prompts]

@@ -39,7 +39,7 @@ PROMPTS = [
 def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
     """Until no sequence holds a slot (a cancelled one is freed at the next step)."""
     deadline = time.monotonic() + timeout
-    scheduler = engine.cores[0].generation
+    scheduler = engine.cores[0].scheduler
     while scheduler.has_work:
         assert time.monotonic() < deadline, "the engine kept sequences it should have freed"
         time.sleep(0.02)
@@ -97,7 +97,7 @@ def test_steps_dispatched_ahead_change_no_output(smollm2_engine: Engine) -> None
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
             return alone, list(pool.map(run, range(len(requests))))
 
-    scheduler = e.cores[0].generation
+    scheduler = e.cores[0].scheduler
     scheduler.run_ahead = False
     try:
         want = run_all()
@@ -181,7 +181,7 @@ def test_generation_warm_up_compiles_every_decode_shape(tiny_llama_dir: Path) ->
     try:
         e.warmup_generation()
         before = e.stats_snapshot().compilations
-        scheduler = e.cores[0].generation
+        scheduler = e.cores[0].scheduler
         assert before >= len(scheduler.decode_rows) * len(scheduler.decode_lengths)
         for prompt, n in (("hello", 5), ("a somewhat longer prompt than that", 3)):
             r = e.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True)

@@ -239,7 +239,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     slot's positions up to its own (within `window` of it if window > 0: an int32 scalar, may be
     traced). Returns (out float32 [B, H, Dh], k_cache, v_cache), the caches updated in place:
     keys and values [S, K, M, Dh] of one layer, as float32, bfloat16, or bfloat16 bits in uint16
-    (model.init_cache). H a multiple of K, Dh of 16. Requires `available()`."""
+    (kv_cache.KVCache). H a multiple of K, Dh of 16. Requires `available()`."""
     f32, i32 = jnp.float32, jnp.int32
     out = (jax.ShapeDtypeStruct(q.shape, f32),
            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
