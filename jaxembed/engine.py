@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -344,11 +344,16 @@ class Engine:
         return self.generation.prompt(prompt, add_special_tokens, param)
 
     def render_chat(self, messages: object, add_generation_prompt: bool = True,
-                    **template_kwargs: Any) -> str:
-        return self.generation.render_chat(messages, add_generation_prompt, **template_kwargs)
+                    template_kwargs: Mapping[str, Any] | None = None, **more: Any) -> str:
+        """The prompt text of a conversation, by the model's chat template; template_kwargs
+        (and more keywords): further names for the template, such as `enable_thinking`."""
+        return self.generation.render_chat(messages, add_generation_prompt,
+                                           {**(template_kwargs or {}), **more})
 
-    def chat_prompt(self, messages: object, **template_kwargs: Any) -> np.ndarray:
-        return self.generation.chat_prompt(messages, **template_kwargs)
+    def chat_prompt(self, messages: object, add_generation_prompt: bool = True,
+                    template_kwargs: Mapping[str, Any] | None = None, **more: Any) -> np.ndarray:
+        return self.generation.chat_prompt(messages, add_generation_prompt,
+                                           {**(template_kwargs or {}), **more})
 
     def submit_generation(self, prompt: np.ndarray, params: SamplingParams,
                           loop: asyncio.AbstractEventLoop | None = None) -> GenerationStream:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,7 +86,7 @@ class GenerationFrontend:
                                    stop_token_ids=tuple(int(i) for i in p.stop_token_ids))
 
     def render_chat(self, messages: object, add_generation_prompt: bool = True,
-                    **template_kwargs: Any) -> str:
+                    template_kwargs: Mapping[str, Any] | None = None) -> str:
         """The prompt text of a conversation, by the model's own chat template."""
         if self.chat_template is None:
             raise InvalidRequestError(
@@ -94,12 +94,13 @@ class GenerationFrontend:
                 "serve chat; send the text to /v1/completions instead", param="messages",
                 code="no_chat_template")
         return self.chat_template.render(normalize_messages(messages), add_generation_prompt,
-                                         **template_kwargs)
+                                         template_kwargs)
 
-    def chat_prompt(self, messages: object, **template_kwargs: Any) -> np.ndarray:
+    def chat_prompt(self, messages: object, add_generation_prompt: bool = True,
+                    template_kwargs: Mapping[str, Any] | None = None) -> np.ndarray:
         """Token ids of a conversation. The template writes the special tokens itself (BOS
         included), so they are not added again."""
-        return self.prompt(self.render_chat(messages, **template_kwargs),
+        return self.prompt(self.render_chat(messages, add_generation_prompt, template_kwargs),
                            add_special_tokens=False, param="messages")
 
     def request(self, prompt: np.ndarray, params: SamplingParams,

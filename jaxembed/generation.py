@@ -15,7 +15,7 @@ import datetime
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -262,6 +262,11 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False) -
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
 
 
+# The names a chat template is rendered with: the renderer's own arguments and helpers.
+RESERVED_TEMPLATE_NAMES = frozenset({"messages", "bos_token", "eos_token", "add_generation_prompt",
+                                     "raise_exception", "strftime_now"})
+
+
 class ChatTemplate:
     """A model's Jinja chat template, rendered as transformers renders it (sandboxed, trimmed
     blocks, `raise_exception`, `strftime_now`, `tojson`)."""
@@ -279,18 +284,28 @@ class ChatTemplate:
         self.eos_token = eos_token
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               **kwargs: Any) -> str:
-        from jinja2 import TemplateError
-
+               variables: Mapping[str, Any] | None = None) -> str:
+        """The prompt text. variables: more names for the template (a request's
+        `chat_template_kwargs`, such as `enable_thinking`); those the renderer sets itself are
+        refused, since a value of the caller's would replace the conversation or a helper."""
+        variables = dict(variables or {})
+        taken = sorted(RESERVED_TEMPLATE_NAMES & variables.keys())
+        if taken:
+            raise InvalidRequestError(
+                f"'chat_template_kwargs' may not set {taken[0]!r}: the server sets "
+                f"{sorted(RESERVED_TEMPLATE_NAMES)} itself; leave it out (send the messages as "
+                "'messages', and 'add_generation_prompt' as a field of its own)",
+                param="chat_template_kwargs", code="invalid_value")
         try:
             return self.template.render(messages=messages, bos_token=self.bos_token,
                                         eos_token=self.eos_token,
-                                        add_generation_prompt=add_generation_prompt, **kwargs)
+                                        add_generation_prompt=add_generation_prompt, **variables)
         except InvalidRequestError:
             raise
-        except TemplateError as e:
-            raise InvalidRequestError(f"the chat template failed on these messages: {e}",
-                                      param="messages", code="invalid_value") from None
+        except Exception as e:  # a template is code: whatever it raises is about this request
+            raise InvalidRequestError(
+                f"the chat template failed on these messages: {type(e).__name__}: {e}",
+                param="messages", code="invalid_value") from None
 
 
 def normalize_messages(messages: object) -> list[dict[str, Any]]:

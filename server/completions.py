@@ -254,9 +254,8 @@ class Completions:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        kwargs = dict(req.chat_template_kwargs or {})
         ids = await asyncio.to_thread(engine.chat_prompt, req.messages,
-                                      add_generation_prompt=req.add_generation_prompt, **kwargs)
+                                      req.add_generation_prompt, req.chat_template_kwargs or {})
         limit = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

@@ -17,7 +17,8 @@ import openai
 import pytest
 from litestar.testing import TestClient
 
-from jaxembed import Engine, EngineBuilder
+from jaxembed import Engine, EngineBuilder, InvalidRequestError
+from jaxembed.generation import ChatTemplate
 from jaxembed.server.app import create_app
 
 from live import serve_in_thread
@@ -431,6 +432,10 @@ BAD = [
     ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "logprobs"),
     ("chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    # Names the renderer sets itself: a keyword given twice, or a helper replaced by a value.
+    *(("chat/completions", {"messages": CHAT, "chat_template_kwargs": kw}, "chat_template_kwargs")
+      for kw in ({"bos_token": 1}, {"messages": []}, {"add_generation_prompt": 1},
+                 {"raise_exception": "x"})),
     ("chat/completions", {"messages": [{"role": "user", "content": "fox " * 3000}]},
      "prompt"),
 ]
@@ -521,3 +526,11 @@ def test_metrics_count_generation(client: TestClient, smollm2_engine: Engine) ->
     assert values["jaxembed_tokens_generated_total"] >= before + 3
     assert values['jaxembed_generation_steps_total{kind="decode"}'] >= 2
     assert values["jaxembed_sequences_capacity"] == smollm2_engine.max_num_seqs
+
+
+@pytest.mark.parametrize("source", ["{{ 1 / 0 }}", "{{ messages[0]['content'] + 1 }}",
+                                    "{{ messages.nope() }}", "{{ raise_exception('no') }}"])
+def test_whatever_a_template_raises_is_a_bad_request(source: str) -> None:
+    with pytest.raises(InvalidRequestError, match="chat template") as e:
+        ChatTemplate(source).render([{"role": "user", "content": "hi"}])
+    assert e.value.param == "messages"
