@@ -13,12 +13,14 @@ import pytest
 
 from jaxembed.config import UnsupportedModelError
 from jaxembed.weights.errors import WeightLoadError
+from jaxembed.weights.gguf_io import GGUFFile
 from jaxembed.weights.loader import (
     NUMPY_DTYPES,
     XLA_CPU_ALIGNMENT,
     aligned_empty,
     load_checkpoint,
 )
+from jaxembed.weights.safetensors_io import SafetensorsFile
 
 from tiny_models import write_llama_gguf
 
@@ -60,12 +62,28 @@ def test_unknown_tensor(folder):
         load_checkpoint(folder, progress=False)
 
 
-def test_missing_tensor(folder):
-    def drop(h):
-        del h["model.layers.2.self_attn.k_proj.weight"]
-        return h
+def _drop_tensor(path: Path, name: str) -> None:
+    """Rewrite a safetensors file without one tensor, its bytes gone too (a well-formed file:
+    the ranges of the others still tile the data)."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    del header[name]
+    meta = header.pop("__metadata__", None)
+    out, blobs, at = {}, [], 0
+    for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        blobs.append(data[begin:end])
+        out[key] = {**entry, "data_offsets": [at, at + end - begin]}
+        at += end - begin
+    if meta is not None:
+        out["__metadata__"] = meta
+    blob = json.dumps(out).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(blobs))
 
-    _rewrite_safetensors(folder / "model.safetensors", drop)
+
+def test_missing_tensor(folder):
+    _drop_tensor(folder / "model.safetensors", "model.layers.2.self_attn.k_proj.weight")
     with pytest.raises(WeightLoadError, match=r"model\.layers\.2\.self_attn\.k_proj\.weight.*missing"):
         load_checkpoint(folder, progress=False)
 
@@ -172,3 +190,74 @@ def test_host_buffers_are_aligned_for_zero_copy_placement(shape: tuple[int, ...]
     assert a.ctypes.data % XLA_CPU_ALIGNMENT == 0 or a.size == 0  # (no data to align)
     a[...] = 1  # writable, and all of it is there
     assert float(a.astype(np.float32).sum()) == a.size
+
+
+# ---- hostile files: crafted headers end in WeightLoadError, never in another exception ---------
+
+
+def _gguf(kvs: bytes = b"", n_kv: int = 0, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    """A GGUF v3 header by hand: what a writer would refuse to write."""
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs + tensors
+
+
+def _key(name: str) -> bytes:
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+@pytest.mark.parametrize("value", [
+    struct.pack("<II", 4, 0),  # u32 0: once a division by zero
+    struct.pack("<II", 4, 3),  # not a power of two
+    struct.pack("<Ii", 5, -32),  # negative
+    struct.pack("<IIQI", 9, 4, 1, 32),  # an array: once a TypeError
+], ids=["zero", "three", "negative", "array"])
+def test_gguf_alignment_must_be_a_power_of_two(tmp_path, value):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(_gguf(_key("general.alignment") + value, n_kv=1))
+    with pytest.raises(WeightLoadError, match="alignment"):
+        GGUFFile(path)
+
+
+def test_gguf_deeply_nested_arrays_are_refused(tmp_path):
+    depth = 3000  # about 36 KB: once a RecursionError
+    value = struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * depth + struct.pack("<IQ", 4, 0)
+    path = tmp_path / "nested.gguf"
+    path.write_bytes(_gguf(_key("x") + value, n_kv=1))
+    with pytest.raises(WeightLoadError, match="nested"):
+        GGUFFile(path)
+
+
+def test_gguf_tensor_of_more_than_four_dims_is_refused(tmp_path):
+    info = _key("t") + struct.pack("<I", 5) + struct.pack("<5Q", 1, 1, 1, 1, 1) \
+        + struct.pack("<IQ", 0, 0)
+    path = tmp_path / "dims.gguf"
+    path.write_bytes(_gguf(tensors=info, n_tensors=1) + bytes(64))
+    with pytest.raises(WeightLoadError, match="5 dimensions"):
+        GGUFFile(path)
+
+
+def _safetensors(path: Path, header: dict, data_bytes: int) -> Path:
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data_bytes))
+    return path
+
+
+def _t(begin, end) -> dict:
+    return {"dtype": "F32", "shape": [4], "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("header,data,match", [
+    ({"a": _t("0", "16")}, 16, "data_offsets must be two non-negative integers"),
+    ({"a": {"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]}}, 16, "shape must be"),
+    ({"a": _t(0, 16), "b": _t(0, 16)}, 32, "overlaps"),
+    ({"a": _t(0, 16), "b": _t(32, 48)}, 48, "leaves a gap"),
+    ({"a": _t(0, 16), "b": _t(16, 32)}, 40, "holds 40 bytes"),
+], ids=["string offsets", "string shape", "overlap", "gap", "trailing bytes"])
+def test_safetensors_ranges_must_tile_the_data(tmp_path, header, data, match):
+    path = _safetensors(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(WeightLoadError, match=match):
+        SafetensorsFile(path)
+
+
+def test_a_well_formed_safetensors_file_still_reads(tmp_path):
+    path = _safetensors(tmp_path / "ok.safetensors", {"b": _t(16, 32), "a": _t(0, 16)}, 32)
+    assert sorted(SafetensorsFile(path).names()) == ["a", "b"]

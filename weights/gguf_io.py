@@ -27,6 +27,10 @@ _SCALARS: dict[int, tuple[str, int]] = {
 }
 _STRING, _ARRAY = 8, 9
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+# Arrays of arrays, at most this deep: the format allows nesting, no model uses more than a
+# level, and a crafted file of thousands of levels would exhaust the interpreter's stack.
+MAX_ARRAY_DEPTH = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +52,8 @@ class GGUFFile:
         self._pos = 0
         try:
             self._parse()
-        except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
+        except (struct.error, IndexError, UnicodeDecodeError, ValueError, TypeError,
+                OverflowError, RecursionError, MemoryError) as e:
             if isinstance(e, WeightLoadError):
                 raise
             raise WeightLoadError(
@@ -87,7 +92,7 @@ class GGUFFile:
         self._pos = pos
         return out
 
-    def _value(self, vtype: int, key: str) -> Any:
+    def _value(self, vtype: int, key: str, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self._string()
         if vtype in _SCALARS:
@@ -106,7 +111,15 @@ class GGUFFile:
                 return arr.tolist()
             if etype == _STRING:
                 return self._strings(count, key)
-            return [self._value(etype, key) for _ in range(count)]
+            if etype != _ARRAY or depth + 1 >= MAX_ARRAY_DEPTH:
+                what = f"arrays nested over {MAX_ARRAY_DEPTH} deep" if etype == _ARRAY \
+                    else f"unknown value type {etype}"
+                raise WeightLoadError(self.path, f"metadata key {key!r} holds an array of {what}")
+            # Each nested array takes 12 bytes of header at least: a count past what the rest of
+            # the file could hold is a lie, refused before looping over it.
+            if count * 12 > len(self._buf) - self._pos:
+                raise ValueError(f"array {key!r} of {count} arrays runs past the end of the file")
+            return [self._value(etype, key, depth + 1) for _ in range(count)]
         raise WeightLoadError(self.path, f"metadata key {key!r} has unknown value type {vtype}")
 
     # ---- the file ------------------------------------------------------------------------
@@ -127,9 +140,17 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = self._string()
             n_dims = self._read("<I")
+            if n_dims > MAX_DIMS:
+                raise WeightLoadError(self.path, f"{n_dims} dimensions; GGML tensors have at "
+                                      f"most {MAX_DIMS}", name)
             dims = [self._read("<Q") for _ in range(n_dims)]
             infos.append((name, dims, self._read("<I"), self._read("<Q")))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        # llama.cpp takes a power of two only (ggml's alignment rounding needs one).
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 \
+                or align & (align - 1):
+            raise WeightLoadError(self.path, f"general.alignment must be a positive power of two; "
+                                  f"got {align!r}")
         start = -(-self._pos // align) * align
         self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, raw_type, offset in infos:

@@ -62,13 +62,21 @@ class SafetensorsFile:
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             self._entries[name] = self._check_entry(name, entry)
+        self._check_layout()
 
     def _check_entry(self, name: str, entry: object) -> tuple[np.dtype, tuple[int, ...], int, int]:
         try:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
         except (TypeError, KeyError, ValueError) as e:
             raise WeightLoadError(self.path, f"malformed header entry: {e}", name) from e
+        # JSON gives strings, floats and booleans too, which int() would take or turn.
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise WeightLoadError(self.path, f"shape must be a list of non-negative integers; "
+                                  f"got {shape!r}", name)
+        if not (_is_count(begin) and _is_count(end)):
+            raise WeightLoadError(self.path, f"data_offsets must be two non-negative integers; "
+                                  f"got {[begin, end]!r}", name)
+        shape = tuple(shape)
         dtype = DTYPES.get(dtype_name)
         if dtype is None:
             raise WeightLoadError(self.path, f"unsupported dtype {dtype_name!r}", name)
@@ -89,6 +97,23 @@ class SafetensorsFile:
             )
         return dtype, shape, begin, end
 
+    def _check_layout(self) -> None:
+        """The tensors' byte ranges tile the data exactly, in some order, as the format's own
+        reader requires: no range overlaps another (two tensors sharing bytes), none leaves a gap,
+        and together they end where the file does."""
+        at, previous = 0, None
+        for name, (_, _, begin, end) in sorted(self._entries.items(),
+                                               key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin != at:
+                what = "overlaps" if begin < at else "leaves a gap after"
+                raise WeightLoadError(
+                    self.path, f"data_offsets [{begin}, {end}) {what} the tensor before it "
+                    f"({previous!r}, ending at byte {at})", name)
+            at, previous = end, name
+        if at != self._data_size:
+            raise WeightLoadError(self.path, f"the tensors' data ends at byte {at}, but the file "
+                                  f"holds {self._data_size} bytes of data")
+
     def names(self) -> list[str]:
         return list(self._entries)
 
@@ -97,6 +122,9 @@ class SafetensorsFile:
         raw = self._mm[self._start + begin : self._start + end]
         return raw.view(dtype).reshape(shape)
 
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def safetensors_files(folder: Path) -> list[Path]:
