@@ -11,7 +11,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxembed.engine import Engine
-from jaxembed.fetch import cache_dir, resolve_model
+from jaxembed.fetch import cache_dir, resolve_model, trusted_dir
 from jaxembed.multihost import StepChannel
 from jaxembed.options import EngineOptions
 from jaxembed.plan import default_dtype
@@ -113,8 +113,17 @@ def device_groups(tensor_parallel: int, data_parallel: int) -> list[Mesh]:
     return [make_mesh(tp, devices[r * tp : (r + 1) * tp]) for r in range(dp)]
 
 
-def enable_compilation_cache() -> None:
-    """Persist compiled steps across restarts, under the jaxembed cache folder."""
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+def enable_compilation_cache() -> bool:
+    """Persist compiled steps across restarts, under the jaxembed cache folder, where that
+    folder is this user's alone: XLA's compiled programs are native code the server runs, so a
+    folder others can write to gets no cache (with a warning) rather than their code."""
+    if jax.config.jax_compilation_cache_dir is not None:
+        return True
+    folder = cache_dir() / "xla"
+    reason = trusted_dir(folder)
+    if reason is not None:
+        log.warning("no persistent compilation cache: %s", reason)
+        return False
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return True

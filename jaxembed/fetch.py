@@ -52,6 +52,32 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "jaxembed"
 
 
+def trusted_dir(path: Path) -> str | None:
+    """Make `path` if it is missing, private to this user (mode 0700); then why it may not hold
+    native code this process runs (compiled kernels, XLA's compiled programs), or None when it
+    may. A cache another user can write to would let them plant code that runs in the server."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {path}: {e}"
+    return untrusted_reason(path)
+
+
+def untrusted_reason(path: Path) -> str | None:
+    """Why a cache file or folder cannot be trusted (another owner, or writable by others)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"cannot read {path}: {e}"
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        who = " and ".join(w for w, bit in (("its group", 0o020), ("others", 0o002))
+                           if st.st_mode & bit)
+        return f"{path} is writable by {who} (mode {st.st_mode & 0o777:o})"
+    return None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

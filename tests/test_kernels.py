@@ -2,6 +2,8 @@
 operands, attention against a masked softmax and against the model's own XLA path."""
 
 import itertools
+import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxembed import kernels, model
+from jaxembed import fetch, kernels, model
 from jaxembed.plan import CPU_KERNELS
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
@@ -109,6 +111,93 @@ def test_kernel_builds_where_the_cpu_allows():
     if kernels.CPU_FLAG not in kernels._cpu_flags() or jax.default_backend() != "cpu":
         pytest.skip(f"this machine cannot run the kernel: {kernels.unavailable_reason()}")
     assert kernels.available(), kernels.unavailable_reason()
+
+
+# ---- the kernels' cache: only code this user built is loaded -----------------------------------
+
+can_build = pytest.mark.skipif(
+    kernels.CPU_FLAG not in kernels._cpu_flags() or kernels._compiler() is None,
+    reason="this machine cannot build the kernels")
+
+
+@can_build
+def test_a_cache_others_can_write_to_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path))
+    (tmp_path / "kernels").mkdir(mode=0o777)
+    (tmp_path / "kernels").chmod(0o777)  # past the umask: anyone may plant a library here
+    reason = kernels._load()
+    assert reason is not None and "untrusted" in reason and "writable by" in reason
+
+
+@can_build
+def test_a_library_of_another_owner_is_refused(tmp_path, monkeypatch):
+    if os.getuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path))
+    planted = kernels.library_path(kernels._compiler())
+    planted.parent.mkdir(mode=0o700, parents=True)
+    planted.write_bytes(b"\x7fELF")
+    os.chown(planted, 12345, 12345)
+    reason = kernels._load()
+    assert reason is not None and "uid 12345" in reason
+
+
+@can_build
+def test_the_kernel_cache_is_made_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "COMPILER_TIMEOUT_S", 0.001)  # stop before building anything
+    kernels._load()
+    assert (tmp_path / "kernels").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_hung_compiler_falls_back(tmp_path, monkeypatch):
+    hung = tmp_path / "hung-c++"
+    hung.write_text("#!/bin/sh\nsleep 30\n")
+    hung.chmod(0o755)
+    monkeypatch.setenv("CXX", str(hung))
+    monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {kernels.CPU_FLAG})
+    monkeypatch.setattr(kernels, "COMPILER_TIMEOUT_S", 0.5)
+    if jax.default_backend() != "cpu":
+        pytest.skip("the kernels are for the CPU backend")
+    reason = kernels._load()
+    assert reason is not None and "did not finish" in reason
+
+
+@can_build
+def test_a_library_missing_a_symbol_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path))
+    cxx = kernels._compiler()
+    lib = kernels.library_path(cxx)
+    lib.parent.mkdir(mode=0o700, parents=True)
+    empty = tmp_path / "empty.cc"
+    empty.write_text("extern \"C\" int jaxembed_nothing() { return 0; }\n")
+    subprocess.run([cxx, "-shared", "-fPIC", str(empty), "-o", str(lib)], check=True)
+    reason = kernels._load()
+    assert reason is not None and "lacks a symbol" in reason
+
+
+def test_a_private_cache_folder_is_trusted_and_others_are_not(tmp_path):
+    folder = tmp_path / "a" / "b"
+    assert fetch.trusted_dir(folder) is None
+    assert folder.stat().st_mode & 0o777 == 0o700
+    folder.chmod(0o770)
+    assert "writable by its group" in fetch.trusted_dir(folder)
+
+
+def test_no_compilation_cache_in_a_folder_others_can_write_to(tmp_path, monkeypatch):
+    from jaxembed import builder
+
+    monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path))
+    (tmp_path / "xla").mkdir(mode=0o777)
+    (tmp_path / "xla").chmod(0o777)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert not builder.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 def _attention_reference(q, k, v, seg, window, scale, softcap, causal):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from jaxembed.fetch import cache_dir
+from jaxembed.fetch import cache_dir, trusted_dir, untrusted_reason
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ HEADERS = tuple(Path(__file__).with_name(n) for n in ("pool.h", "vmath.h"))
 MATMUL = {"bfloat16": "jaxembed_bf16_matmul", "float32": "jaxembed_f32_matmul"}
 ATTENTION = "jaxembed_attention"
 DECODE_ATTENTION = "jaxembed_decode_attention"
+# The FFI targets and the library's symbol for each.
+SYMBOLS = {MATMUL["bfloat16"]: "JaxembedBf16Matmul", MATMUL["float32"]: "JaxembedF32Matmul",
+           ATTENTION: "JaxembedAttention", DECODE_ATTENTION: "JaxembedDecodeAttention"}
+# A compiler that hangs must not hang the server's start: past this, XLA's ops run instead.
+COMPILER_TIMEOUT_S = 300.0
+FAILED = "failed"  # how the reasons begin that are worth a warning
 BLOCK = 16  # output columns per packed block: float32 lanes in a zmm register
 ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 CPU_FLAG = "avx512_bf16"  # as /proc/cpuinfo names it
@@ -61,18 +67,32 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def _build(cxx: str) -> Path:
-    """The shared library, compiled unless a build of this source by this compiler for this
-    jaxlib is already cached."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
-                             check=True).stdout.splitlines()[0]
+def library_path(cxx: str) -> Path:
+    """Where the build of this source by this compiler for this jaxlib is cached."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True,
+                             timeout=COMPILER_TIMEOUT_S).stdout.splitlines()[0]
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*texts, version, jaxlib.__version__, *ISA]).encode()
                          ).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"jaxembed-{key}.so"
+    return cache_dir() / "kernels" / f"jaxembed-{key}.so"
+
+
+class Untrusted(RuntimeError):
+    """The cache the library would come from could hold another user's code."""
+
+
+def _build(cxx: str) -> Path:
+    """The shared library, compiled unless a build of this source by this compiler for this
+    jaxlib is already cached (in a folder of this user's only: see `trusted_dir`)."""
+    out = library_path(cxx)
+    reason = trusted_dir(out.parent)
+    if reason is not None:
+        raise Untrusted(reason)
     if out.exists():
+        reason = untrusted_reason(out)
+        if reason is not None:
+            raise Untrusted(reason)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed into place: concurrent builds never see half a file.
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         lib = Path(tmp) / out.name
@@ -80,7 +100,7 @@ def _build(cxx: str) -> Path:
                # The FFI headers warn under GCC; they are not ours to fix.
                "-Wno-attributes", "-Wno-return-type",
                "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(lib)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILER_TIMEOUT_S)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         os.replace(lib, out)
@@ -92,7 +112,10 @@ def unavailable_reason() -> str | None:
     """Why the kernels cannot run here, or None when they can (and are registered with XLA)."""
     reason = _load()
     if reason is not None:
-        log.info("CPU kernels not used: %s", reason)
+        # What this machine lacks is a fact; a build or cache that failed is worth a warning.
+        failed = reason.startswith(FAILED)
+        log.log(logging.WARNING if failed else logging.INFO, "CPU kernels not used: %s; XLA's "
+                "own ops run instead", reason)
     return reason
 
 
@@ -108,16 +131,19 @@ def _load() -> str | None:
         return "no C++ compiler (c++, g++ or $CXX)"
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+    except Untrusted as e:
+        return f"{FAILED}: not loading them from an untrusted cache: {e}"
+    except subprocess.TimeoutExpired as e:
+        return f"{FAILED}: the compiler did not finish within {e.timeout:g} s"
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        return f"the kernels did not build: {e}"
-    jax.ffi.register_ffi_target(MATMUL["bfloat16"], jax.ffi.pycapsule(lib.JaxembedBf16Matmul),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(MATMUL["float32"], jax.ffi.pycapsule(lib.JaxembedF32Matmul),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(ATTENTION, jax.ffi.pycapsule(lib.JaxembedAttention),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(DECODE_ATTENTION,
-                                jax.ffi.pycapsule(lib.JaxembedDecodeAttention), platform="cpu")
+        return f"{FAILED}: the kernels did not build: {e}"
+    try:  # every symbol first: a library missing one registers none
+        targets = {name: jax.ffi.pycapsule(getattr(lib, symbol))
+                   for name, symbol in SYMBOLS.items()}
+    except AttributeError as e:
+        return f"{FAILED}: the kernel library lacks a symbol: {e}"
+    for name, capsule in targets.items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     return None
 
 
