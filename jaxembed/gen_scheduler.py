@@ -158,13 +158,15 @@ class GenerationScheduler:
         step = self._plan_prefill(batch, self.buckets.length_for(longest))
         start = time.perf_counter()
         try:
-            self._emit(batch, self.runner.run(step))
+            out = self.runner.run(step)
+            self.stats.add(prefill_steps=1)  # before its tokens reach anyone, as in `_emit`
+            self._emit(batch, out)
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("prefill step %s failed", step.tokens.shape)
             self._recover()
             self._fail(batch, e)
             return
-        self.stats.add(prefill_steps=1, busy_seconds=time.perf_counter() - start)
+        self.stats.add(busy_seconds=time.perf_counter() - start)
 
     def _plan_prefill(self, batch: list[SeqState], length: int) -> PrefillStep:
         """The step for these sequences, each given a slot."""
@@ -211,6 +213,7 @@ class GenerationScheduler:
             for seq in live:
                 if seq is not None:
                     seq.pos += 1
+            self.stats.add(decode_steps=1)  # before its tokens reach anyone, as in `_emit`
             self._emit(live, out)
         except Exception as e:
             log.exception("decode step of %d sequences failed", len(rows))
@@ -218,7 +221,7 @@ class GenerationScheduler:
             self._recover()
             self._fail([s for s in rows if self.active.get(s.slot) is s], e)
             return
-        self.stats.add(decode_steps=1, busy_seconds=time.perf_counter() - start)
+        self.stats.add(busy_seconds=time.perf_counter() - start)
 
     def may_run_ahead(self, seqs: Sequence[SeqState]) -> bool:
         """Whether to dispatch the step after this one before this one's tokens are read.
@@ -260,14 +263,15 @@ class GenerationScheduler:
     def _emit(self, seqs: Sequence[SeqState | None], out: Sequence[jax.Array]) -> None:
         """Stream each row's token to its sequence (None: a row whose sequence ended)."""
         tokens, chosen, top_ids, top_lp = (np.asarray(x) for x in out)
-        generated = 0
+        # Counted before any token is streamed: a caller who has its last token reads figures
+        # that include it.
+        self.stats.add(generated_tokens=sum(seq is not None for seq in seqs))
         for r, seq in enumerate(seqs):
             if seq is None:
                 continue
             token = int(tokens[r])
             seq.out.append(token)
             seq.last = token
-            generated += 1
             p = seq.work.params
             logprobs: tuple[TokenLogprob, ...] = ()
             if p.logprobs is not None:
@@ -293,7 +297,6 @@ class GenerationScheduler:
             seq.work.stream.push(Delta(seq.index, text, (token,), logprobs, finish))
             if finish is not None:
                 self._end(seq)
-        self.stats.add(generated_tokens=generated)
 
     def _end(self, seq: SeqState, cancelled: bool = False) -> None:
         """A choice is done: free its slot; the request is done with its last choice."""

@@ -7,7 +7,12 @@ so nothing here runs on the engine thread.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import resource
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -55,6 +60,7 @@ class ServerMetrics:
             out.histogram("jaxembed_request_inference_seconds",
                           "Time from an embeddings request's first step to its last.",
                           [({}, self.inference_time)])
+        _process_metrics(out)
         out.metric("jaxembed_ready", "gauge",
                    "1 once the model is loaded and warm, 0 while loading or draining.",
                    [({}, int(ready))])
@@ -108,6 +114,54 @@ class ServerMetrics:
         out.metric("jaxembed_engine_busy_seconds_total", "counter",
                    "Time the engine thread spent running steps.", [({}, st.busy_seconds)])
         return out.text()
+
+
+def _process_metrics(out: _Writer) -> None:
+    """The process figures operators expect of any exporter, under Prometheus's standard names
+    (as its client libraries write them), read from /proc where there is one."""
+    cpu = os.times()
+    out.metric("process_cpu_seconds_total", "counter", "User and system CPU time spent.",
+               [({}, cpu.user + cpu.system)])
+    statm = _read("/proc/self/statm")
+    if statm:
+        page = os.sysconf("SC_PAGE_SIZE")
+        virtual, resident = (int(x) * page for x in statm.split()[:2])
+        out.metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+                   [({}, resident)])
+        out.metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.",
+                   [({}, virtual)])
+    with contextlib.suppress(OSError):
+        out.metric("process_open_fds", "gauge", "Number of open file descriptors.",
+                   [({}, len(os.listdir("/proc/self/fd")))])
+    out.metric("process_max_fds", "gauge", "Maximum number of open file descriptors.",
+               [({}, resource.getrlimit(resource.RLIMIT_NOFILE)[0])])
+    out.metric("process_start_time_seconds", "gauge",
+               "Start time of the process since the Unix epoch in seconds.",
+               [({}, _start_time())])
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+@functools.cache
+def _start_time() -> float:
+    """When this process started: its start in clock ticks after boot (/proc/self/stat's 22nd
+    field, counted past the command's parentheses, which may hold spaces), plus the boot time."""
+    stat, boot = _read("/proc/self/stat"), _read("/proc/stat")
+    if stat and boot:
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in boot.splitlines()
+                     if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    return _IMPORTED
+
+
+_IMPORTED = time.time()  # where there is no /proc: when the server's modules were loaded
 
 
 class _Writer:

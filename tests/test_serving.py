@@ -803,6 +803,11 @@ def test_metrics_are_prometheus_text(tiny_engine: Engine) -> None:
     assert scrape(text, "jaxembed_http_request_duration_seconds_count", route=URL) == 1
     assert scrape(text, "jaxembed_compilations_total") >= 1
     assert 0 <= scrape(text, "jaxembed_batch_padding_ratio") < 1
+    # The process figures, under Prometheus's standard names.
+    assert scrape(text, "process_resident_memory_bytes") > 10 * 2**20
+    assert scrape(text, "process_cpu_seconds_total") > 0
+    assert 3 <= scrape(text, "process_open_fds") <= scrape(text, "process_max_fds")
+    assert time.time() - 86400 < scrape(text, "process_start_time_seconds") <= time.time()
 
 
 # ---- schema fuzzing --------------------------------------------------------------------------
