@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
+from jaxembed.weights import gguf_tokenizer
 from jaxembed.weights.gguf_io import GGUFFile
 from jaxembed.weights.gguf_tokenizer import (
     SUPPORTED_TOKENIZER_MODELS,
@@ -533,3 +534,38 @@ def test_unsupported_tokenizer_model_is_named():
 def test_missing_tokens_is_an_error():
     with pytest.raises(ValueError, match="tokenizer.ggml.tokens"):
         tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2"})
+
+
+def _merges_reference(vocab, scores):
+    """Every cut of every token, as transformers' `generate_merges` ranks them (the longhand
+    loop without bounds)."""
+    ranked = scores if scores is not None else vocab
+    merges = []
+    for token, rank in ranked.items():
+        local = [(token[:c], token[c:], rank) for c in range(1, len(token))
+                 if token[:c] in vocab and token[c:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=scores is not None)
+    return [(a, b) for a, b, _ in merges]
+
+
+@pytest.mark.parametrize("with_scores", [True, False])
+def test_merges_from_scores_bounded_cuts_give_every_merge(with_scores):
+    rng = np.random.default_rng(0)
+    alphabet = list("abcde")
+    tokens = sorted({"".join(rng.choice(alphabet, size=int(rng.integers(1, 7))))
+                     for _ in range(400)} | set(alphabet))
+    tokens.append("abcdeabcdeabcdeab")  # one longest token, as the bound has a case for
+    vocab = {t: i for i, t in enumerate(tokens)}
+    scores = {t: float(rng.normal()) for t in tokens} if with_scores else None
+    assert gguf_tokenizer._merges_from_scores(vocab, scores) == _merges_reference(vocab, scores)
+
+
+def test_one_very_long_token_does_not_make_merges_quadratic():
+    vocab = {c: i for i, c in enumerate("abcdefgh")}
+    vocab["ab" * 200_000] = len(vocab)  # 400k characters: the unbounded loop slices it 400k times
+    start = time.perf_counter()
+    merges = gguf_tokenizer._merges_from_scores(vocab, None)
+    assert time.perf_counter() - start < 5.0
+    assert merges == []  # no two of its letters make a token of the vocabulary

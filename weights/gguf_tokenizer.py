@@ -29,6 +29,7 @@ Two tokenizer models are covered, chosen by `tokenizer.ggml.model`:
 
 from __future__ import annotations
 
+import collections
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -189,6 +190,13 @@ def _split_merges(merges: Sequence[str]) -> list[tuple[str, str]]:
     return [tuple(merge.split(" ", 1)) for merge in merges]  # type: ignore[misc]
 
 
+def _two_longest(vocab: Mapping[str, int]) -> tuple[tuple[int, int], int]:
+    """((the longest token's length, how many tokens have it), the next length below it)."""
+    lengths = collections.Counter(map(len, vocab))
+    top = sorted(lengths, reverse=True)[:2] + [0]
+    return (top[0], lengths[top[0]]), top[1]
+
+
 def _merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float] | None) -> list:
     """Recover BPE merges from a vocabulary, as transformers' `generate_merges` does.
 
@@ -198,10 +206,16 @@ def _merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float] | 
     """
     ranked = scores if scores is not None else vocab
     merges: list[tuple[str, str, float]] = []
+    # Both halves are tokens of the vocabulary, so neither is longer than the longest token but
+    # the one being cut: the cuts are bounded by it, which keeps one very long token (a crafted
+    # file's) from making this quadratic in its length. The cuts keep their order.
+    longest, second = _two_longest(vocab)
     # Written out longhand because it runs over every token (262k for Gemma 3).
     for token, rank in ranked.items():
         local = []
-        for cut in range(1, len(token)):
+        n = len(token)
+        piece = second if n == longest[0] and longest[1] == 1 else longest[0]
+        for cut in range(max(1, n - piece), min(n - 1, piece) + 1):
             left = token[:cut]
             if left in vocab:
                 right = token[cut:]
