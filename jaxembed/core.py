@@ -50,9 +50,8 @@ def unavailable() -> EngineUnavailableError:
 class EngineCore:
     def __init__(self, runner: ModelRunner, buckets: Buckets, tokenizer: Any,
                  max_queued_requests: int, recorder: StatsRecorder) -> None:
-        """recorder: where the statistics go (the runner counts its compilations there too)."""
-        if max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be at least 1; got {max_queued_requests}")
+        """recorder: where the statistics go (the runner counts its compilations there too).
+        max_queued_requests: as `EngineOptions.validate` checked it."""
         self.max_queued_requests = int(max_queued_requests)
         self.recorder = recorder
         self.runner = runner

@@ -58,10 +58,6 @@ class KVCache:
     def scratch_slot(self) -> int:
         return (self.k[0].shape[0] if self.per_layer else self.k.shape[1]) - 1
 
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in jax.tree.leaves(self))
-
     def map(self, fn: Any) -> KVCache:
         """fn(name, buffer) applied to each buffer ("k" or "v"; each layer's, when per layer)."""
         def each(name: str, c: Any) -> Any:

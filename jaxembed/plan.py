@@ -68,8 +68,7 @@ class ExecutionPlan:
     devices: int  # devices one model runs on (its mesh; 1 without one)
     attention: str  # embedding and prefill steps' attention: XLA or CPU_KERNELS
     decode_attention: str  # decode steps' attention over the cache: XLA or CPU_KERNELS
-    embed_weights: WeightLayout
-    prefill_weights: WeightLayout
+    embed_weights: WeightLayout  # prefills read the loaded params
     decode_weights: WeightLayout
     decode_layers: str  # STACKED or PER_LAYER
     kv_dtype: str  # the cache's storage: "float32", "bfloat16", "float16" or BF16_BITS
@@ -127,7 +126,6 @@ class ExecutionPlan:
             # stacked weights in bfloat16. Float32 embedding steps have hundreds of rows, where
             # XLA's dot is as fast as the kernel, so they keep the loaded weights.
             embed_weights=WeightLayout(embed_dtype, packed=use_kernels and embed_dtype is not None),
-            prefill_weights=WeightLayout(),
             # With the kernels, decode steps multiply in `kernels.matmul` whatever the weights'
             # type: XLA's CPU dot reads a one-row step's weights at about two thirds of the
             # kernel's rate, and a single bf16 row far slower still (SmolLM2's 30 layers of

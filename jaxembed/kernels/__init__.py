@@ -219,10 +219,6 @@ class Packed:
     def unpacked(self) -> jax.Array:
         return unpack(self.blocks)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.blocks.nbytes)
-
 
 def matmul(x: jax.Array, p: jax.Array | Packed) -> jax.Array:
     """x [..., K] @ packed weights p (rounded to bfloat16 first for bfloat16 weights),
