@@ -142,12 +142,15 @@ def test_a_library_of_another_owner_is_refused(tmp_path, monkeypatch):
     assert reason is not None and "uid 12345" in reason
 
 
-@can_build
 def test_the_kernel_cache_is_made_private(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "COMPILER_TIMEOUT_S", 0.001)  # stop before building anything
-    kernels._load()
-    assert (tmp_path / "kernels").stat().st_mode & 0o777 == 0o700
+    # A compiler that names itself and then fails: the folder is made, nothing is built.
+    failing = tmp_path / "failing-c++"
+    failing.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo failing 1.0; exit 0; }\nexit 1\n')
+    failing.chmod(0o755)
+    monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="failed"):
+        kernels._build(str(failing))
+    assert (tmp_path / "cache" / "kernels").stat().st_mode & 0o777 == 0o700
 
 
 def test_a_hung_compiler_falls_back(tmp_path, monkeypatch):
