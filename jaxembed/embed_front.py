@@ -2,9 +2,11 @@
 response.
 
 `resolve` validates a request's settings and merges them with the server's and the model's
-defaults; `prepare` validates its input and tokenizes it (with the prompt it asks for); `response`
-applies the model's Dense modules, `dimensions` and normalization, and encodes the vectors. It
-knows the tokenizer and the model's description, nothing of steps, queues or devices.
+defaults; `prepare` validates its input and tokenizes it (with the prompt it asks for, placed as
+sentence-transformers places it: in front of the text, or as a system message where the model's
+texts go through its chat template); `response` applies the model's Dense modules, `dimensions`
+and normalization, and encodes the vectors. It knows the tokenizer and the model's description,
+nothing of steps, queues or devices.
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ from jaxembed.protocol import (
     encode_vector,
     split_input,
 )
-from jaxembed.st_config import SentenceTransformersConfig
+from jaxembed.st_config import MessageInputs, SentenceTransformersConfig
 
 DEFAULT_ALIAS = "default"
+# Two stand-in texts that begin with different tokens and end with different tokens: the tokens a
+# rendered input shares with both renders around them are the chat template's, not the text's.
+FRAME_PROBES = ("0", "1 2 3 4")
+FRAME_CACHE_SIZE = 256  # prompts whose probes are kept
 
 # Instruction templates per family, as the instruction-tuned embedding models of each were trained
 # (Qwen3-Embedding; gte-Qwen2 and e5-mistral; EmbeddingGemma). `{instruction}` is the request's
@@ -91,6 +97,8 @@ class EmbeddingFrontend:
         self.inputs, self.config = inputs, config
         st = sentence_transformers
         self.sentence_transformers = st
+        # Where set, each text is rendered as a chat through the template before tokenizing.
+        self.message: MessageInputs | None = st.message if st else None
         self.model_defaults = EmbeddingDefaults(
             embedding_type=st.pooling, normalize=st.normalize,
             prompt_name=st.default_prompt_name) if st else EmbeddingDefaults()
@@ -109,6 +117,7 @@ class EmbeddingFrontend:
         self.served_model_names = list(served_model_names or [model_name])
         self.defaults = defaults or EmbeddingDefaults()
         self._prompt_lengths: dict[str, int] = {}
+        self._frame_probes: dict[str | None, list[list[int]]] = {}
         try:  # the defaults go through the same checks as a request's own values
             self.resolve(EmbeddingRequest(input="x"))
         except InvalidRequestError as e:
@@ -263,6 +272,45 @@ class EmbeddingFrontend:
             return None
         return self.prompts[name] or None
 
+    def token_ids(self, texts: Sequence[str], prompt: str | None = None,
+                  add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of texts as the model is fed them, the prompt placed as sentence-transformers
+        places it: in front of each text; or, where the model's texts go through its chat
+        template, in a system message before the text's user message. The template writes the
+        special tokens itself, so none are added to a rendered text (`add_special_tokens` is
+        then moot)."""
+        if self.message is None:
+            return self.inputs.tokenize([prompt + t for t in texts] if prompt else texts,
+                                        add_special_tokens)
+        try:
+            rendered = [self.message.render(t, prompt) for t in texts]
+        except InvalidRequestError as e:  # the template's refusal, about this input
+            raise InvalidRequestError(
+                f"{self.model_name} embeds text as a chat message, and its chat template failed "
+                f"on this input: {e.message}", param="input", code=e.code) from None
+        return self.inputs.tokenize(rendered, add_special_tokens=False)
+
+    def _truncate_chat(self, ids: list[int], keep: int, prompt: str | None) -> list[int]:
+        """The last `keep` tokens of a rendered input with the tokens the chat template wrote
+        around the text kept in place (as `InputProcessor.truncate` keeps BOS and EOS): the text
+        loses its beginning, the conversation keeps its prompt and its end of turn. The
+        template's tokens are those the input shares with the same chat around each probe."""
+        probes = self._frame_probes.get(prompt)
+        if probes is None:
+            if len(self._frame_probes) >= FRAME_CACHE_SIZE:  # instructions are free text
+                self._frame_probes.clear()
+            probes = self._frame_probes[prompt] = self.token_ids(FRAME_PROBES, prompt)
+        head = min(_shared_prefix(ids, p) for p in probes)
+        tail = min(min(_shared_prefix(ids[::-1], p[::-1]) for p in probes), len(ids) - head)
+        body = keep - head - tail
+        if body < 1:
+            raise InvalidRequestError(
+                f"'truncate_prompt_tokens' {keep} leaves no room for text beside the {head + tail} "
+                f"tokens this model's chat template places around it; use at least "
+                f"{head + tail + 1}", param="truncate_prompt_tokens")
+        end = len(ids) - tail
+        return ids[:head] + ids[end - body : end] + ids[end:]
+
     def prompt_length(self, prompt: str) -> int:
         """Tokens of the prompt at the start of a prompted input, as sentence-transformers counts
         them: the prompt tokenized alone, less a special token the tokenizer appends (EOS)."""
@@ -275,15 +323,14 @@ class EmbeddingFrontend:
 
     def tokenize_request(self, request: TokenizeRequest) -> TokenizeResponse:
         """`/tokenize`: the ids the embedding path would feed for the prompt, untruncated: with
-        the instruction or named prompt it would prepend (the request's, else the defaults)."""
+        the instruction or named prompt it would place (the request's, else the defaults)."""
         self.resolve_model(request.model)
         if not isinstance(request.prompt, str):
             raise InvalidRequestError(f"'prompt' must be a string; got {type(request.prompt).__name__}",
                                       param="prompt", code="invalid_type")
         check_text(request.prompt, "prompt")
-        prefix = self._resolve_prompt(request)
-        text = request.prompt if prefix is None else prefix + request.prompt
-        ids = self.inputs.tokenize([text], bool(request.add_special_tokens))[0]
+        prompt = self._resolve_prompt(request)
+        ids = self.token_ids([request.prompt], prompt, bool(request.add_special_tokens))[0]
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len)
 
     def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:
@@ -301,9 +348,11 @@ class EmbeddingFrontend:
         """Validate an `input` value and turn it into token-id sequences, each cut to its last
         `truncate` tokens when given (keeping the special tokens the tokenizer adds).
 
-        A prompt is prepended to text inputs before tokenizing, as sentence-transformers does;
-        token-id inputs are fed as they are. Where the model leaves prompts out of its pooling,
-        the prompt's tokens still kept after truncation are marked to be skipped."""
+        A prompt is placed with text inputs as sentence-transformers places it (`token_ids`);
+        token-id inputs are fed as they are. Where the model leaves prompts out of its pooling
+        (text in front of the input only: sentence-transformers pools a system message's tokens),
+        the prompt's tokens still kept after truncation are marked to be skipped. A rendered
+        input is cut inside its text, the chat template's tokens around it kept."""
         texts, seqs = split_input(raw)
         prompt_tokens = 0
         if texts is not None:
@@ -313,11 +362,11 @@ class EmbeddingFrontend:
                         f"input[{i}] is an empty string; send non-empty text", param="input",
                         code="empty_input")
                 check_text(t, f"input[{i}]")
-            if prompt:
-                texts = [prompt + t for t in texts]
+            if prompt and self.message is None:
                 prompt_tokens = self.prompt_length(prompt)
-            seqs = self.inputs.tokenize(texts)
+            seqs = self.token_ids(texts, prompt)
         assert seqs is not None
+        rendered = texts is not None and self.message is not None
         st = self.sentence_transformers
         exclude = bool(prompt_tokens) and st is not None and not st.include_prompt
         out, skip = [], []
@@ -327,7 +376,9 @@ class EmbeddingFrontend:
                                           param="input", code="empty_input")
             self.inputs.check_vocab(ids, f"input[{i}]")
             left_out = prompt_tokens
-            if truncate is not None and len(ids) > truncate:
+            if truncate is not None and len(ids) > truncate and rendered:
+                ids = self._truncate_chat(ids, truncate, prompt)
+            elif truncate is not None and len(ids) > truncate:
                 head = self.inputs.kept_prefix(ids)
                 removed = len(ids) - truncate
                 ids = self.inputs.truncate(ids, truncate)
@@ -369,6 +420,16 @@ class EmbeddingFrontend:
         n = prepared.prompt_tokens
         return EmbeddingResponse(data=data, model=options.model,
                                  usage=Usage(prompt_tokens=n, total_tokens=n))
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items two sequences share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _is_token_input(raw: object) -> bool:

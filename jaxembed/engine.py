@@ -238,8 +238,9 @@ class Engine:
         return self.embedding.prepare(raw, truncate, prompt)
 
     def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """Token ids exactly as the embedding path feeds them (special tokens per the model)."""
-        return self.inputs.tokenize(texts, add_special_tokens)
+        """Token ids exactly as the embedding path feeds them (special tokens per the model; a
+        sentence-transformers folder's texts through its chat template where it says so)."""
+        return self.embedding.token_ids(texts, None, add_special_tokens)
 
     def tokenize_request(self, request: TokenizeRequest) -> TokenizeResponse:
         return self.embedding.tokenize_request(request)

@@ -5,22 +5,28 @@ pooling, optional dense projections, optional L2 normalization. The transformer 
 loads; this module reads the rest, so that a model is served the way it was trained to be used:
 its pooling and normalization become the engine's defaults, its dense layers run after pooling
 (in float32, on the host), and its prompts (`config_sentence_transformers.json`) can be named by
-requests. A folder without `modules.json` (a plain causal LM) gets no configuration at all.
+requests. A folder saved by sentence-transformers 6 may list a `message` modality in
+`sentence_bert_config.json`; it then sends each text through the model's chat template, as a
+user message with the prompt as a system message (`MessageInputs`). A folder without
+`modules.json` (a plain causal LM) gets no configuration at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxembed.config import UnsupportedModelError
+from jaxembed.generation import RESERVED_TEMPLATE_NAMES, ChatTemplate
 from jaxembed.protocol import EmbeddingType
 from jaxembed.weights.errors import WeightLoadError
 from jaxembed.weights.safetensors_io import SafetensorsFile
+from jaxembed.weights.tokenizer import tokenizer_from_hf_folder
 
 # sentence-transformers pooling modes this engine computes, by their name in `pooling_mode`.
 POOLING_MODES = {"mean": EmbeddingType.Mean, "lasttoken": EmbeddingType.Last,
@@ -45,6 +51,30 @@ PASSTHROUGH_MODULES = {"Dropout"}
 
 # Keys under which configs declare the Matryoshka sizes a model was trained for.
 MATRYOSHKA_KEYS = ("matryoshka_dimensions", "matryoshka_dims")
+
+# ---- sentence-transformers 6's `modality_config` (sentence_bert_config.json) ----
+# What the engine computes for a text: the model's forward pass, its last hidden states.
+TEXT_MODALITY_OUTPUT = {"method": "forward", "method_output_name": "last_hidden_state"}
+# How a chat message holds its text: "flat" ({"content": text}) or "structured" ({"content":
+# [{"type": "text", "text": text}]}); "auto" (or no format) infers one from the template.
+MESSAGE_FORMATS = ("flat", "structured", "auto")
+# sentence-transformers' inference for "auto": these model types are flat whatever their template;
+# otherwise a template that reads any of these is structured, any other template flat.
+FLAT_MESSAGE_MODEL_TYPES = frozenset({"apertus", "deepseek_v3", "gpt_oss", "minicpm3", "seed_oss"})
+STRUCTURED_TEMPLATE_MARKS = ("content[0]", ".type", "'type'", '"type"', "item.type",
+                             "message.content[")
+# The special tokens transformers hands every chat template, by name (those the tokenizer has).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                       "cls_token", "mask_token")
+# `processing_kwargs.chat_template` keys that shape tokenizing, not rendering: the engine's own
+# limits and truncation apply instead (`restore_suffix` is sentence-transformers' flag for its
+# truncation).
+CHAT_TEMPLATE_SIZE_KEYS = frozenset({"padding", "truncation", "max_length", "return_tensors",
+                                     "restore_suffix"})
+# apply_chat_template arguments that change more than the template's variables; not supported.
+CHAT_TEMPLATE_UNSUPPORTED_KEYS = frozenset({
+    "chat_template", "continue_final_message", "tokenize", "return_dict", "tokenizer_kwargs",
+    "return_assistant_tokens_mask", "sanitize_control_tokens", "processor_kwargs"})
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -87,6 +117,32 @@ class DenseLayer:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class MessageInputs:
+    """sentence-transformers 6's `message` modality: each text is sent through the model's chat
+    template as one user message, and a prompt goes into a system message before it (never in
+    front of the text). The rendered text is tokenized without adding special tokens: the
+    template writes them. The prompt's tokens are always pooled (`include_prompt` has no say)."""
+
+    format: str  # "flat" or "structured" (resolved)
+    template: ChatTemplate
+    add_generation_prompt: bool = False
+    variables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def content(self, text: str) -> str | list[dict[str, str]]:
+        return text if self.format == "flat" else [{"type": "text", "text": text}]
+
+    def messages(self, text: str, prompt: str | None = None) -> list[dict[str, Any]]:
+        """The conversation of one text, as sentence-transformers builds it (an empty prompt is
+        no prompt)."""
+        user = {"role": "user", "content": self.content(text)}
+        return [{"role": "system", "content": self.content(prompt)}, user] if prompt else [user]
+
+    def render(self, text: str, prompt: str | None = None) -> str:
+        return self.template.render(self.messages(text, prompt), self.add_generation_prompt,
+                                    self.variables)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class SentenceTransformersConfig:
     """The serving settings a sentence-transformers folder declares."""
 
@@ -98,6 +154,7 @@ class SentenceTransformersConfig:
     default_prompt_name: str | None = None
     max_seq_length: int | None = None
     matryoshka_dimensions: tuple[int, ...] = ()
+    message: MessageInputs | None = None  # None: texts are tokenized as they are, prompt in front
 
     def project(self, vectors: np.ndarray) -> np.ndarray:
         """Run the dense layers over pooled float32 vectors [N, hidden]."""
@@ -134,6 +191,7 @@ def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | Non
     fields: dict[str, Any] = {}
     dense: list[DenseLayer] = []
     width: int | None = None  # the output size of the modules so far (after the first Dense)
+    hf_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     for position, entry in enumerate(sorted(modules, key=lambda m: m.get("idx", 0))):
         kind = _class_name(str(entry.get("type", "")))
         sub = folder / str(entry.get("path", ""))
@@ -142,10 +200,11 @@ def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | Non
                 raise UnsupportedModelError(
                     f"{modules_path}: the Transformer module must come first and live in the "
                     "folder's root (where config.json and the weights are)")
-            bert_cfg = sub / "sentence_bert_config.json"
-            if bert_cfg.is_file():
-                limit = _read_json(bert_cfg).get("max_seq_length")
-                fields["max_seq_length"] = int(limit) if limit else None
+            bert_path = sub / "sentence_bert_config.json"
+            bert_cfg = _read_json(bert_path) if bert_path.is_file() else {}
+            limit = bert_cfg.get("max_seq_length")
+            fields["max_seq_length"] = int(limit) if limit else None
+            fields["message"] = _message_inputs(bert_path, bert_cfg, hf_cfg.get("model_type"))
         elif kind == "Pooling":
             fields.update(_pooling(sub / "config.json"))
         elif kind == "Dense":
@@ -169,7 +228,6 @@ def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | Non
         raise WeightLoadError(st_cfg_path, f"default_prompt_name {default_name!r} is not one of "
                               f"its prompts {sorted(prompts)}")
     dims: list[int] = []
-    hf_cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     for source in (st_cfg, hf_cfg):
         for key in MATRYOSHKA_KEYS:
             if isinstance(source.get(key), list) and not dims:
@@ -177,6 +235,91 @@ def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | Non
     return SentenceTransformersConfig(dense=tuple(dense), prompts=prompts,
                                       default_prompt_name=default_name,
                                       matryoshka_dimensions=tuple(dims), **fields)
+
+
+def _message_inputs(path: Path, cfg: dict[str, Any], model_type: str | None
+                    ) -> MessageInputs | None:
+    """How texts reach the model, from `modality_config`: through the chat template when it lists
+    a `message` modality (sentence-transformers then converts every text to a message), as they
+    are otherwise. Folders saved before sentence-transformers 6 have no `modality_config`: text."""
+    modalities = cfg.get("modality_config")
+    if modalities is None:
+        return None
+    if not isinstance(modalities, dict) or not all(isinstance(v, dict)
+                                                   for v in modalities.values()):
+        raise WeightLoadError(path, "'modality_config' must map each modality to an object with "
+                              "'method' and 'method_output_name'")
+    used = "message" if "message" in modalities else "text"
+    if used not in modalities:
+        raise UnsupportedModelError(
+            f"{path}: the Transformer module takes no text (its modalities are "
+            f"{sorted(modalities)}); this engine embeds text, through 'text' or 'message'")
+    entry = modalities[used]
+    if {k: entry.get(k) for k in TEXT_MODALITY_OUTPUT} != TEXT_MODALITY_OUTPUT:
+        raise UnsupportedModelError(
+            f"{path}: the {used!r} modality reads {entry.get('method')!r} -> "
+            f"{entry.get('method_output_name')!r}; this engine pools the model's "
+            f"{TEXT_MODALITY_OUTPUT['method']} -> {TEXT_MODALITY_OUTPUT['method_output_name']!r}")
+    if used == "text":
+        return None
+    fmt = entry.get("format") or "auto"
+    if fmt not in MESSAGE_FORMATS:
+        raise UnsupportedModelError(f"{path}: the message format {fmt!r} is not one of "
+                                    f"{list(MESSAGE_FORMATS)}")
+    folder = path.parent
+    bundle = tokenizer_from_hf_folder(folder)
+    if not bundle.chat_template:
+        raise WeightLoadError(path, "the 'message' modality renders each text through the "
+                              "tokenizer's chat template, but the folder has none (in "
+                              "tokenizer_config.json or chat_template.jinja)")
+    if fmt == "auto":
+        fmt = _infer_message_format(bundle.chat_template, model_type)
+    settings = (cfg.get("processing_kwargs") or {}).get("chat_template") or {}
+    if not isinstance(settings, dict):
+        raise WeightLoadError(path, "processing_kwargs.chat_template must be an object of "
+                              f"template variables; got {settings!r}")
+    settings = dict(settings)
+    variables = {"tools": None, "documents": None, **_special_tokens(folder)}
+    add_generation_prompt = bool(settings.pop("add_generation_prompt", False))
+    for key, value in settings.items():
+        if key in CHAT_TEMPLATE_SIZE_KEYS:
+            continue
+        if key in CHAT_TEMPLATE_UNSUPPORTED_KEYS and value:
+            raise UnsupportedModelError(
+                f"{path}: processing_kwargs.chat_template sets {key!r}, which this engine does "
+                "not support; it passes the template its variables and add_generation_prompt")
+        variables[key] = value  # later keys win over the special tokens, as in transformers
+    bos, eos = variables.pop("bos_token", ""), variables.pop("eos_token", "")
+    taken = sorted(RESERVED_TEMPLATE_NAMES & variables.keys())
+    if taken:
+        raise UnsupportedModelError(f"{path}: processing_kwargs.chat_template may not set "
+                                    f"{taken[0]!r}, which the renderer sets itself")
+    try:
+        template = ChatTemplate(bundle.chat_template, bos, eos)
+    except Exception as e:  # jinja2's TemplateSyntaxError and the like
+        raise WeightLoadError(folder, f"the chat template does not compile: {e}") from e
+    return MessageInputs(fmt, template, add_generation_prompt, variables)
+
+
+def _infer_message_format(template: str, model_type: str | None) -> str:
+    """sentence-transformers' guess for "auto": known model types, else the template's reads."""
+    if model_type in FLAT_MESSAGE_MODEL_TYPES:
+        return "flat"
+    return "structured" if any(m in template for m in STRUCTURED_TEMPLATE_MARKS) else "flat"
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """The named special tokens tokenizer_config.json sets, as transformers passes them to a chat
+    template (a string, or an object with the string as its `content`)."""
+    path = folder / "tokenizer_config.json"
+    cfg = _read_json(path) if path.is_file() else {}
+    out = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        value = cfg.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[name] = value
+    return out
 
 
 def _pooling(path: Path) -> dict[str, Any]:
