@@ -9,6 +9,10 @@ reference implementation in ``gguf.quants``; results are bit-identical to
 Multi-byte fields are little-endian (as GGUF files are), and f16 scales are decoded by viewing the
 two bytes as ``np.float16``.  Quantized integers stay in (u)int8 until the final multiply, which
 casts them to float32 inside the ufunc; no float64 intermediates are created.
+
+The common types have hand-written decoders here (several times faster than the reference).  Every
+other type that ``gguf.quants`` can dequantize (the IQ1-IQ3 codebook types, TQ1_0, TQ2_0, MXFP4,
+...) is registered too, decoded by ``gguf.quants`` itself one chunk at a time (``REFERENCE_TYPES``).
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import gguf.quants
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 __all__ = [
     "DEQUANTIZERS",
+    "REFERENCE_TYPES",
     "SUPPORTED_TYPES",
     "QuantType",
     "UnsupportedQuantError",
@@ -325,8 +331,36 @@ def _declare(qtype: GGMLQuantizationType, fn: DequantFn) -> tuple[GGMLQuantizati
     return qtype, QuantType(qtype, block_size, type_size, fn)
 
 
+def _gguf_reference(qtype: GGMLQuantizationType) -> DequantFn:
+    """A ``DequantFn`` that runs ``gguf.quants.dequantize``: for the types without our own decoder."""
+
+    def dequantize_blocks(blocks: Blocks, out: np.ndarray | None = None) -> np.ndarray:
+        n = blocks.shape[0]
+        dest = _dest(out, (n, GGML_QUANT_SIZES[qtype][0]))
+        if n:
+            # As one row: gguf.quants calls its block decoder once per 16 rows, so n rows of one
+            # block each would cost n / 16 calls.
+            dest[...] = gguf.quants.dequantize(blocks.reshape(1, -1), qtype).reshape(dest.shape)
+        return dest
+
+    return dequantize_blocks
+
+
+def _gguf_dequantizes(qtype: GGMLQuantizationType) -> bool:
+    """Whether ``gguf.quants`` decodes ``qtype``. It lists its types nowhere public, so it is
+    asked to decode one zero block: about 20 ms for all types, once, mostly spent building the
+    IQ types' grids, which their first use would build anyway."""
+    if GGML_QUANT_SIZES[qtype][0] == 1:
+        return False  # plain numbers: F64 and the integer types are no weights we read
+    try:
+        gguf.quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except Exception:  # NotImplementedError, or a decoder broken in this gguf version: not offered
+        return False
+    return True
+
+
 _T = GGMLQuantizationType
-DEQUANTIZERS: dict[GGMLQuantizationType, QuantType] = dict(
+_HAND_WRITTEN: dict[GGMLQuantizationType, QuantType] = dict(
     [
         _declare(_T.F32, _deq_f32),
         _declare(_T.F16, _deq_f16),
@@ -346,8 +380,16 @@ DEQUANTIZERS: dict[GGMLQuantizationType, QuantType] = dict(
     ]
 )
 del _T
+_REFERENCE: dict[GGMLQuantizationType, QuantType] = dict(
+    _declare(t, _gguf_reference(t))
+    for t in GGML_QUANT_SIZES
+    if t not in _HAND_WRITTEN and _gguf_dequantizes(t)
+)
+DEQUANTIZERS: dict[GGMLQuantizationType, QuantType] = {**_HAND_WRITTEN, **_REFERENCE}
 
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(DEQUANTIZERS)
+# The supported types decoded by gguf.quants' reference code rather than our own.
+REFERENCE_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_REFERENCE)
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
