@@ -33,7 +33,8 @@ class EngineOptions:
     (`jaxembed.plan`) from the backend."""
 
     model: str | os.PathLike | None = dataclasses.field(default=None, metadata=_flag(
-        "a GGUF file, an HF model folder, or an HF repo id (local hub cache first); default: the "
+        "a GGUF file, an HF model folder, or an HF repo id (local hub cache first), with "
+        "':QUANT' for a GGUF repo's file of that quant type (org/name:Q4_K_M); default: the "
         "embedded SmolLM2-135M-Instruct Q4_1"))
     dtype: str | None = dataclasses.field(default=None, metadata=_flag(
         "compute dtype (default: float32 on CPU, bfloat16 on GPU)",
