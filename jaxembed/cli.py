@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from concurrent.futures import Future
 
 from jaxembed import options
 from jaxembed.builder import EngineBuilder
@@ -15,6 +16,9 @@ from jaxembed.errors import InvalidRequestError
 from jaxembed.protocol import EmbeddingDefaults, EmbeddingType, InputType
 
 API_KEY_ENV = "JAXEMBED_API_KEY"
+# Errors in what the user gave (a missing or broken model file, a bad option): reported on one
+# line, without a traceback of the code that found them.
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
 # Idle connections are kept longer than HTTP clients keep them pooled (httpx, and so the openai
 # client, drop them after 5 s): the client closes first, so a request is never sent on a connection
 # the server is closing at that moment. uvicorn's own default, 5 s, races with those clients.
@@ -60,6 +64,10 @@ def serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
+    # The app logs a failed load with its traceback; for a user's error this command says what
+    # is wrong itself, on one line, as it exits.
+    reported_at_exit = _LoadErrorFilter(loading)
+    logging.getLogger("jaxembed.server").addFilter(reported_at_exit)
     # The app answers at once (503 until the model is loaded and warm; see /health).
     app = create_app(loading, max_body_bytes=args.max_body_bytes,
                      api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
@@ -82,10 +90,27 @@ def serve(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        logging.getLogger("jaxembed.server").removeFilter(reported_at_exit)
     if failed:
-        print(f"jaxembed: error: the model failed to load: {failed[0]}", file=sys.stderr)
+        reason = " ".join(str(failed[0]).splitlines())
+        print(f"jaxembed: error: the model failed to load: {reason}", file=sys.stderr)
         return 2
     return 0
+
+
+class _LoadErrorFilter(logging.Filter):
+    """Drops the log record of `loading`'s own exception when it is a user's error, which
+    `serve` reports on one line instead; any other record, or error, passes."""
+
+    def __init__(self, loading: Future[object]) -> None:
+        super().__init__()
+        self.loading = loading
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not self.loading.done() or self.loading.cancelled():
+            return True
+        return not (error is self.loading.exception() and isinstance(error, USER_ERRORS))
 
 
 def follow(builder: EngineBuilder) -> int:
@@ -219,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except USER_ERRORS as e:
         print(f"jaxembed: error: {e}", file=sys.stderr)
         return 2
 

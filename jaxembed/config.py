@@ -187,7 +187,7 @@ class ModelConfig:
         head_dim = int(key("attention.key_length", hidden // heads))
         n_layers = int(key("block_count"))
         kv = key("attention.head_count_kv", heads)
-        kv = int(kv[0] if isinstance(kv, list) else kv)
+        kv = int(kv[0] if isinstance(kv, list | np.ndarray) else kv)  # one per layer
         factors = rope_factors or {}
         rope = RopeScaling()
         if key("rope.scaling.type") == "linear":

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import gguf
@@ -152,7 +156,7 @@ def test_gguf_unsupported_quant_type_names_the_tensor(tiny_llama_dir, tmp_path):
     for t in reader.tensors:
         arr = np.array(t.data)
         if t.name == "blk.0.attn_v.weight":
-            qt = Q.IQ2_XXS  # a real type this engine does not dequantize
+            qt = Q.Q8_1  # a real type this engine does not dequantize
             block, size = gguf.GGML_QUANT_SIZES[qt]
             raw = np.zeros((arr.shape[0], arr.shape[1] // block * size), np.uint8)
             w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=qt)
@@ -162,7 +166,7 @@ def test_gguf_unsupported_quant_type_names_the_tensor(tiny_llama_dir, tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(WeightLoadError, match=r"iq\.gguf, tensor 'blk\.0\.attn_v\.weight'.*IQ2_XXS"):
+    with pytest.raises(WeightLoadError, match=r"iq\.gguf, tensor 'blk\.0\.attn_v\.weight'.*Q8_1"):
         load_checkpoint(path, progress=False)
 
 
@@ -261,3 +265,169 @@ def test_safetensors_ranges_must_tile_the_data(tmp_path, header, data, match):
 def test_a_well_formed_safetensors_file_still_reads(tmp_path):
     path = _safetensors(tmp_path / "ok.safetensors", {"b": _t(16, 32), "a": _t(0, 16)}, 32)
     assert sorted(SafetensorsFile(path).names()) == ["a", "b"]
+
+
+# ---- numeric metadata arrays stay arrays ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("etype,dtype,count", [(6, "<f4", 1_000_000), (0, "<u1", 4_000_000)],
+                         ids=["f32", "u8"])
+def test_gguf_numeric_array_is_read_without_a_python_object_per_value(tmp_path, etype, dtype,
+                                                                      count):
+    values = np.arange(count).astype(dtype)
+    path = tmp_path / "array.gguf"
+    path.write_bytes(_gguf(_key("big") + struct.pack("<IIQ", 9, etype, count) + values.tobytes(),
+                           n_kv=1))
+    tracemalloc.start()
+    try:
+        meta = GGUFFile(path).metadata
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # A list took 8-9 times the array's bytes (a pointer and an object per value).
+    assert peak < 2 * values.nbytes, peak
+    assert isinstance(meta["big"], np.ndarray) and not meta["big"].flags.writeable
+    np.testing.assert_array_equal(meta["big"], values)
+
+
+# ---- GGUF metadata of the wrong type or size ---------------------------------------------------
+
+V = gguf.GGUFValueType
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tiny_llama_dir: Path, tmp_path_factory) -> Path:
+    return write_llama_gguf(tiny_llama_dir, tmp_path_factory.mktemp("g") / "f32.gguf", Q.F32)
+
+
+def _rewrite_gguf(src: Path, out: Path, fields: dict[str, tuple | None],
+                  tensors: bool = True) -> Path:
+    """`src` with metadata replaced: key -> (value, type, element type for arrays), or None to
+    drop the key; without its tensors unless `tensors`."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(out), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", *fields):
+            continue
+        w.add_key_value(field.name, field.contents(), field.types[0],
+                        field.types[-1] if field.types[0] == V.ARRAY else None)
+    for name, typed in fields.items():
+        if typed is not None:
+            w.add_key_value(name, *typed)
+    for t in reader.tensors if tensors else []:
+        w.add_tensor(t.name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_gguf_per_layer_kv_head_counts_load(f32_gguf, tmp_path):
+    path = _rewrite_gguf(f32_gguf, tmp_path / "per-layer.gguf",
+                         {"llama.attention.head_count_kv": ([2, 2, 2], V.ARRAY, V.UINT32)})
+    assert load_checkpoint(path, progress=False).config.num_kv_heads == 2
+
+
+@pytest.mark.parametrize("fields,match", [
+    # Once a bare Exception from `tokenizers`.
+    ({"tokenizer.ggml.merges": (["Ġ t", "no such"], V.ARRAY, V.STRING)},
+     "tokenizer metadata: the vocabulary and merges do not make a BPE model"),
+    ({"tokenizer.ggml.merges": (["nospace"], V.ARRAY, V.STRING)}, "not two tokens"),
+    # Once TypeErrors.
+    ({"tokenizer.ggml.pre": (["a", "b"], V.ARRAY, V.STRING)}, "tokenizer.ggml.pre must be"),
+    ({"tokenizer.ggml.model": (["gpt2"], V.ARRAY, V.STRING)}, "unsupported tokenizer.ggml.model"),
+    ({"tokenizer.ggml.eos_token_id": (["a"], V.ARRAY, V.STRING)}, "eos_token_id must be"),
+    ({"tokenizer.ggml.tokens": ([1, 2], V.ARRAY, V.UINT32), "tokenizer.ggml.token_type": None},
+     "tokens must be an array of str"),
+    # Once read as numbers by int().
+    ({"tokenizer.ggml.token_type": (["1"] * 384, V.ARRAY, V.STRING)}, "array of numbers"),
+    # Once a ZeroDivisionError.
+    ({"llama.attention.head_count": (0, V.UINT32), "llama.attention.key_length": None},
+     "ZeroDivisionError"),
+    # Once a MemoryError: buffers for 10**12 layers, or 10**12-wide MLPs, before any tensor.
+    ({"llama.block_count": (10**12, V.UINT64)}, "1000000000000 layers, but the checkpoint has"),
+    ({"llama.feed_forward_length": (10**12, V.UINT64)}, "the config implies .* values"),
+    # Once a ValueError from numpy's reshape (not a WeightLoadError): 32 kv heads of 1 cannot
+    # undo the rope permutation of attn_k's 32 rows (each head needs pairs).
+    ({"llama.attention.head_count": (64, V.UINT32), "llama.attention.head_count_kv":
+      (32, V.UINT32), "llama.attention.key_length": (1, V.UINT32)},
+     "attn_k.weight.*does not fit this llama config"),
+], ids=["merge of unknown tokens", "merge without a space", "pre array", "model array",
+        "id array", "numeric tokens", "string types", "zero heads", "layers", "mlp width",
+        "heads"])
+def test_gguf_metadata_of_the_wrong_type_or_size(f32_gguf, tmp_path, fields, match):
+    path = _rewrite_gguf(f32_gguf, tmp_path / "bad.gguf", fields)
+    with pytest.raises(WeightLoadError, match=match) as e:
+        load_checkpoint(path, progress=False)
+    assert str(path) in str(e.value)
+
+
+def test_gguf_without_tensors_names_the_whole_path(f32_gguf, tmp_path):
+    path = _rewrite_gguf(f32_gguf, tmp_path / "empty.gguf", {"llama.block_count": (0, V.UINT32)},
+                         tensors=False)
+    with pytest.raises(WeightLoadError, match="token_embd.weight.*missing") as e:
+        load_checkpoint(path, progress=False)
+    assert str(path) in str(e.value)  # once only its name
+
+
+# ---- safetensors headers and config.json of the wrong type or size ----------------------------
+
+
+@pytest.mark.parametrize("header,match", [
+    ({"a": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, "unsupported dtype"),
+    ({"a": {"dtype": "F32", "shape": [0, 2**62], "data_offsets": [0, 0]}}, "too large"),
+], ids=["list dtype", "empty but too large"])
+def test_safetensors_entry_of_the_wrong_type(tmp_path, header, match):
+    path = _safetensors(tmp_path / "x.safetensors", header, 16 if "4" in str(header) else 0)
+    with pytest.raises(WeightLoadError, match=match):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("blob", [b'{"a": ' + b"1" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000],
+                         ids=["5000 digits", "nested 100000 deep"])
+def test_safetensors_header_json_beyond_the_parser(tmp_path, blob):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    with pytest.raises(WeightLoadError, match="not valid JSON"):
+        SafetensorsFile(path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"eos_token_id": {}}, "invalid model config: TypeError"),
+    ({"num_hidden_layers": 10**12}, "1000000000000 layers, but the checkpoint has"),
+    ({"intermediate_size": 10**12}, "the config implies .* values"),
+    ({"hidden_size": 64.0}, "sizes must be non-negative integers"),
+], ids=["dict id", "layers", "mlp width", "float width"])
+def test_config_json_of_the_wrong_type_or_size(folder, edit, match):
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(WeightLoadError, match=match) as e:
+        load_checkpoint(folder, progress=False)
+    assert str(path) in str(e.value)
+
+
+def test_config_json_that_is_not_an_object(folder):
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(WeightLoadError, match=r"config\.json: not a JSON object"):
+        load_checkpoint(folder, progress=False)
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serve_on_a_broken_file_exits_with_one_line(tmp_path):
+    """The server binds its port and loads in the background; a broken file stops it with status
+    2 and one line naming the file and what is wrong, not a traceback of the loader."""
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(_gguf(_key("general.alignment") + struct.pack("<II", 4, 3), n_kv=1))
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxembed.cli", "serve", "--model", str(path), "--port", "0",
+         "--log-level", "warning"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert [line for line in out.stderr.splitlines() if str(path) in line] == [
+        f"jaxembed: error: the model failed to load: cannot load {path}: general.alignment must "
+        "be a positive power of two; got 3"], out.stderr

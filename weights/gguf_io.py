@@ -1,5 +1,8 @@
 """A strict, fast reader for GGUF files: metadata as a plain dict, tensors as zero-copy views.
 
+Metadata values are Python scalars and strings, lists for arrays of strings or of arrays, and
+read-only numpy arrays (views of the file) for arrays of numbers.
+
 `gguf.GGUFReader` builds a Python object per array element, which takes seconds for a 49k-token
 vocabulary. The format is simple enough to parse directly: numeric arrays become one
 `np.frombuffer`, and strings are sliced out of one memory map.
@@ -106,9 +109,11 @@ class GGUFFile:
                 fmt, size = _SCALARS[etype]
                 if self._pos + count * size > len(self._buf):
                     raise ValueError(f"array {key!r} runs past the end of the file")
+                # A read-only view of the file, not a list: a list costs a Python object per
+                # element, 8-10 times the array's own bytes for a count the file chooses.
                 arr = np.frombuffer(self._buf, fmt, count, self._pos)
                 self._pos += count * size
-                return arr.tolist()
+                return arr
             if etype == _STRING:
                 return self._strings(count, key)
             if etype != _ARRAY or depth + 1 >= MAX_ARRAY_DEPTH:

@@ -30,12 +30,15 @@ Two tokenizer models are covered, chosen by `tokenizer.ggml.model`:
 from __future__ import annotations
 
 import collections
+import numbers
+import reprlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import gguf
+import numpy as np
 from tokenizers import (
     AddedToken,
     Regex,
@@ -128,7 +131,9 @@ _GPT2_PRES = frozenset(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais"))
 SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")
 
 
-def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
+def _byte_level_pre_tokenizer(pre: object) -> pre_tokenizers.PreTokenizer:
+    if pre is not None and not isinstance(pre, str):
+        raise ValueError(f"tokenizer.ggml.pre must be a string; got {reprlib.repr(pre)}")
     if pre in _SPLIT_REGEX_BY_PRE:
         # The regex does the splitting, so ByteLevel only maps bytes to its alphabet.
         return pre_tokenizers.Sequence(
@@ -187,7 +192,20 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _split_merges(merges: Sequence[str]) -> list[tuple[str, str]]:
     # Vocabularies spell spaces as Ġ or ▁, so the first space always separates the pair.
-    return [tuple(merge.split(" ", 1)) for merge in merges]  # type: ignore[misc]
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"merge {reprlib.repr(pair[0])} is not two tokens and a space")
+    return pairs  # type: ignore[return-value]
+
+
+def _bpe_tokenizer(**model: Any) -> Tokenizer:
+    """A `Tokenizer` over `BPE(**model)`, or ValueError when the merges name a token the
+    vocabulary lacks (which `tokenizers` reports as a bare `Exception`)."""
+    try:
+        return Tokenizer(BPE(**model))
+    except Exception as e:
+        raise ValueError(f"the vocabulary and merges do not make a BPE model: {e}") from e
 
 
 def _two_longest(vocab: Mapping[str, int]) -> tuple[tuple[int, int], int]:
@@ -242,23 +260,22 @@ def _byte_level_bpe(meta: Mapping[str, Any], tokens: Sequence[str], types: Seque
             # A normal token spelled in plain text: respell it byte by byte, as transformers does.
             vocab["".join(byte_to_char[b] for b in token.encode("utf-8"))] = index
 
-    if "tokenizer.ggml.merges" in meta:
-        merges = _split_merges(meta["tokenizer.ggml.merges"])
+    file_merges = _strings(meta, "tokenizer.ggml.merges")
+    if file_merges is not None:
+        merges = _split_merges(file_merges)
     else:
-        scores = meta.get("tokenizer.ggml.scores")
+        scores = _per_token(meta, "tokenizer.ggml.scores", len(tokens), "iuf")
         merges = _merges_from_scores(
             vocab, dict(zip(tokens, scores, strict=True)) if scores else None
         )
 
-    tokenizer = Tokenizer(
-        BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-        )
+    tokenizer = _bpe_tokenizer(
+        vocab=vocab,
+        merges=merges,
+        dropout=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
     )
     tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     tokenizer.decoder = decoders.ByteLevel()
@@ -269,8 +286,8 @@ def _sentencepiece_bpe(
     meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int]
 ) -> _Built:
     architecture = meta.get("general.architecture")
-    gemma = architecture in ("gemma", "gemma2", "gemma3")
-    scores = meta.get("tokenizer.ggml.scores")
+    gemma = isinstance(architecture, str) and architecture in ("gemma", "gemma2", "gemma3")
+    scores = _per_token(meta, "tokenizer.ggml.scores", len(tokens), "iuf")
 
     if gemma:
         # Gemma files store the tokens of two or more spaces as real spaces, while the text is
@@ -278,8 +295,9 @@ def _sentencepiece_bpe(
         tokens = [_SPIECE_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {token: index for index, token in enumerate(tokens)}
 
-    if "tokenizer.ggml.merges" in meta:
-        merges = _split_merges(meta["tokenizer.ggml.merges"])
+    file_merges = _strings(meta, "tokenizer.ggml.merges")
+    if file_merges is not None:
+        merges = _split_merges(file_merges)
     elif gemma:
         # Gemma's scores do not follow its merge order; the order of the tokens in the file does.
         merges = _merges_from_scores(vocab, {t: -i for i, t in enumerate(tokens)})
@@ -289,7 +307,7 @@ def _sentencepiece_bpe(
 
     # Byte fallback turns a character with no token of its own into its `<0x..>` UTF-8 bytes.
     if gemma:
-        model = BPE(
+        tokenizer = _bpe_tokenizer(
             vocab=vocab,
             merges=merges,
             fuse_unk=True,
@@ -298,8 +316,9 @@ def _sentencepiece_bpe(
             byte_fallback=True,
         )
     else:
-        model = BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None)
-    tokenizer = Tokenizer(model)
+        tokenizer = _bpe_tokenizer(
+            vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None
+        )
     decode_spaces = [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
 
     if gemma:
@@ -314,7 +333,7 @@ def _sentencepiece_bpe(
     # The file's `add_space_prefix` comes from the SentencePiece model's `add_dummy_prefix`.
     # transformers ignores it and always adds the prefix space; llama.cpp honours it, as does
     # SentencePiece, so we do too (only files that say false are affected).
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    add_prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", True)
     if architecture == "phi3":
         # Phi-3 puts the prefix space in with a normalizer, so it lands before every piece of
         # text between added tokens, not only the first one.
@@ -377,8 +396,8 @@ def _add_special_tokens(
             if token_type == wanted_type and usable(token):
                 is_special[token] = special
     for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        if token_id is not None and 0 <= token_id < len(tokens) and usable(tokens[token_id]):
+        token_id = _token_id(meta, key, len(tokens))
+        if token_id is not None and usable(tokens[token_id]):
             is_special.setdefault(tokens[token_id], True)
 
     special = [AddedToken(t, normalized=False, special=True) for t, s in is_special.items() if s]
@@ -427,12 +446,52 @@ def _post_processor(
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special_tokens)
 
 
+# ---- reading the metadata, which a file may fill with values of any type ------------------------
+
+
 def _token_id(meta: Mapping[str, Any], key: str, n_tokens: int) -> int | None:
+    """The id under `tokenizer.ggml.{key}`; None when absent or not a token of the vocabulary."""
     value = meta.get(f"tokenizer.ggml.{key}")
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"tokenizer.ggml.{key} must be an integer; got {reprlib.repr(value)}")
     token_id = int(value)
     return token_id if 0 <= token_id < n_tokens else None
+
+
+def _flag(meta: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = meta.get(key, default)
+    if not isinstance(value, numbers.Integral | np.bool_):  # a boolean, or an integer 0/1
+        raise ValueError(f"{key} must be a boolean; got {reprlib.repr(value)}")
+    return bool(value)
+
+
+def _strings(meta: Mapping[str, Any], key: str) -> list[str] | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be an array of strings")
+    return list(value)
+
+
+def _per_token(meta: Mapping[str, Any], key: str, n_tokens: int, kinds: str) -> list | None:
+    """An array of numbers (numpy `kinds`), one per token, as Python numbers; None when absent
+    or empty. `GGUFFile` gives numeric arrays as numpy arrays; a plain dict may hold lists."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray | list | tuple):
+        raise ValueError(f"{key} must be an array of numbers; got {reprlib.repr(value)}")
+    if len(value) == 0:
+        return None
+    if len(value) != n_tokens:
+        raise ValueError(f"{key} has {len(value)} entries for {n_tokens} tokens")
+    array = np.asarray(value)
+    if array.ndim != 1 or array.dtype.kind not in kinds:
+        raise ValueError(f"{key} must be an array of numbers; got {array.dtype} values")
+    return array.tolist()
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,23 +506,19 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> TokenizerBundle:
     `SUPPORTED_TOKENIZER_MODELS`, or when the vocabulary is missing or malformed.
     """
     model = meta.get("tokenizer.ggml.model")
-    builder = _BUILDERS.get(model)  # type: ignore[arg-type]
+    builder = _BUILDERS.get(model) if isinstance(model, str) else None
     if builder is None:
         raise ValueError(
-            f"unsupported tokenizer.ggml.model {model!r}: supported are "
+            f"unsupported tokenizer.ggml.model {reprlib.repr(model)}: supported are "
             + ", ".join(repr(name) for name in SUPPORTED_TOKENIZER_MODELS)
             + " ('gpt2' = byte-level BPE, 'llama' = SentencePiece-style BPE)"
         )
-    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = _strings(meta, "tokenizer.ggml.tokens")
     if not tokens:
         raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
-    tokens = list(tokens)
-    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
-    if len(types) != len(tokens):
-        raise ValueError(
-            f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
-        )
-    types = [int(t) for t in types]
+    types = _per_token(meta, "tokenizer.ggml.token_type", len(tokens), "iu")
+    if types is None:
+        types = [_NORMAL] * len(tokens)
 
     built = builder(meta, tokens, types)
     _add_special_tokens(built, meta, tokens, types)
@@ -473,10 +528,8 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> TokenizerBundle:
     pad_id = _token_id(meta, "padding_token_id", len(tokens))
     # When the file does not say, transformers adds BOS for a SentencePiece vocabulary (as
     # llama.cpp does) and nothing for a byte-level one. Without the token there is nothing to add.
-    add_bos = (
-        bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama")) and bos_id is not None
-    )
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos_id is not None
+    add_bos = _flag(meta, "tokenizer.ggml.add_bos_token", model == "llama") and bos_id is not None
+    add_eos = _flag(meta, "tokenizer.ggml.add_eos_token", False) and eos_id is not None
     built.tokenizer.post_processor = _post_processor(
         (tokens[bos_id], bos_id) if add_bos and bos_id is not None else None,
         (tokens[eos_id], eos_id) if add_eos and eos_id is not None else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -91,6 +92,11 @@ def _default_place(key: tuple[str, ...], array: np.ndarray) -> jax.Array:
     return jnp.asarray(array)
 
 
+# What reading a config from untrusted metadata raises when a value has the wrong type or range
+# (a string for a count, an empty per-layer list, zero heads): the file's fault, not the code's.
+_BAD_METADATA = (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError)
+
+
 def load_checkpoint(path: str | Path, dtype: str = "float32", progress: bool = True,
                     placement: Placement | None = None) -> Checkpoint:
     """Load a GGUF file or an HF folder (safetensors + config.json + tokenizer.json).
@@ -126,19 +132,28 @@ def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool,
         raise WeightLoadError(folder, "no config.json in the model folder")
     try:
         hf_cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise WeightLoadError(config_path, f"not valid JSON: {e}") from e
+    if not isinstance(hf_cfg, dict):
+        raise WeightLoadError(config_path, "not a JSON object")
+    files = [SafetensorsFile(f) for f in safetensors_files(folder)]
+    n_tensors = sum(len(f.names()) for f in files)
+    text_cfg = hf_cfg.get("text_config")
+    for cfg_dict in (hf_cfg, text_cfg if isinstance(text_cfg, dict) else {}):
+        _check_layer_count(config_path, cfg_dict.get("num_hidden_layers"), n_tensors)
     try:
         cfg = ModelConfig.from_hf(hf_cfg)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{config_path}: {e}") from e
-    files = [SafetensorsFile(f) for f in safetensors_files(folder)]
+    except _BAD_METADATA as e:
+        raise WeightLoadError(config_path, f"invalid model config: {e!r}") from e
+    _check_param_count(config_path, cfg, sum(f.element_count() for f in files))
     sources: list[tuple[Path, SourceTensor]] = [
         (f.path, (_hf_text_name(name), lambda f=f, name=name: f.get(name)))
         for f in files for name in f.names()
     ]
     params = _fill_params(cfg, sources, names.HF_TABLES[cfg.family], names.HF_IGNORED, dtype,
-                          progress, folder.name, placement)
+                          progress, folder, placement)
     return cfg, params, tokenizer_from_hf_folder(folder)
 
 
@@ -168,6 +183,8 @@ def _load_gguf(path: Path, dtype: np.dtype, progress: bool, placement: Placement
     vocab = len(meta.get("tokenizer.ggml.tokens", []))
     if not vocab and "token_embd.weight" in tensors:
         vocab = tensors["token_embd.weight"].shape[0]
+    _check_layer_count(path, meta.get(f"{meta.get('general.architecture')}.block_count"),
+                       len(tensors))
     rope_factors = {
         name: tuple(float(v) for v in _dequantize_tensor(path, tensors[f"{name}.weight"]))
         for name in names.GGUF_ROPE_TENSORS if f"{name}.weight" in tensors
@@ -177,11 +194,12 @@ def _load_gguf(path: Path, dtype: np.dtype, progress: bool, placement: Placement
                                     rope_factors=rope_factors)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}") from e
-    except (KeyError, TypeError, ValueError) as e:
+    except _BAD_METADATA as e:
         raise WeightLoadError(path, f"incomplete model metadata: {e!r}") from e
+    _check_param_count(path, cfg, sum(math.prod(t.shape) for t in tensors.values()))
     sources = [(path, (name, lambda t=t: _dequantize_tensor(path, t))) for name, t in tensors.items()]
     params = _fill_params(cfg, sources, names.GGUF_TABLES[cfg.family], names.GGUF_IGNORED, dtype,
-                          progress, path.name, placement)
+                          progress, path, placement)
     return cfg, params, tok
 
 
@@ -192,6 +210,36 @@ def _dequantize_tensor(path: Path, t: GGUFTensor) -> np.ndarray:
         raise WeightLoadError(path, str(e), t.name) from e
     except ValueError as e:
         raise WeightLoadError(path, f"bad data: {e}", t.name) from e
+
+
+# ---- the metadata against the tensors -----------------------------------------------------------
+
+
+def _check_layer_count(file: Path, n_layers: object, n_tensors: int) -> None:
+    """Every layer has tensors of its own, so a layer count past the checkpoint's tensor count is
+    a lie: refused before the config builds per-layer tables that long."""
+    try:
+        n = int(n_layers)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return  # not a count at all: the config reader says so
+    if n > n_tensors:
+        raise WeightLoadError(file, f"{n} layers, but the checkpoint has {n_tensors} tensors")
+
+
+def _check_param_count(file: Path, cfg: ModelConfig, held: int) -> None:
+    """The layers' stacked buffers are allocated, at the sizes the config implies, before any
+    tensor is read. Every value in them comes from a tensor of the checkpoint, so sizes past what
+    its tensors hold (`held` values) are a lie, refused before asking for that memory."""
+    wanted, shapes = 0, param_shapes(cfg)
+    for stack in ("layers", "mlp", "moe"):
+        for leaf, (shape, _) in shapes.get(stack, {}).items():
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise WeightLoadError(file, f"the config gives {stack}.{leaf} the shape "
+                                      f"{list(shape)}: sizes must be non-negative integers")
+            wanted += math.prod(shape)
+    if wanted > held:
+        raise WeightLoadError(file, f"the config implies {wanted} values in the layers, but the "
+                              f"checkpoint's tensors hold {held} in all")
 
 
 # ---- the strict fill -------------------------------------------------------------------------
@@ -215,8 +263,9 @@ def _slots(cfg: ModelConfig) -> dict[str, list[int | None]]:
 
 def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
                  rules: Iterable[names.Rule], ignored: Iterable[re.Pattern[str]], dtype: np.dtype,
-                 progress: bool, label: str, placement: Placement | None = None) -> Params:
-    """Fill exactly the params tree the config implies, or stop naming file, tensor and reason."""
+                 progress: bool, location: Path, placement: Placement | None = None) -> Params:
+    """Fill exactly the params tree the config implies, or stop naming file, tensor and reason.
+    `location`: the checkpoint (file or folder), named when no tensor file is to blame."""
     place = placement(cfg) if placement is not None else _default_place
     rules, ignored = tuple(rules), tuple(ignored)
     shapes = param_shapes(cfg)
@@ -232,7 +281,7 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
     origin: dict[str, str] = {}
 
     for (file, (name, _)), read in tqdm(_read_ahead(sources), total=len(sources),
-                                        desc=f"loading {label}", unit="tensor",
+                                        desc=f"loading {location.name}", unit="tensor",
                                         disable=not progress, leave=False):
         if any(p.fullmatch(name) for p in ignored):
             continue
@@ -246,7 +295,12 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
             if target not in buffers and target not in shapes:
                 raise WeightLoadError(file, f"not expected by this {cfg.family} config (the "
                                       f"config has no {target!r})", name)
-        arrays = rule.transform(read(), cfg)
+        source = read()
+        try:
+            arrays = rule.transform(source, cfg)
+        except (ValueError, ArithmeticError) as e:  # a reshape by the config's head counts
+            raise WeightLoadError(file, f"shape {list(source.shape)} does not fit this "
+                                  f"{cfg.family} config: {e}", name) from e
         for target, array in zip(rule.targets, arrays, strict=True):
             if target in buffers:
                 _place(file, name, target, m, array, buffers[target], filled[target], slots)
@@ -257,7 +311,7 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
                 top[target] = _aligned(array, dtype)
                 origin[target] = name
 
-    file = sources[0][0] if sources else Path(label)
+    file = sources[0][0] if sources else location
     by_target = {t: r.pattern for r in rules for t in r.targets}
     for target, done in filled.items():
         if not done.all():

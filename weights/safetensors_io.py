@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from pathlib import Path
 
 import ml_dtypes
@@ -52,7 +53,9 @@ class SafetensorsFile:
             )
         try:
             header = json.loads(bytes(self._mm[8 : 8 + header_len]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        # ValueError: JSONDecodeError, and an integer of more digits than Python converts;
+        # RecursionError: arrays nested thousands deep.
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise WeightLoadError(self.path, f"header is not valid JSON: {e}") from e
         if not isinstance(header, dict):
             raise WeightLoadError(self.path, "header is not a JSON object")
@@ -72,20 +75,23 @@ class SafetensorsFile:
         # JSON gives strings, floats and booleans too, which int() would take or turn.
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise WeightLoadError(self.path, f"shape must be a list of non-negative integers; "
-                                  f"got {shape!r}", name)
+                                  f"got {reprlib.repr(shape)}", name)
         if not (_is_count(begin) and _is_count(end)):
             raise WeightLoadError(self.path, f"data_offsets must be two non-negative integers; "
-                                  f"got {[begin, end]!r}", name)
+                                  f"got {reprlib.repr([begin, end])}", name)
         shape = tuple(shape)
-        dtype = DTYPES.get(dtype_name)
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise WeightLoadError(self.path, f"unsupported dtype {dtype_name!r}", name)
+            raise WeightLoadError(self.path, f"unsupported dtype {reprlib.repr(dtype_name)}", name)
+        if not _fits_numpy(shape, dtype.itemsize):
+            raise WeightLoadError(self.path, f"shape {reprlib.repr(list(shape))} is too large "
+                                  "for an array", name)
         expected = math.prod(shape) * dtype.itemsize
         if end - begin != expected or begin < 0:
             raise WeightLoadError(
                 self.path,
                 f"data_offsets [{begin}, {end}) hold {end - begin} bytes, but {dtype_name}"
-                f"{list(shape)} needs {expected}",
+                f"{reprlib.repr(list(shape))} needs {expected}",
                 name,
             )
         if end > self._data_size:
@@ -117,6 +123,10 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def element_count(self) -> int:
+        """How many values its tensors hold together."""
+        return sum(math.prod(shape) for _, shape, _, _ in self._entries.values())
+
     def get(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
         raw = self._mm[self._start + begin : self._start + end]
@@ -125,6 +135,12 @@ class SafetensorsFile:
 
 def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _fits_numpy(shape: tuple[int, ...], itemsize: int) -> bool:
+    """Whether numpy can make an array of this shape: its non-zero dims and item size must
+    multiply to an int64 (an empty array too: a zero does not make room for the other dims)."""
+    return math.prod(d for d in shape if d) * itemsize < 2**63
 
 
 def safetensors_files(folder: Path) -> list[Path]:
