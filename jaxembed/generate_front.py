@@ -82,7 +82,10 @@ class GenerationFrontend:
             raise InvalidRequestError("'stop' must be a non-empty string or a list of at most 16 "
                                       "of them", param="stop")
         self.inputs.check_vocab(list(p.stop_token_ids), "stop_token_ids")
-        return dataclasses.replace(p, top_k=max(p.top_k, 0), stop=tuple(p.stop),
+        # A k past the vocabulary keeps every token, as 0 does; capped so it fits the step's
+        # int32 row (a larger one failed the engine's thread, and with it every later request).
+        top_k = min(max(p.top_k, 0), np.iinfo(np.int32).max)
+        return dataclasses.replace(p, top_k=top_k, stop=tuple(p.stop),
                                    stop_token_ids=tuple(int(i) for i in p.stop_token_ids))
 
     def render_chat(self, messages: object, add_generation_prompt: bool = True,

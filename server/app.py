@@ -48,6 +48,7 @@ from .errors import ClientDisconnected, ErrorResponse, add_request_id_header, ex
 from .info import Health, ModelCard, ModelList, ServerInfo, server_info, version
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .openapi import DetokenizeOperation, EmbeddingsOperation, TokenizeOperation
+from .openapi_generation import ChatCompletionsOperation, CompletionsOperation
 from .wire import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -216,6 +217,13 @@ def _errors(*statuses: int) -> dict[int, ResponseSpec]:
                             description="An error, in OpenAI's shape") for s in statuses}
 
 
+def _generated(kind: type, what: str) -> ResponseSpec:
+    # The handler's annotation includes the event stream, from which Litestar derives no schema;
+    # the operation class adds the stream's media type beside this one.
+    return ResponseSpec(data_container=kind, generate_examples=False,
+                        description=f"{what}; with 'stream': true, an event stream of its chunks")
+
+
 def _require_json(request: Request) -> None:
     # Checked before the body is read, so a wrong upload is refused without decoding it.
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -301,8 +309,10 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
     # `timeout` seconds (waiting for a slot under overload) is cancelled, while an answer that
     # keeps coming may rightly take minutes. A client that leaves (mid-stream too) stops its
     # generation and frees its slots.
-    @post("/v1/completions", status_code=200, summary="Create a completion", tags=["generation"],
-          responses=_errors(400, 401, 404, 413, 415, 429, 500, 503))
+    @post("/v1/completions", status_code=200, operation_class=CompletionsOperation,
+          summary="Create a completion", tags=["generation"],
+          responses={200: _generated(CompletionResponse, "The completion"),
+                     **_errors(400, 401, 404, 413, 415, 429, 500, 503)})
     async def create_completion(request: Request) -> Response[CompletionResponse] | Stream:
         engine = host.get()
         req = decode_body(await _read_json(request, deadline(), timeout), CompletionRequest)
@@ -311,8 +321,10 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
             return _event_stream(await completions.completion_stream(req))
         return Response(await _while_connected(request, completions.completion(req), None, None))
 
-    @post("/v1/chat/completions", status_code=200, summary="Create a chat completion",
-          tags=["generation"], responses=_errors(400, 401, 404, 413, 415, 429, 500, 503))
+    @post("/v1/chat/completions", status_code=200, operation_class=ChatCompletionsOperation,
+          summary="Create a chat completion", tags=["generation"],
+          responses={200: _generated(ChatCompletionResponse, "The chat completion"),
+                     **_errors(400, 401, 404, 413, 415, 429, 500, 503)})
     async def create_chat_completion(request: Request
                                      ) -> Response[ChatCompletionResponse] | Stream:
         engine = host.get()

@@ -169,7 +169,13 @@ class Completions:
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
         model, streams, echoes = await self._start_completion(req)
-        results = [s.collect([d async for d in s]) for s in streams]
+        try:
+            results = [s.collect([d async for d in s]) for s in streams]
+        finally:
+            # Reading stops at the first stream that fails or is cancelled (the client left):
+            # the prompts not yet read must stop too, or they run on and hold their slots.
+            for s in streams:
+                s.cancel()
         return self._completion_response(req, model, results, echoes)
 
     def _completion_response(self, req: CompletionRequest, model: str,
@@ -253,6 +259,11 @@ class Completions:
                                "only 'text' is")
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        # The older name is checked even where the newer one wins: a value sent is never ignored.
+        if req.max_completion_tokens is not None and req.max_tokens is not None \
+                and req.max_tokens < 1:
+            raise InvalidRequestError(f"'max_tokens' must be an integer of at least 1; got "
+                                      f"{req.max_tokens}", param="max_tokens")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         ids = await asyncio.to_thread(engine.chat_prompt, req.messages,
                                       req.add_generation_prompt, req.chat_template_kwargs or {})
