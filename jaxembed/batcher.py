@@ -63,6 +63,17 @@ class EmbeddingBatcher:
         if dropped:
             self.stats.add(cancelled=len(dropped))
 
+    def fail_all(self, error: Exception) -> None:
+        """Fail every request with sequences waiting or in a step (after an error the engine
+        loop could not pin on one step)."""
+        works = {id(w): w for w, _ in self._pending.values()}
+        self._pending.clear()
+        self._waiting = []
+        for w in works.values():
+            if not w.future.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    w.future.set_exception(error)
+
     def step(self) -> None:
         """Plan one step from the waiting sequences and run it."""
         skips = {}

@@ -14,6 +14,7 @@ future or stream) is dropped before it is computed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -21,12 +22,14 @@ from typing import Any
 
 from jaxembed import multihost
 from jaxembed.batcher import EmbeddingBatcher
-from jaxembed.errors import EngineOverloadedError, EngineUnavailableError
+from jaxembed.errors import EngineError, EngineOverloadedError, EngineUnavailableError
 from jaxembed.gen_scheduler import GenerationScheduler
 from jaxembed.runner import ModelRunner
 from jaxembed.scheduler import Buckets
 from jaxembed.stats import EngineStats, StatsRecorder
 from jaxembed.work import EmbeddingWork, GenerationWork, Work
+
+log = logging.getLogger("jaxembed.core")
 
 # While idle, a multi-host leader tells its followers so this often (see `multihost.IDLE`).
 IDLE_PING_SECONDS = 30.0
@@ -72,8 +75,9 @@ class EngineCore:
 
     @property
     def ready(self) -> bool:
-        """Accepting work: false once shutdown has begun (draining, then stopped)."""
-        return not self._closed
+        """Accepting work: false once shutdown has begun (draining, then stopped), or if the
+        engine thread is gone."""
+        return not self._closed and self.thread.is_alive()
 
     @property
     def queue_depth(self) -> int:
@@ -88,7 +92,7 @@ class EngineCore:
     def submit(self, work: Work) -> None:
         """Admit work to the queue, or refuse it: shut down (503), or the queue full (429)."""
         with self._lock:
-            if self._closed:
+            if self._closed or not self.thread.is_alive():
                 raise unavailable()
             if self._outstanding >= self.max_queued_requests:
                 self.recorder.add(rejected=1)
@@ -175,11 +179,25 @@ class EngineCore:
                         return
                     continue
                 if generation.can_admit:
-                    generation.prefill_step()
+                    self._guard(generation.prefill_step)
                 if embeddings.has_work:
-                    embeddings.step()
+                    self._guard(embeddings.step)
                 if generation.running_sequences:
-                    generation.decode_step()
+                    self._guard(generation.decode_step)
+
+    def _guard(self, step: Any) -> None:
+        """Run one step. A step fails its own requests when it fails; an error outside any
+        step's own handling (planning, a bug) fails every request in flight rather than the
+        engine thread: a dead thread would leave /health saying ready while every request
+        waits for its timeout."""
+        try:
+            step()
+        except Exception as e:
+            log.exception("the engine loop failed outside a step; failing the work in flight")
+            error = EngineError(f"internal error in the engine ({type(e).__name__}); the request "
+                                "was not completed, retry it")
+            self.batcher.fail_all(error)
+            self.scheduler.fail_all(error)
 
     def _wait_for_work(self) -> Work | None:
         """The next queued item, blocking. A multi-host leader wakes up now and then meanwhile

@@ -155,14 +155,14 @@ class GenerationScheduler:
             longest = n
         for _ in batch:
             self.waiting.popleft()
-        step = self._plan_prefill(batch, self.buckets.length_for(longest))
         start = time.perf_counter()
         try:
+            step = self._plan_prefill(batch, self.buckets.length_for(longest))
             out = self.runner.run(step)
             self.stats.add(prefill_steps=1)  # before its tokens reach anyone, as in `_emit`
             self._emit(batch, out)
         except Exception as e:  # a failed step fails its requests, never the engine
-            log.exception("prefill step %s failed", step.tokens.shape)
+            log.exception("prefill step of %d prompts failed", len(batch))
             self._recover()
             self._fail(batch, e)
             return
@@ -316,6 +316,15 @@ class GenerationScheduler:
                 seq.work.stream.fail(error)
                 seq.work.stream.cancel()
             self._end(seq, cancelled=True)
+
+    def fail_all(self, error: Exception) -> None:
+        """Fail every waiting and running sequence (after an error the engine loop could not
+        pin on one step); their slots are freed, and the cache dropped if a step lost it."""
+        self._ahead = None
+        self.runner.recover()
+        seqs = [*self.waiting, *self.active.values()]
+        self.waiting.clear()
+        self._fail(seqs, error)
 
     def _recover(self) -> None:
         """After a failed step: if the runner lost the cache, every running sequence lost its

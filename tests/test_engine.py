@@ -27,7 +27,7 @@ from jaxembed import (
     model,
     plan,
 )
-from jaxembed.errors import EngineOverloadedError, EngineUnavailableError
+from jaxembed.errors import EngineError, EngineOverloadedError, EngineUnavailableError
 from jaxembed.protocol import EmbeddingDefaults
 from jaxembed.scheduler import Buckets, plan_step
 
@@ -558,3 +558,26 @@ def test_shutdown_ends_a_pause_and_finishes_the_queue(tiny_engine):
     with pytest.raises(EngineUnavailableError) as e:
         engine.submit(engine.prepare(["late"]).sequences)
     assert e.value.status == 503
+
+
+def test_an_error_outside_a_step_fails_its_requests_not_the_engine(tiny_engine, monkeypatch):
+    """A bug past a step's own handling (in planning, say) fails the work in flight with a
+    500-class error; the engine thread lives on, so later requests are served and /health
+    stays true."""
+    core = tiny_engine.cores[0]
+
+    def boom() -> None:
+        raise RuntimeError("a planning bug")
+
+    monkeypatch.setattr(core.batcher, "step", boom)
+    with pytest.raises(EngineError) as e:
+        tiny_engine.encode(["fails"])
+    assert e.value.status == 500 and "retry" in str(e.value)
+    monkeypatch.setattr(core.scheduler, "prefill_step", boom)
+    with pytest.raises(EngineError):
+        tiny_engine.generate("fails too", max_tokens=2, temperature=0)
+    monkeypatch.undo()
+    assert tiny_engine.ready and core.thread.is_alive()
+    assert tiny_engine.encode(["served"]).shape == (1, tiny_engine.embedding_size)
+    r = tiny_engine.generate("served", max_tokens=2, temperature=0, ignore_eos=True)
+    assert len(r.choices[0].token_ids) == 2
