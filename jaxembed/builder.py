@@ -48,9 +48,11 @@ class EngineBuilder(EngineOptions):
         meshes = device_groups(self.tensor_parallel, self.data_parallel)
         # The first group's params go from host memory straight onto its devices.
         checkpoint = load_checkpoint(path, self.dtype or default_dtype(), progress=self.progress,
-                                     placement=placement(meshes[0]) if meshes else None)
-        log.info("loaded %s (%s, %s) in %.2fs", path, checkpoint.format, checkpoint.dtype,
-                 checkpoint.load_seconds)
+                                     placement=placement(meshes[0]) if meshes else None,
+                                     quantize=self.quantize)
+        log.info("loaded %s (%s, %s%s) in %.2fs", path, checkpoint.format, checkpoint.dtype,
+                 f", {'/'.join(checkpoint.quantized)} kept quantized" if checkpoint.quantized
+                 else "", checkpoint.load_seconds)
         if self.attention is not None:
             causal = self.attention == "causal"
             checkpoint = dataclasses.replace(

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxembed import multihost
+from jaxembed import memory, multihost
 from jaxembed.core import EngineCore, paused, unavailable
 from jaxembed.embed_front import DEFAULT_ALIAS, EmbeddingFrontend, EmbeddingOptions, PreparedInput
 from jaxembed.generate_front import GenerationFrontend
@@ -41,7 +41,7 @@ from jaxembed.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from jaxembed.runner import ModelRunner
+from jaxembed.runner import ModelRunner, copies_bytes
 from jaxembed.sampling import SamplingParams
 from jaxembed.scheduler import Buckets
 from jaxembed.sharding import ShardingPlan
@@ -74,6 +74,7 @@ class ModelInfo:
     prompts: tuple[str, ...]
     chat_template: bool
     max_num_seqs: int
+    quantized: tuple[str, ...] = ()  # the GGML types of the weights kept in their blocks
 
 
 class Engine:
@@ -91,8 +92,12 @@ class Engine:
         self.options, self.checkpoint, self.config = options, checkpoint, checkpoint.config
         st = read_sentence_transformers(checkpoint.path) if checkpoint.path.is_dir() else None
         devices = sharding.mesh.size if sharding is not None else 1
-        self.plan = ExecutionPlan.decide(self.config, checkpoint.dtype, options, devices,
-                                         model_len_cap=st.max_seq_length if st else None)
+        plan = ExecutionPlan.decide(self.config, checkpoint.dtype, options, devices,
+                                    model_len_cap=st.max_seq_length if st else None)
+        if devices == 1:  # a mesh's cache is split across its devices; sized by the flags
+            plan = plan.sized(self.config, options, memory.budget(plan.backend),
+                              extra=copies_bytes(checkpoint.params, self.config, plan))
+        self.plan = plan
         log.info("execution plan: %s", self.plan.summary)
         plan = self.plan
         self.inputs = InputProcessor(checkpoint.tokenizer.tokenizer, self.config.vocab_size)
@@ -184,7 +189,7 @@ class Engine:
             normalize=options.normalize, dimensions=self.embedding.supported_dimensions,
             prompts=tuple(sorted(self.embedding.prompts)),
             chat_template=self.generation.chat_template is not None,
-            max_num_seqs=self.max_num_seqs)
+            max_num_seqs=self.max_num_seqs, quantized=self.checkpoint.quantized)
 
     # ---- state -----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import kernels
+from jaxembed import kernels, quant
 from jaxembed.config import MOE, SLIDING, ModelConfig
 from jaxembed.plan import WeightLayout
 
@@ -85,6 +85,8 @@ def group_with_layout(group: str, tree: Params, layout: WeightLayout) -> Params:
     names = PROJECTIONS.get(group, ())
 
     def held(a: jax.Array) -> Any:
+        if quant.is_quantized(a):  # kept in its blocks on every path
+            return a
         kind = layout.dtype or a.dtype
         if layout.packed and kernels.packable(a, kind):
             return kernels.Packed.of(a, kind)
@@ -105,6 +107,8 @@ def head_with_layout(params: Params, cfg: ModelConfig, layout: WeightLayout) -> 
     if layout.plain:
         return None
     head = output_head(params, cfg)
+    if quant.is_quantized(head):
+        return None
     kind = layout.dtype or head.dtype
     if layout.packed and kernels.packable(head, kind):
         return kernels.Packed.of(head, kind)
@@ -118,6 +122,8 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     the residual stream stay in fp32."""
     if isinstance(w, kernels.Packed):
         return kernels.matmul(x, w).astype(x.dtype)
+    if quant.is_quantized(w):  # [N, K] in its blocks
+        return quant.matmul(x, w)
     if w.dtype == x.dtype:
         return x @ w
     return jnp.dot(x.astype(w.dtype), w, preferred_element_type=x.dtype)
@@ -242,11 +248,19 @@ def moe(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     token = order // k
     sizes = jnp.bincount(chosen.reshape(-1), length=e).astype(jnp.int32)  # [E]
     rows = flat[token]  # [N*k, D]
-    h = _act(jax.lax.ragged_dot(rows, p["w_gate"], sizes), cfg) * jax.lax.ragged_dot(
-        rows, p["w_up"], sizes)
-    out = jax.lax.ragged_dot(h, p["w_down"], sizes)  # [N*k, D]
+    w_gate, w_up, w_down = (_experts(p[n], x.dtype) for n in ("w_gate", "w_up", "w_down"))
+    h = _act(jax.lax.ragged_dot(rows, w_gate, sizes), cfg) * jax.lax.ragged_dot(rows, w_up, sizes)
+    out = jax.lax.ragged_dot(h, w_down, sizes)  # [N*k, D]
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(flat).at[token].add(out).reshape(b, t, d)
+
+
+def _experts(w: Any, dtype: Any) -> jax.Array:
+    """Experts' weights [E, in, out]: quantized ones ([E, out, in] in blocks) dequantized for the
+    step, which `ragged_dot` needs whole."""
+    if quant.is_quantized(w):
+        return quant.dequantized(w, dtype).swapaxes(-1, -2)
+    return w
 
 
 def decoder_layer(p: Params, ffn: Params, kind: str, x: jax.Array, attend: Any,
@@ -265,6 +279,10 @@ def decoder_layer(p: Params, ffn: Params, kind: str, x: jax.Array, attend: Any,
     return x + m, extra
 
 
-def output_head(params: Params, cfg: ModelConfig) -> jax.Array:
-    """The output projection [D, V]: the LM head, or the embedding table's transpose."""
-    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+def output_head(params: Params, cfg: ModelConfig) -> Any:
+    """The output projection: [D, V] (the LM head, or the embedding table's transpose), or a
+    quantized [V, D] (`linear` and `model.logits` take either)."""
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    if quant.is_quantized(head):
+        return head
+    return head.T if cfg.tie_word_embeddings else head

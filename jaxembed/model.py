@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed import kernels, kv_cache
+from jaxembed import kernels, kv_cache, quant
 from jaxembed.config import DENSE, MOE, SLIDING, ModelConfig, rope_inv_freq
 from jaxembed.kv_cache import KVCache
 from jaxembed.layers import (  # noqa: F401 (with_layout, head_with_layout: the model's API too)
@@ -144,8 +144,17 @@ def _runs(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
     return runs
 
 
+def compute_dtype(params: Params) -> Any:
+    """The activations' dtype: the float params' (a quantized embedding table has none)."""
+    return params["final_norm"].dtype
+
+
 def _embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    x = params["embed"][tokens]  # [B, T, D]
+    table = params["embed"]
+    if quant.is_quantized(table):  # only the rows looked up are dequantized
+        x = quant.take_rows(table, tokens, compute_dtype(params))  # [B, T, D]
+    else:
+        x = table[tokens]  # [B, T, D]
     if cfg.embed_scale:  # the scale is rounded to the compute dtype, as transformers does
         x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype=x.dtype)
     return x
@@ -159,16 +168,21 @@ def _scan_layers(params: Params, x: jax.Array, carry: Any, layer_fn: Any, cfg: M
     index = jnp.arange(cfg.num_layers)
     outs = []
     for kind, lo, hi, first in _runs(cfg):
-        stack = params["moe" if kind == MOE else "mlp"]
+        # Quantized weights stay whole, indexed by layer inside the body (see `quant`).
+        layers, q_layers = quant.split_stacked(params["layers"])
+        ffns, q_ffns = quant.split_stacked(params["moe" if kind == MOE else "mlp"])
 
-        def body(c: tuple, xs: tuple, kind: str = kind) -> tuple[tuple, Any]:
+        def body(c: tuple, xs: tuple, kind: str = kind, q_layers: Any = q_layers,
+                 q_ffns: Any = q_ffns, shift: int = first - lo) -> tuple[tuple, Any]:
             h, state = c
             layer, ffn, sliding, i = xs
+            layer = {**layer, **quant.at_layer(q_layers, i)}
+            ffn = {**ffn, **quant.at_layer(q_ffns, i + shift)}
             h, state, out = layer_fn(layer, ffn, kind, h, state, sliding, i)
             return (h, state), out
 
-        layers = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], params["layers"])
-        ffns = jax.tree.map(lambda a, f=first, n=hi - lo: a[f : f + n], stack)
+        layers = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], layers)
+        ffns = jax.tree.map(lambda a, f=first, n=hi - lo: a[f : f + n], ffns)
         (x, carry), out = jax.lax.scan(body, (x, carry),
                                        (layers, ffns, is_sliding[lo:hi], index[lo:hi]))
         outs.append(out)
@@ -253,10 +267,16 @@ def split_layers(params: Params, cfg: ModelConfig, layout: WeightLayout = LOADED
     for kind, lo, hi, first in _runs(cfg):
         group = "moe" if kind == MOE else "mlp"
         for j in range(hi - lo):
-            layer = jax.tree.map(lambda a, i=lo + j: jnp.array(a[i]), params["layers"])
-            ffn = jax.tree.map(lambda a, i=first + j: jnp.array(a[i]), params[group])
+            layer = _layer_of(params["layers"], lo + j)
+            ffn = _layer_of(params[group], first + j)
             out.append((group_with_layout("layers", layer, layout), group_with_layout(group, ffn, layout)))
     return out
+
+
+def _layer_of(stack: Params, i: int) -> Params:
+    """Layer i's weights as arrays of their own (a quantized one's are its own already)."""
+    arrays, stacks = quant.split_stacked(stack)
+    return {**jax.tree.map(lambda a: jnp.array(a[i]), arrays), **quant.at_layer(stacks, i)}
 
 
 def decode(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array,
@@ -350,6 +370,8 @@ def logits(params: Params, hidden: jax.Array, cfg: ModelConfig, head: jax.Array 
     head = output_head(params, cfg) if head is None else head
     if isinstance(head, kernels.Packed):
         out = kernels.matmul(hidden, head)
+    elif quant.is_quantized(head):  # [V, D] in its blocks
+        out = quant.matmul(hidden.astype(jnp.float32), head)
     else:
         out = jnp.dot(hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
     if cfg.final_softcap:

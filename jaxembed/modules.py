@@ -108,7 +108,7 @@ class Decoder(nnx.Module):
 
 
 def _dtype(params: Params) -> Any:
-    return params["embed"].dtype
+    return model.compute_dtype(params)
 
 
 def decoder_graph(config: ModelConfig, plan: ExecutionPlan | None = None,

@@ -18,6 +18,8 @@ from jaxembed.protocol import EmbeddingDefaults
 DEFAULT_MAX_QUEUED_REQUESTS = 1024
 ATTENTION_MODES = ("causal", "bidirectional")
 MATMUL_DTYPES = ("bfloat16",)  # what a `*_matmul_dtype` may narrow float32 projections to
+QUANTIZE = ("none", "int8")  # what --quantize takes
+KV_CACHE_DTYPES = ("float32", "bfloat16")
 
 
 def _flag(help: str, **argparse_kwargs: Any) -> dict[str, Any]:
@@ -49,6 +51,15 @@ class EngineOptions:
         "sequences generated at once, each with KV cache rows of --max-model-len tokens, "
         "allocated on the first generation request (default: 16 on a CPU, 64 on an "
         "accelerator)", type=int))
+    kv_cache_dtype: str | None = dataclasses.field(default=None, metadata=_flag(
+        "the KV cache's storage (default: bfloat16 where decoding narrows to it, or on an "
+        "accelerator; else float32); bfloat16 holds twice the tokens",
+        choices=list(KV_CACHE_DTYPES)))
+    memory_utilization: float = dataclasses.field(default=0.9, metadata=_flag(
+        "fraction of the memory the engine runs in (the host's on a CPU, the device's on an "
+        "accelerator) it may use: the KV cache gets what is left of it after the weights, as "
+        "many --max-num-seqs slots as fit; one that cannot fit a single sequence is an error at "
+        "start-up (default: 0.9)", type=float))
     embed_matmul_dtype: str | None = dataclasses.field(default=None, metadata=_flag(
         "run embeddings' projections in bfloat16 over float32 activations (about 1.3x on a CPU "
         "with bf16 dot instructions)", choices=list(MATMUL_DTYPES)))
@@ -56,6 +67,12 @@ class EngineOptions:
         "run generation's decode steps' projections and LM head, and keep the KV cache, in "
         "bfloat16 (about 1.25x for 16 streams on such a CPU; greedy text may differ from "
         "float32's at near ties)", choices=list(MATMUL_DTYPES)))
+    quantize: str | None = dataclasses.field(default=None, metadata=_flag(
+        "how projection weights are held: by default a GGUF file's quantized tensors stay in "
+        "their blocks (products over int8 activations, or the weights dequantized step by "
+        "step) and float weights stay float; 'none' dequantizes every weight at load into "
+        "--dtype (the reference path); 'int8' also quantizes float weights at load (Q8_0's "
+        "layout: a scale per 32 values), for the memory", choices=list(QUANTIZE)))
     attention: str | None = dataclasses.field(default=None, metadata=_flag(
         "override the model's attention (default: what its config says)",
         choices=list(ATTENTION_MODES)))
@@ -96,18 +113,28 @@ class EngineOptions:
         if self.attention is not None and self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}; got "
                              f"{self.attention!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE} (or unset); got "
+                             f"{self.quantize!r}")
         for name in ("embed_matmul_dtype", "decode_matmul_dtype"):
             value = getattr(self, name)
             if value is not None and value not in MATMUL_DTYPES:
                 raise ValueError(f"{name} must be 'bfloat16' (or unset); got {value!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (or unset); got "
+                             f"{self.kv_cache_dtype!r}")
+        u = self.memory_utilization
+        if isinstance(u, bool) or not isinstance(u, int | float) or not 0 < u <= 1:
+            raise ValueError(f"memory_utilization must be a fraction in (0, 1]; got {u!r}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1; got {self.max_num_seqs}")
 
 
 # The flags every command that loads a model takes, and those only `serve` adds.
-MODEL_FLAGS = ("model", "dtype", "max_model_len", "max_batch_tokens", "max_num_seqs",
-               "embed_matmul_dtype", "decode_matmul_dtype", "attention", "instruction_template",
-               "tensor_parallel", "data_parallel")
+MODEL_FLAGS = ("model", "dtype", "quantize", "max_model_len", "max_batch_tokens",
+               "max_num_seqs", "kv_cache_dtype", "memory_utilization", "embed_matmul_dtype",
+               "decode_matmul_dtype", "attention", "instruction_template", "tensor_parallel",
+               "data_parallel")
 SERVE_FLAGS = ("served_model_names", "max_queued_requests", "max_request_tokens")
 _FIELDS = {f.name: f for f in dataclasses.fields(EngineOptions)}
 

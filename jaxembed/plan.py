@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxembed import kernels
+from jaxembed import kernels, memory
 from jaxembed.config import ModelConfig
 from jaxembed.options import EngineOptions
 
@@ -75,6 +75,15 @@ class ExecutionPlan:
     max_model_len: int
     max_batch_tokens: int
     max_num_seqs: int
+    # Quantized weights (a GGUF model's, or --quantize int8) multiply in `kernels.qmatmul`
+    # (CPU_KERNELS: AVX2) or in XLA over weights dequantized for each step (XLA).
+    quant_matmul: str = XLA
+    # The kernel's passes over the activations. One (int8 per 256 values, llama.cpp's
+    # precision) keeps SmolLM2's pooled vectors to a cosine of 0.9997 of the float products'
+    # but Gemma 3's, whose activations have outlier channels, only to 0.9965; two (the
+    # remainder too) keep both to 1.0 within 1e-5, and greedy tokens to the float products'.
+    embed_passes: int = 2
+    generate_passes: int = 2
     # Decode steps' fewest rows: XLA's CPU product of a single bf16 row takes a slow path
     # (SmolLM2: 150 ms a step, against 23 ms for two rows).
     min_decode_rows: int = 1
@@ -96,11 +105,13 @@ class ExecutionPlan:
     @classmethod
     def decide(cls, cfg: ModelConfig, weights_dtype: str, options: EngineOptions,
                devices: int = 1, backend: str | None = None, kernels_ok: bool | None = None,
-               model_len_cap: int | None = None) -> ExecutionPlan:
+               model_len_cap: int | None = None, quant_kernels_ok: bool | None = None
+               ) -> ExecutionPlan:
         """The plan for a model whose params are `weights_dtype`, on `devices` devices of the
         default backend, under `options`. `kernels_ok` (default: `kernels.available()`) and
         `backend` can be given to plan for another machine; `model_len_cap`: a further bound on
-        the context (a sentence-transformers folder's max_seq_length)."""
+        the context (a sentence-transformers folder's max_seq_length); `quant_kernels_ok`
+        (default: `kernels.quant_available()`): whether the quantized products' kernel runs."""
         backend = backend or jax.default_backend()
         where = "cpu" if backend == "cpu" else "accelerator"
         embed_dtype = _narrowing(options.embed_matmul_dtype, "embed_matmul_dtype", weights_dtype)
@@ -117,6 +128,8 @@ class ExecutionPlan:
         limit = min(cfg.max_position_embeddings, MAX_MODEL_LEN[where],
                     model_len_cap or cfg.max_position_embeddings)
         max_num_seqs = int(options.max_num_seqs or MAX_NUM_SEQS[where])
+        quant_kernels = one_cpu and (kernels.quant_available() if quant_kernels_ok is None
+                                     else quant_kernels_ok)
         return cls(
             backend=backend, devices=devices, attention=attention,
             # The decode kernel writes and reads the per-layer cache buffers in place.
@@ -135,18 +148,48 @@ class ExecutionPlan:
             # Narrowed decoding keeps the cache in bfloat16 too, as its bits: half the bytes each
             # step gathers (SmolLM2, 16 rows: 8% a step), and XLA's CPU backend moves 16-bit
             # integers as plain data where it converts bfloat16 element by element.
-            kv_dtype=BF16_BITS if decode_dtype is not None else weights_dtype,
+            kv_dtype=_kv_dtype(options.kv_cache_dtype, decode_dtype, weights_dtype, backend),
             max_model_len=int(options.max_model_len or limit),
             max_batch_tokens=int(options.max_batch_tokens or MAX_BATCH_TOKENS[where]),
             max_num_seqs=max_num_seqs,
+            # The kernel reads a weight's blocks in place and sums in integers: for a decode
+            # step it reads 4-6 bits a weight where XLA would first write out 32.
+            quant_matmul=CPU_KERNELS if quant_kernels else XLA,
             min_decode_rows=2 if decode_dtype is not None and not use_kernels else 1)
+
+    @property
+    def kv_itemsize(self) -> int:
+        return jnp.dtype(self.kv_storage).itemsize
+
+    def sized(self, cfg: ModelConfig, options: EngineOptions, budget: memory.Budget,
+              extra: int = 0) -> ExecutionPlan:
+        """This plan with as many KV cache slots as fit in the memory left (see
+        `jaxembed.memory`): `max_num_seqs` if asked for and it fits (else KVCacheTooLarge),
+        else up to the default. extra: bytes still to be allocated before the cache (decode
+        copies of the weights)."""
+        slots = memory.fit_slots(
+            cfg, self.max_model_len, self.kv_itemsize, self.max_num_seqs,
+            explicit=options.max_num_seqs is not None,
+            free=budget.free(options.memory_utilization), budget=budget,
+            utilization=options.memory_utilization, extra=extra)
+        return dataclasses.replace(self, max_num_seqs=slots)
 
     @property
     def summary(self) -> str:
         """One line for the log: what runs where."""
         return (f"{self.backend} x{self.devices}: attention {self.attention}, decode "
                 f"{self.decode_layers} weights ({self.decode_weights.dtype or 'loaded'}"
-                f"{', packed' if self.decode_weights.packed else ''}), KV cache {self.kv_dtype}")
+                f"{', packed' if self.decode_weights.packed else ''}), KV cache {self.kv_dtype} "
+                f"x {self.max_num_seqs} slots of {self.max_model_len}, "
+                f"quantized products {self.quant_matmul}")
+
+
+def _kv_dtype(asked: str | None, decode_dtype: str | None, weights_dtype: str, backend: str
+              ) -> str:
+    """The cache's storage: as asked, else bfloat16 where decoding narrows to it, else the
+    weights' dtype. A CPU keeps bfloat16 as its bits (see kv_cache.BF16_BITS)."""
+    kind = asked or ("bfloat16" if decode_dtype is not None else weights_dtype)
+    return BF16_BITS if kind == "bfloat16" and backend == "cpu" else kind
 
 
 def kernels_fit(cfg: ModelConfig) -> bool:

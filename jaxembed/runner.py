@@ -21,10 +21,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxembed import model, modules, multihost, sampling
+from jaxembed import model, modules, multihost, quant, sampling
 from jaxembed.config import ModelConfig
 from jaxembed.kv_cache import KVCache
-from jaxembed.plan import PER_LAYER, ExecutionPlan
+from jaxembed.layers import PROJECTIONS
+from jaxembed.plan import CPU_KERNELS, PER_LAYER, ExecutionPlan
 from jaxembed.sharding import ShardingPlan, cache_sharding, replicated
 from jaxembed.steps import DecodeStep, EmbedStep, PrefillStep, Step, from_message
 
@@ -62,6 +63,33 @@ def _nbytes(tree: Any) -> int:
     return sum(int(a.nbytes) for a in jax.tree.leaves(tree))
 
 
+def copies_bytes(params: Any, cfg: ModelConfig, plan: ExecutionPlan) -> int:
+    """About what the runner allocates beside the loaded params, as the plan lays them out: the
+    embedding steps' narrowed or packed projections (made at start), and the decode steps'
+    per-layer or narrowed copies and output head (made on the first generation request).
+    Quantized weights are never copied."""
+    def floats(tree: Any) -> int:
+        return sum(int(a.nbytes) for g, names in PROJECTIONS.items()
+                   for n, a in tree.get(g, {}).items()
+                   if n in names and not quant.is_quantized(a))
+
+    def ratio(dtype: str | None) -> float:
+        loaded = model.compute_dtype(params)
+        return jnp.dtype(dtype or loaded).itemsize / jnp.dtype(loaded).itemsize
+
+    projections = floats(params)
+    out = 0
+    if not plan.embed_weights.plain:
+        out += int(projections * ratio(plan.embed_weights.dtype))
+    if plan.decode_layers == PER_LAYER or not plan.decode_weights.plain:
+        out += int(projections * ratio(plan.decode_weights.dtype))
+        has_head = cfg.tie_word_embeddings or "lm_head" in params  # base models have none
+        head = model.output_head(params, cfg) if has_head else None
+        if head is not None and not plan.decode_weights.plain and not quant.is_quantized(head):
+            out += int(head.nbytes * ratio(plan.decode_weights.dtype))
+    return out
+
+
 class ModelRunner:
     def __init__(self, params: Any, cfg: ModelConfig, plan: ExecutionPlan,
                  sharding: ShardingPlan | None = None,
@@ -71,11 +99,16 @@ class ModelRunner:
         cache go there too. None: everything on the default device. channel: on a multi-host
         run, where the leader sends each step. on_compile: called once per trace (a new step
         shape)."""
+        # Quantized weights multiply where the plan says (the kernel, or XLA's ops), each path at
+        # its precision: the two trees share every array.
+        kernel = plan.quant_matmul == CPU_KERNELS
         self.params, self.config, self.plan = params, cfg, plan
         self.sharding, self.channel = sharding, channel
-        self.embed_params = model.with_layout(params, plan.embed_weights)
+        self.embed_params = quant.with_passes(model.with_layout(params, plan.embed_weights),
+                                              plan.embed_passes if kernel else 0)
+        params = self.params = quant.with_passes(params, plan.generate_passes if kernel else 0)
         # The decoder module's structure, split once; each jitted step merges its params in.
-        self._graph = modules.decoder_graph(cfg, plan, params["embed"].dtype)
+        self._graph = modules.decoder_graph(cfg, plan, model.compute_dtype(params))
         self._decode_weights: DecodeWeights | None = None  # made when generation starts
         self.state: GenerationState | None = None  # allocated on the first generation step
         # Every device step (and, on a multi-host leader, the message announcing it) runs under

@@ -40,8 +40,19 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2_path: Path) -> Iterator[Engine]:
+    """The real SmolLM2 as served by default: its weights kept quantized."""
     engine = EngineBuilder(model=smollm2_path, dtype="float32", warmup=False, progress=False,
                            compilation_cache=False).build()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference_engine(smollm2_path: Path) -> Iterator[Engine]:
+    """The real SmolLM2 dequantized at load (`quantize="none"`): the path held to transformers
+    reading the same file (the quantized one is held to this one: test_quantized_models)."""
+    engine = EngineBuilder(model=smollm2_path, dtype="float32", warmup=False, progress=False,
+                           compilation_cache=False, quantize="none").build()
     yield engine
     engine.shutdown()
 

@@ -25,8 +25,10 @@ LONG = " ".join(f"Sentence {i} talks about topic {i % 7} in some detail." for i 
 
 @pytest.fixture(scope="module")
 def engine(gemma3_path):
+    # The reference path (dequantized at load), held to transformers reading the file;
+    # test_quantized_models holds the quantized default to it.
     eng = EngineBuilder(model=gemma3_path, dtype="float32", warmup=False, progress=False,
-                        compilation_cache=False).build()
+                        compilation_cache=False, quantize="none").build()
     yield eng
     eng.shutdown()
 

@@ -228,8 +228,11 @@ def test_logprobs_along_greedy_path_match_transformers(family_models, references
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path: Path, smollm2_transformers: Any) -> Iterator[tuple[Engine, Any]]:
+    # The reference path (dequantized at load); test_quantized_models holds the quantized one
+    # to it.
     engine = EngineBuilder(model=smollm2_path, dtype="float32", warmup=False, progress=False,
-                           compilation_cache=False, max_num_seqs=4, max_model_len=512).build()
+                           compilation_cache=False, max_num_seqs=4, max_model_len=512,
+                           quantize="none").build()
     yield engine, smollm2_transformers[0]
     engine.shutdown()
 

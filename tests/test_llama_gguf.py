@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import jax
 import numpy as np
 import pytest
 import torch
 
 from jaxembed.config import rope_inv_freq
+from jaxembed.weights.errors import WeightLoadError
 from jaxembed.weights.loader import load_checkpoint
 
 from parity import assert_close_hidden, assert_close_pooled, hidden_error, our_hidden
@@ -93,3 +95,19 @@ def test_rope_freqs_tensor_equals_llama3_scaling_from_safetensors(tmp_path, ids)
     long_ids = np.random.default_rng(4).integers(0, 384, (1, 200))
     assert_close_hidden(our_hidden(ck.params, ck.config, long_ids),
                         our_hidden(ck_st.params, ck_st.config, long_ids))
+
+
+def test_a_split_gguf_loads_as_the_whole_file(plain_llama, tmp_path):
+    """A model split by llama.cpp's gguf-split (as hub repos ship large ones) loads from its
+    first part: every part's tensors, the same params as the file whole; a missing part is named."""
+    whole = load_checkpoint(write_llama_gguf(plain_llama, tmp_path / "whole.gguf", Q.Q8_0),
+                            progress=False, quantize="none")
+    first = write_llama_gguf(plain_llama, tmp_path / "tiny.gguf", Q.Q8_0, split_max_tensors=7)
+    assert first.name.startswith("tiny-00001-of-0000")
+    split = load_checkpoint(first, progress=False, quantize="none")
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(split.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    count = int(first.name.split("-of-")[1][:5])
+    first.with_name(f"tiny-{count:05d}-of-{count:05d}.gguf").unlink()
+    with pytest.raises(WeightLoadError, match=f"part {count} of {count} is missing"):
+        load_checkpoint(first, progress=False)

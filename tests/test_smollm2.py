@@ -1,4 +1,6 @@
-"""The real SmolLM2-135M-Instruct Q4_1 GGUF: our embeddings against transformers loading the file."""
+"""The real SmolLM2-135M-Instruct Q4_1 GGUF: our embeddings against transformers loading the file
+(the reference path, dequantized at load; the quantized default is held to it in
+test_quantized_models)."""
 
 from __future__ import annotations
 
@@ -33,25 +35,27 @@ def test_config_and_tokenizer_metadata(smollm2_engine):
     assert not bundle.add_bos and bundle.eos_token_id == 2 and bundle.pad_token_id == 2
 
 
-def test_embeddings_match_transformers(smollm2_engine, reference):
+def test_embeddings_match_transformers(smollm2_reference_engine, reference):
     model, tok = reference
-    ours = smollm2_engine.encode(TEXTS)
-    last = smollm2_engine.encode(TEXTS, embedding_type="last")
+    engine = smollm2_reference_engine
+    ours = engine.encode(TEXTS)
+    last = engine.encode(TEXTS, embedding_type="last")
     for i, text in enumerate(TEXTS):
         ids = tok(text)["input_ids"]
-        assert ids == smollm2_engine.tokenize([text])[0]
+        assert ids == engine.tokenize([text])[0]
         with torch.no_grad():
             h = model(torch.tensor([ids])).last_hidden_state[0].numpy()
         assert_close_pooled(ours[i], h.mean(0))
         assert_close_pooled(last[i], h[-1])
 
 
-def test_hidden_states_match_transformers(smollm2_engine, reference):
+def test_hidden_states_match_transformers(smollm2_reference_engine, reference):
     model, tok = reference
+    engine = smollm2_reference_engine
     ids = np.array([tok(TEXTS[1] * 3)["input_ids"]])
     with torch.no_grad():
         ref = model(torch.as_tensor(ids)).last_hidden_state.numpy()
-    assert_close_hidden(our_hidden(smollm2_engine.params, smollm2_engine.config, ids), ref)
+    assert_close_hidden(our_hidden(engine.params, engine.config, ids), ref)
 
 
 def test_usage_counts_every_token_fed(smollm2_engine):

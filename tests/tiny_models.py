@@ -149,12 +149,13 @@ def gguf_name(hf_name: str) -> str:
 
 def write_llama_gguf(hf_folder: Path, out: Path, qtype: gguf.GGMLQuantizationType,
                      rope_freqs: np.ndarray | None = None,
-                     rename: dict[str, str] | None = None) -> Path:
+                     rename: dict[str, str] | None = None, split_max_tensors: int = 0) -> Path:
     """Write the HF folder's weights and tokenizer as a llama-architecture GGUF.
 
     Matrices are quantized to `qtype`; 1-D tensors (norms) stay F32, as the converter keeps them.
     `rename` maps GGUF names to other GGUF names (to build deliberately broken files).
-    """
+    `split_max_tensors`: split into parts of at most this many tensors, as llama.cpp's
+    gguf-split names them (`out` then names the first part)."""
     from safetensors.numpy import load_file
 
     cfg = json.loads((hf_folder / "config.json").read_text())
@@ -163,7 +164,7 @@ def write_llama_gguf(hf_folder: Path, out: Path, qtype: gguf.GGMLQuantizationTyp
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     rope = cfg.get("rope_parameters") or {}
 
-    w = gguf.GGUFWriter(str(out), "llama")
+    w = gguf.GGUFWriter(str(out), "llama", split_max_tensors=split_max_tensors)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -195,10 +196,11 @@ def write_llama_gguf(hf_folder: Path, out: Path, qtype: gguf.GGMLQuantizationTyp
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
+    first = w.format_shard_names(Path(out))[0]  # `out` itself unless split
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return out
+    return first
 
 
 def _add_bpe_tokenizer(w: gguf.GGUFWriter, tok: dict, cfg: dict) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import struct
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,16 @@ class GGUFFile:
             raise WeightLoadError(
                 self.path, f"not a readable GGUF file (corrupt or truncated header near byte "
                 f"{self._pos}: {e})") from e
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop a tensor's pages from this process's memory once it has been read (the file
+        stays mapped; a later read faults them back in): a loader that repacks a model tensor by
+        tensor then holds its result and a tensor's worth of the file, not the whole file too."""
+        page = mmap.PAGESIZE
+        begin = tensor.data.ctypes.data - self._mm.ctypes.data
+        lo, hi = -(-begin // page) * page, (begin + tensor.data.nbytes) // page * page
+        if hi > lo and hasattr(self._mm._mmap, "madvise"):  # type: ignore[attr-defined]
+            self._mm._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)  # type: ignore[attr-defined]
 
     # ---- primitive reads -----------------------------------------------------------------
 

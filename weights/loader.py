@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,9 @@ from tqdm.auto import tqdm
 
 from jaxembed.config import DENSE, MOE, ModelConfig, UnsupportedModelError
 from jaxembed.model import Params, param_shapes
+from jaxembed.quant import QStack
 from jaxembed.weights import names
+from jaxembed.weights import quant as wq
 from jaxembed.weights.dequant import UnsupportedQuantError, dequantize
 from jaxembed.weights.errors import WeightLoadError
 from jaxembed.weights.gguf_io import GGUFFile, GGUFTensor
@@ -50,8 +53,10 @@ class Checkpoint:
     tokenizer: TokenizerBundle
     path: Path
     format: str  # "safetensors" or "gguf"
-    dtype: str
+    dtype: str  # of the float params and the activations
     load_seconds: float
+    # The GGML types of the weights kept quantized (int8 for --quantize int8); empty: all float.
+    quantized: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -64,8 +69,18 @@ class Checkpoint:
 # model (and the page faults of its fresh memory) at start-up: about 0.4 s for SmolLM2.
 XLA_CPU_ALIGNMENT = 64
 
-# A source tensor: its name and a thunk that reads (and dequantizes) it only when needed.
-SourceTensor = tuple[str, Callable[[], np.ndarray]]
+# A source tensor: its name and a thunk that reads (and dequantizes, or repacks) it only when
+# needed.
+SourceTensor = tuple[str, Callable[[], "np.ndarray | wq.QArrays"]]
+# The params a quantized weight may fill: the projections, the embedding table and the head.
+QUANTIZABLE = frozenset({
+    "layers.wq", "layers.wk", "layers.wv", "layers.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down",
+    "moe.w_gate", "moe.w_up", "moe.w_down", "embed", "lm_head"})
+# Float params are [in, out] (`x @ w`); a quantized weight keeps the file's rows, [out, in]. The
+# embedding table is rows already.
+ROWS_ALREADY = frozenset({"embed"})
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+QUANTIZE_MODES = (None, "none", "int8")
 # How a filled param leaf goes onto devices: (its path in the params tree, its host array).
 Place = Callable[[tuple[str, ...], np.ndarray], jax.Array]
 # Given the model's config (known only once loading has begun), how to place its leaves.
@@ -98,34 +113,67 @@ _BAD_METADATA = (KeyError, TypeError, ValueError, IndexError, AttributeError, Ar
 
 
 def load_checkpoint(path: str | Path, dtype: str = "float32", progress: bool = True,
-                    placement: Placement | None = None) -> Checkpoint:
+                    placement: Placement | None = None, quantize: str | None = None
+                    ) -> Checkpoint:
     """Load a GGUF file or an HF folder (safetensors + config.json + tokenizer.json).
 
     placement: where each param goes (default: the default device). A sharded placement puts
     each leaf from host memory straight onto its devices, so a model larger than one device
-    never has to fit on one."""
+    never has to fit on one.
+    quantize: None keeps a GGUF file's quantized weights in their blocks (`weights.quant`) and
+    float weights float; "none" dequantizes every weight into dtype (the reference); "int8"
+    also quantizes float projection weights to Q8_0's layout. A sharded placement takes float
+    weights only: quantized ones are dequantized for it."""
     path = Path(path)
     if dtype not in NUMPY_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(NUMPY_DTYPES)}")
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}; got {quantize!r}")
+    if placement is not None:
+        if quantize == "int8":
+            raise ValueError("--quantize int8 keeps weights on one device; a sharded model "
+                             "holds them in --dtype")
+        quantize = "none"
     start = time.perf_counter()
     if path.is_file() and path.suffix == ".gguf":
-        cfg, params, tok = _load_gguf(path, NUMPY_DTYPES[dtype], progress, placement)
+        cfg, params, tok = _load_gguf(path, NUMPY_DTYPES[dtype], progress, placement, quantize)
         fmt = "gguf"
     elif path.is_dir():
-        cfg, params, tok = _load_hf_folder(path, NUMPY_DTYPES[dtype], progress, placement)
+        cfg, params, tok = _load_hf_folder(path, NUMPY_DTYPES[dtype], progress, placement,
+                                           quantize)
         fmt = "safetensors"
     elif path.exists():
         raise WeightLoadError(path, "expected a .gguf file or a folder with config.json")
     else:
         raise WeightLoadError(path, "no such file or folder")
-    return Checkpoint(cfg, params, tok, path, fmt, dtype, time.perf_counter() - start)
+    kinds = sorted({w.layout.source for w in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, wq.QArrays)) if isinstance(w, wq.QArrays)})
+    return Checkpoint(cfg, params, tok, path, fmt, dtype, time.perf_counter() - start,
+                      tuple(kinds))
+
+
+def _quantized_targets(rules: Sequence[names.Rule], tensor_types: dict[str, str],
+                       quantize: str | None) -> frozenset[str]:
+    """The params kept quantized: those a quantized tensor fills (unless quantize is "none"),
+    and with "int8" every projection (but experts saved one tensor per expert)."""
+    if quantize == "none":
+        return frozenset()
+    out = set()
+    for name, kind in tensor_types.items():
+        rule = next((r for r in rules if r.pattern.fullmatch(name)), None)
+        if rule is None:
+            continue
+        if quantize == "int8" or kind not in FLOAT_TYPES:
+            per_expert = rule.pattern.groups >= 2
+            out |= {t for t in rule.targets if t in QUANTIZABLE and not per_expert}
+    return frozenset(out)
 
 
 # ---- HF folders ------------------------------------------------------------------------------
 
 
 def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool,
-                    placement: Placement | None = None
+                    placement: Placement | None = None, quantize: str | None = None
                     ) -> tuple[ModelConfig, Params, TokenizerBundle]:
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -152,8 +200,11 @@ def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool,
         (f.path, (_hf_text_name(name), lambda f=f, name=name: f.get(name)))
         for f in files for name in f.names()
     ]
-    params = _fill_params(cfg, sources, names.HF_TABLES[cfg.family], names.HF_IGNORED, dtype,
-                          progress, folder, placement)
+    rules = names.HF_TABLES[cfg.family]
+    # Every tensor of a folder is float: only --quantize int8 quantizes.
+    quantized = _quantized_targets(rules, {name: "F32" for _, (name, _) in sources}, quantize)
+    params = _fill_params(cfg, sources, rules, names.HF_IGNORED, dtype, progress, folder,
+                          placement, quantized)
     return cfg, params, tokenizer_from_hf_folder(folder)
 
 
@@ -172,10 +223,38 @@ def _hf_text_name(name: str) -> str:
 # ---- GGUF ------------------------------------------------------------------------------------
 
 
-def _load_gguf(path: Path, dtype: np.dtype, progress: bool, placement: Placement | None = None
-               ) -> tuple[ModelConfig, Params, TokenizerBundle]:
+SPLIT_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
+
+
+def _gguf_parts(path: Path, first: GGUFFile) -> list[GGUFFile]:
+    """Every part of a model split by llama.cpp's gguf-split (`-00001-of-00003.gguf`): the
+    first holds the metadata, each part its share of the tensors."""
+    count = first.metadata.get("split.count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 1:
+        return [first]
+    m = SPLIT_NAME.fullmatch(path.name)
+    if m is None or int(m.group(2)) != 1 or int(m.group(3)) != count:
+        raise WeightLoadError(path, f"split into {count} parts (split.count), but its name is not "
+                              f"the first of them (<name>-00001-of-{count:05d}.gguf)")
+    parts = [first]
+    for i in range(2, count + 1):
+        part = path.with_name(f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf")
+        if not part.is_file():
+            raise WeightLoadError(path, f"part {i} of {count} is missing: {part.name}")
+        parts.append(GGUFFile(part))
+    return parts
+
+
+def _load_gguf(path: Path, dtype: np.dtype, progress: bool, placement: Placement | None = None,
+               quantize: str | None = None) -> tuple[ModelConfig, Params, TokenizerBundle]:
     f = GGUFFile(path)
-    meta, tensors = f.metadata, f.tensors
+    parts = _gguf_parts(path, f)
+    meta, tensors, owner = f.metadata, {}, {}
+    for part in parts:
+        for name, t in part.tensors.items():
+            if name in tensors:
+                raise WeightLoadError(part.path, "appears in two parts of the split model", name)
+            tensors[name], owner[name] = t, part
     try:
         tok = tokenizer_from_gguf(meta)
     except ValueError as e:
@@ -197,10 +276,35 @@ def _load_gguf(path: Path, dtype: np.dtype, progress: bool, placement: Placement
     except _BAD_METADATA as e:
         raise WeightLoadError(path, f"incomplete model metadata: {e!r}") from e
     _check_param_count(path, cfg, sum(math.prod(t.shape) for t in tensors.values()))
-    sources = [(path, (name, lambda t=t: _dequantize_tensor(path, t))) for name, t in tensors.items()]
-    params = _fill_params(cfg, sources, names.GGUF_TABLES[cfg.family], names.GGUF_IGNORED, dtype,
-                          progress, path, placement)
+    rules = names.GGUF_TABLES[cfg.family]
+    quantized = _quantized_targets(rules, {n: t.type.name for n, t in tensors.items()},
+                                   quantize)
+
+    def read(t: GGUFTensor) -> np.ndarray | wq.QArrays:
+        rule = next((r for r in rules if r.pattern.fullmatch(t.name)), None)
+        file = owner[t.name].path
+        if rule is not None and set(rule.targets) & quantized:
+            out = _repack_tensor(file, t)
+        else:
+            out = _dequantize_tensor(file, t)
+        owner[t.name].release(t)  # its pages are read: only the result stays
+        return out
+
+    sources = [(owner[name].path, (name, lambda t=t: read(t))) for name, t in tensors.items()]
+    params = _fill_params(cfg, sources, rules, names.GGUF_IGNORED, dtype, progress, path,
+                          placement, quantized)
     return cfg, params, tok
+
+
+def _repack_tensor(path: Path, t: GGUFTensor) -> np.ndarray | wq.QArrays:
+    """A tensor of a linear GGML type in its blocks (repacked); of another type, as floats
+    (`_fill_params` quantizes those to int8)."""
+    if not wq.repackable(t.type):
+        return _dequantize_tensor(path, t)
+    try:
+        return wq.repack(t.data, t.type, t.shape, alloc=aligned_empty)
+    except ValueError as e:
+        raise WeightLoadError(path, f"bad data: {e}", t.name) from e
 
 
 def _dequantize_tensor(path: Path, t: GGUFTensor) -> np.ndarray:
@@ -263,9 +367,12 @@ def _slots(cfg: ModelConfig) -> dict[str, list[int | None]]:
 
 def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
                  rules: Iterable[names.Rule], ignored: Iterable[re.Pattern[str]], dtype: np.dtype,
-                 progress: bool, location: Path, placement: Placement | None = None) -> Params:
+                 progress: bool, location: Path, placement: Placement | None = None,
+                 quantized: frozenset[str] = frozenset()) -> Params:
     """Fill exactly the params tree the config implies, or stop naming file, tensor and reason.
-    `location`: the checkpoint (file or folder), named when no tensor file is to blame."""
+    `location`: the checkpoint (file or folder), named when no tensor file is to blame.
+    `quantized`: the params held quantized (`weights.quant.QArrays`, a `quant.QStack` of one per
+    layer for a stack's), never allocated as floats."""
     place = placement(cfg) if placement is not None else _default_place
     rules, ignored = tuple(rules), tuple(ignored)
     shapes = param_shapes(cfg)
@@ -273,11 +380,17 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
     buffers: dict[str, np.ndarray] = {}  # "stack.leaf" -> preallocated stacked array
     filled: dict[str, np.ndarray] = {}  # "stack.leaf" -> which slots (and experts) are set
     top: dict[str, np.ndarray] = {}
+    qslots: dict[str, list[wq.QArrays | None]] = {}  # quantized "stack.leaf" -> per slot
     for stack in ("layers", "mlp", "moe"):
         for leaf, (shape, axes) in shapes.get(stack, {}).items():
-            buffers[f"{stack}.{leaf}"] = aligned_empty(shape, dtype)
+            key = f"{stack}.{leaf}"
+            if key in quantized:
+                qslots[key] = [None] * shape[0]
+                filled[key] = np.zeros(shape[:1], bool)
+                continue
+            buffers[key] = aligned_empty(shape, dtype)
             per_expert = axes[1] == "experts" and len(shape) == 4
-            filled[f"{stack}.{leaf}"] = np.zeros(shape[:2] if per_expert else shape[:1], bool)
+            filled[key] = np.zeros(shape[:2] if per_expert else shape[:1], bool)
     origin: dict[str, str] = {}
 
     for (file, (name, _)), read in tqdm(_read_ahead(sources), total=len(sources),
@@ -292,18 +405,27 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
         if rule.targets == ("lm_head",) and cfg.tie_word_embeddings:
             continue  # some tied checkpoints save the head too; the embedding is used
         for target in rule.targets:
-            if target not in buffers and target not in shapes:
+            if target not in buffers and target not in qslots and target not in shapes:
                 raise WeightLoadError(file, f"not expected by this {cfg.family} config (the "
                                       f"config has no {target!r})", name)
         source = read()
         try:
-            arrays = rule.transform(source, cfg)
+            arrays = _transform(rule, source, cfg, quantized)
         except (ValueError, ArithmeticError) as e:  # a reshape by the config's head counts
             raise WeightLoadError(file, f"shape {list(source.shape)} does not fit this "
                                   f"{cfg.family} config: {e}", name) from e
         for target, array in zip(rule.targets, arrays, strict=True):
-            if target in buffers:
+            if target in qslots:
+                _place_quantized(file, name, target, m, array, qslots[target], filled[target],
+                                 slots, shapes[target.split(".")[0]][target.split(".")[1]][0])
+            elif target in buffers:
                 _place(file, name, target, m, array, buffers[target], filled[target], slots)
+            elif target in quantized:
+                if target in top:
+                    raise WeightLoadError(file, f"set twice (also by {origin[target]})", name)
+                _check_shape(file, name, _logical(target, array.shape), shapes[target][0])
+                top[target] = array
+                origin[target] = name
             else:
                 if target in top:
                     raise WeightLoadError(file, f"set twice (also by {origin[target]})", name)
@@ -327,13 +449,88 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
     # A base-model checkpoint (as many embedding models are saved) has no LM head: embeddings
     # need none, and generation reports its absence.
 
-    params: Params = {k: place((k,), v) for k, v in top.items()}
+    params: Params = {k: _place_leaf(place, (k,), v) for k, v in top.items()}
     for key in list(buffers):
         stack, leaf = key.split(".")
         # Popped, so each host buffer is freed as soon as it is placed.
         params.setdefault(stack, {})[leaf] = place((stack, leaf), buffers.pop(key))
+    for key in list(qslots):
+        stack, leaf = key.split(".")
+        layers = qslots.pop(key)
+        params.setdefault(stack, {})[leaf] = QStack(tuple(
+            _place_leaf(place, (stack, leaf), q) for q in layers if q is not None))
     jax.block_until_ready(params)
     return params
+
+
+def _place_leaf(place: Place, key: tuple[str, ...], v: np.ndarray | wq.QArrays) -> Any:
+    if isinstance(v, wq.QArrays):  # onto the default device, as a pytree of arrays
+        return v.map(jnp.asarray)
+    return place(key, v)
+
+
+def _logical(target: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The params shape a quantized weight of `shape` ([..., out, in]) stands for."""
+    if target.split(".")[-1] in ROWS_ALREADY:
+        return tuple(shape)
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def _transform(rule: names.Rule, source: np.ndarray | wq.QArrays, cfg: ModelConfig,
+               quantized: frozenset[str]) -> tuple[Any, ...]:
+    """The rule's arrays for its targets: floats as the rule transforms them; for a target held
+    quantized, its rows (quantized at load to int8 if they came as floats).
+
+    A rule's transforms (transposes, llama.cpp's q/k row permutation, splits of fused rows) only
+    move whole rows, so a quantized tensor's are found by transforming the row numbers."""
+    if isinstance(source, wq.QArrays):
+        *lead, n, _ = source.shape
+        rows = np.arange(int(np.prod([*lead, n]))).reshape(*lead, n, 1)
+        out = []
+        for target, picked in zip(rule.targets, rule.transform(rows, cfg), strict=True):
+            if target.split(".")[-1] not in ROWS_ALREADY:
+                picked = np.swapaxes(picked, -1, -2)  # back to [..., rows, 1]
+            out.append(_rows(source, picked[..., 0]))
+        return tuple(out)
+    arrays = rule.transform(source, cfg)
+    return tuple(
+        wq.quantize_q8(np.ascontiguousarray(
+            a if t.split(".")[-1] in ROWS_ALREADY else np.swapaxes(a, -1, -2)),
+            alloc=aligned_empty) if t in quantized else a
+        for t, a in zip(rule.targets, arrays, strict=True))
+
+
+def _rows(q: wq.QArrays, index: np.ndarray) -> wq.QArrays:
+    """q's rows `index` ([..., n] into q's rows flattened), into aligned arrays; q itself when
+    they are all its rows in order."""
+    total = int(np.prod(q.shape[:-1]))
+    flat = index.reshape(-1)
+    if flat.size == total and (flat == np.arange(total)).all():
+        return q
+
+    def take(a: np.ndarray) -> np.ndarray:
+        out = aligned_empty((flat.size, a.shape[-1]), a.dtype)
+        np.take(a.reshape(total, a.shape[-1]), flat, axis=0, out=out)
+        return out.reshape(*index.shape, a.shape[-1])
+    return q.map(take)
+
+
+def _place_quantized(file: Path, name: str, target: str, m: re.Match[str], q: wq.QArrays,
+                     layers: list[wq.QArrays | None], filled: np.ndarray,
+                     slots: dict[str, list[int | None]], shape: tuple[int, ...]) -> None:
+    """One layer's quantized weight (all its experts at once) into its slot."""
+    stack = target.split(".")[0]
+    layer = int(m.group(1))
+    if layer >= len(slots[stack]):
+        raise WeightLoadError(file, f"layer {layer} but the config has {len(slots[stack])}", name)
+    slot = slots[stack][layer]
+    if slot is None:
+        raise WeightLoadError(file, f"layer {layer} has no {stack!r} part in this config", name)
+    if filled[slot]:
+        raise WeightLoadError(file, "set twice (duplicate tensor)", name)
+    _check_shape(file, name, _logical(target, q.shape), shape[1:])
+    layers[slot] = q
+    filled[slot] = True
 
 
 def _read_ahead(sources: Sequence[tuple[Path, SourceTensor]], ahead: int = 4

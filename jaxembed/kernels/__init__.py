@@ -1,16 +1,21 @@
-"""CPU kernels that XLA lacks, as XLA FFI custom calls compiled from C++ on first use, for x86
-CPUs with AVX512-BF16:
+"""CPU kernels that XLA lacks, as XLA FFI custom calls compiled from C++ on first use. Two
+libraries: one for x86 CPUs with AVX512-BF16 (`AVX512`):
 
 - `matmul`: float32 rows times bfloat16 or float32 weights packed in its layouts (matmul.cc),
   for the projections of decode steps and of bf16 embedding steps;
 - `attention`: prefill attention over rows that pack several sequences (attention.cc);
 - `decode_attention`: a decode step's attention over the KV cache, which it updates in place
-  (decode_attention.cc).
+  (decode_attention.cc);
 
-The shared library is built with the system's C++ compiler into `<cache>/kernels/`, once per
+and one for any x86 CPU with AVX2 (`QUANT`):
+
+- `qmatmul`: float32 rows times a quantized weight kept in its blocks (qmatmul.cc), for every
+  product of a GGUF model whose weights stay quantized.
+
+Each shared library is built with the system's C++ compiler into `<cache>/kernels/`, once per
 source, compiler and jaxlib, and loaded from there afterwards (a few seconds the first time).
-Where the CPU, the compiler or the backend does not allow it, `available()` is False and callers
-keep XLA's own ops: the kernels are an optimization, never a requirement.
+Where the CPU, the compiler or the backend does not allow it, `available()` (`quant_available()`)
+is False and callers keep XLA's own ops: the kernels are an optimization, never a requirement.
 `JAXEMBED_CPU_KERNELS=0` turns them off.
 """
 
@@ -37,21 +42,43 @@ from jaxembed.fetch import cache_dir, trusted_dir, untrusted_reason
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n)
-                for n in ("matmul.cc", "attention.cc", "decode_attention.cc"))
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("pool.h", "vmath.h"))
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a cache key
+class Library:
+    """One shared library of kernels: its sources, the instruction sets it is built for, the CPU
+    flags (as /proc/cpuinfo names them) it needs, and its FFI targets with their symbols."""
+
+    name: str
+    sources: tuple[Path, ...]
+    headers: tuple[Path, ...]
+    isa: tuple[str, ...]
+    cpu_flags: tuple[str, ...]
+    symbols: dict[str, str]
+
+
+def _here(*names: str) -> tuple[Path, ...]:
+    return tuple(Path(__file__).with_name(n) for n in names)
+
+
+SOURCES = _here("matmul.cc", "attention.cc", "decode_attention.cc")
+HEADERS = _here("pool.h", "vmath.h")
 MATMUL = {"bfloat16": "jaxembed_bf16_matmul", "float32": "jaxembed_f32_matmul"}
 ATTENTION = "jaxembed_attention"
 DECODE_ATTENTION = "jaxembed_decode_attention"
+QMATMUL = "jaxembed_qmatmul"
 # The FFI targets and the library's symbol for each.
 SYMBOLS = {MATMUL["bfloat16"]: "JaxembedBf16Matmul", MATMUL["float32"]: "JaxembedF32Matmul",
            ATTENTION: "JaxembedAttention", DECODE_ATTENTION: "JaxembedDecodeAttention"}
+ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+CPU_FLAG = "avx512_bf16"  # as /proc/cpuinfo names it
+AVX512 = Library("avx512", SOURCES, HEADERS, ISA, (CPU_FLAG,), SYMBOLS)
+# The quantized products need no more than AVX2 (with FMA and F16C): every x86 CPU of the last
+# decade, the AVX-512 ones included.
+QUANT = Library("avx2", _here("qmatmul.cc"), _here("pool.h"), ("-mavx2", "-mfma", "-mf16c"),
+                ("avx2", "fma", "f16c"), {QMATMUL: "JaxembedQMatmul"})
 # A compiler that hangs must not hang the server's start: past this, XLA's ops run instead.
 COMPILER_TIMEOUT_S = 300.0
 FAILED = "failed"  # how the reasons begin that are worth a warning
 BLOCK = 16  # output columns per packed block: float32 lanes in a zmm register
-ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
-CPU_FLAG = "avx512_bf16"  # as /proc/cpuinfo names it
 
 
 def _cpu_flags() -> set[str]:
@@ -67,24 +94,25 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def library_path(cxx: str) -> Path:
-    """Where the build of this source by this compiler for this jaxlib is cached."""
+def library_path(cxx: str, lib: Library = AVX512) -> Path:
+    """Where the build of this library's source by this compiler for this jaxlib is cached."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True,
                              timeout=COMPILER_TIMEOUT_S).stdout.splitlines()[0]
-    texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, version, jaxlib.__version__, *ISA]).encode()
+    texts = [p.read_text() for p in (*lib.sources, *lib.headers)]
+    key = hashlib.sha256("\0".join([*texts, version, jaxlib.__version__, *lib.isa]).encode()
                          ).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"jaxembed-{key}.so"
+    suffix = "" if lib is AVX512 else f"-{lib.name}"
+    return cache_dir() / "kernels" / f"jaxembed{suffix}-{key}.so"
 
 
 class Untrusted(RuntimeError):
     """The cache the library would come from could hold another user's code."""
 
 
-def _build(cxx: str) -> Path:
+def _build(cxx: str, lib: Library = AVX512) -> Path:
     """The shared library, compiled unless a build of this source by this compiler for this
     jaxlib is already cached (in a folder of this user's only: see `trusted_dir`)."""
-    out = library_path(cxx)
+    out = library_path(cxx, lib)
     reason = trusted_dir(out.parent)
     if reason is not None:
         raise Untrusted(reason)
@@ -95,42 +123,44 @@ def _build(cxx: str) -> Path:
         return out
     # Built beside its final name and renamed into place: concurrent builds never see half a file.
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        lib = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", *ISA,
+        built = Path(tmp) / out.name
+        cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", *lib.isa,
                # The FFI headers warn under GCC; they are not ours to fix.
                "-Wno-attributes", "-Wno-return-type",
-               "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(lib)]
+               "-I", jax.ffi.include_dir(), *map(str, lib.sources), "-o", str(built)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILER_TIMEOUT_S)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        os.replace(lib, out)
+        os.replace(built, out)
     return out
 
 
 @functools.cache
-def unavailable_reason() -> str | None:
-    """Why the kernels cannot run here, or None when they can (and are registered with XLA)."""
-    reason = _load()
+def unavailable_reason(lib: Library = AVX512) -> str | None:
+    """Why a library's kernels cannot run here, or None when they can (and are registered with
+    XLA)."""
+    reason = _load(lib)
     if reason is not None:
         # What this machine lacks is a fact; a build or cache that failed is worth a warning.
         failed = reason.startswith(FAILED)
-        log.log(logging.WARNING if failed else logging.INFO, "CPU kernels not used: %s; XLA's "
-                "own ops run instead", reason)
+        log.log(logging.WARNING if failed else logging.INFO, "CPU kernels (%s) not used: %s; "
+                "XLA's own ops run instead", lib.name, reason)
     return reason
 
 
-def _load() -> str | None:
+def _load(lib: Library = AVX512) -> str | None:
     if os.environ.get("JAXEMBED_CPU_KERNELS", "1") == "0":
         return "JAXEMBED_CPU_KERNELS=0"
     if jax.default_backend() != "cpu":
         return f"the backend is {jax.default_backend()}, not cpu"
-    if CPU_FLAG not in _cpu_flags():
-        return f"this CPU has no {CPU_FLAG}"
+    missing = [f for f in lib.cpu_flags if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU has no {', '.join(missing)}"
     cxx = _compiler()
     if cxx is None:
         return "no C++ compiler (c++, g++ or $CXX)"
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        handle = ctypes.cdll.LoadLibrary(str(_build(cxx, lib)))
     except Untrusted as e:
         return f"{FAILED}: not loading them from an untrusted cache: {e}"
     except subprocess.TimeoutExpired as e:
@@ -138,8 +168,8 @@ def _load() -> str | None:
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         return f"{FAILED}: the kernels did not build: {e}"
     try:  # every symbol first: a library missing one registers none
-        targets = {name: jax.ffi.pycapsule(getattr(lib, symbol))
-                   for name, symbol in SYMBOLS.items()}
+        targets = {name: jax.ffi.pycapsule(getattr(handle, symbol))
+                   for name, symbol in lib.symbols.items()}
     except AttributeError as e:
         return f"{FAILED}: the kernel library lacks a symbol: {e}"
     for name, capsule in targets.items():
@@ -148,7 +178,13 @@ def _load() -> str | None:
 
 
 def available() -> bool:
+    """Whether the AVX-512 kernels (bf16 products, attention, decode attention) run here."""
     return unavailable_reason() is None
+
+
+def quant_available() -> bool:
+    """Whether the quantized products (`qmatmul`, AVX2) run here."""
+    return unavailable_reason(QUANT) is None
 
 
 PACKED_TYPES = ("bfloat16", "float32")  # the weight types `pack` and `matmul` take
@@ -270,3 +306,25 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
         q.astype(f32), k.astype(f32), v.astype(f32), k_cache, v_cache, slots.astype(i32),
         positions.astype(i32), jnp.asarray(window, i32), scale=np.float32(scale),
         softcap=np.float32(softcap or 0.0))
+
+
+def qmatmul(x: jax.Array, w: Any, passes: int = 1) -> jax.Array:
+    """x [..., K] @ w.T, w a quantized [N, K] weight (`jaxembed.weights.quant.QArrays` of jax
+    arrays), float32 [..., N]: x is quantized to int8 per block of the weight's layout and the
+    products summed in integers (qmatmul.cc); `passes` 2 quantizes x's remainder too, for
+    nearly float32's precision. Requires `quant_available()`."""
+    if not quant_available():  # also what registers the kernel with XLA
+        raise RuntimeError(f"qmatmul cannot run here: {unavailable_reason(QUANT)}")
+    lay = w.layout
+    *lead, k = x.shape
+    n = int(w.qs.shape[-2])
+    rows = int(np.prod(lead, dtype=np.int64))
+    none = jnp.zeros((1,), jnp.int8)  # an absent array's place
+    out = jax.ffi.ffi_call(QMATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
+        x.reshape(rows, k).astype(jnp.float32), w.qs,
+        w.scales if w.scales is not None else none, w.mins if w.mins is not None else none,
+        w.d, w.dmin if w.dmin is not None else none,
+        bits=np.int64(lay.bits), sign=bool(lay.signed), group=np.int64(lay.group),
+        block=np.int64(lay.block), scales=bool(lay.scales), mins=bool(lay.mins),
+        min_offset=np.int64(lay.min_offset), has_dmin=bool(lay.dmin), passes=np.int64(passes))
+    return out.reshape(*lead, n)

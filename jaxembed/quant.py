@@ -1,0 +1,124 @@
+"""Quantized weights in the model: products, embedding rows, and per-layer stacks.
+
+A quantized weight is a `QArrays` (jaxembed.weights.quant): [..., N, K] in its blocks, N outputs
+by K inputs. `matmul(x, w)` is x @ w^T, in the CPU kernel (`kernels.qmatmul`, where the plan put
+`passes`: 1 for int8 activations as llama.cpp's, 2 for nearly float32's precision) or by XLA
+over the weight dequantized for the step (any backend: the fallback).
+
+Layers' quantized weights are not stacked into [L, ...] arrays as float ones are: a model's
+layers may hold one weight in several types (llama.cpp's Q4_K_M keeps some layers' attn_v and
+ffn_down in Q6_K), and a product over a slice of a stacked array would copy the slice first (a
+decode step would move its weights twice). A `QStack` holds each layer's own arrays; the scanned
+layer body gets a `QRef` (the stack and the traced layer index), whose product is a `lax.switch`
+over the layers: each branch multiplies by its layer's arrays in place.
+
+Shapes: M rows, N outputs, K inputs, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxembed import kernels
+from jaxembed.weights.quant import QArrays, QLayout
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QStack:
+    """One quantized weight of every layer of a stack (their layouts may differ)."""
+
+    slices: tuple[QArrays, ...]
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.slices)
+
+
+@dataclasses.dataclass(frozen=True)
+class QRef:
+    """Layer `index` (traced, inside a scan) of a `QStack`: what a layer body multiplies by."""
+
+    stack: QStack
+    index: jax.Array
+
+
+def is_quantized(w: Any) -> bool:
+    return isinstance(w, QArrays | QStack | QRef)
+
+
+def dequantize(w: QArrays, dtype: Any = jnp.float32) -> jax.Array:
+    """The [..., N, K] weight in dtype, computed in float32 as `weights.quant.dequantize`."""
+    lay: QLayout = w.layout
+    *lead, n, _ = w.qs.shape
+    k = w.k
+    if lay.bits == 4:
+        g = w.qs.reshape(*lead, n, k // 64, 32)
+        vals = jnp.concatenate([g & 0x0F, g >> 4], axis=-1)  # per 64: the low nibbles first
+    else:
+        vals = w.qs
+    vals = vals.reshape(*lead, n, k // lay.group, lay.group).astype(jnp.float32)
+    f32 = jnp.float32
+    sc = w.scales.astype(f32) if w.scales is not None else f32(1)
+    m = w.mins.astype(f32) if w.mins is not None else f32(lay.min_offset) * sc
+    per = lay.block // lay.group
+    d = jnp.repeat(w.d.astype(f32), per, axis=-1)
+    dmin = jnp.repeat(w.dmin.astype(f32), per, axis=-1) if w.dmin is not None else d
+    out = (d * sc)[..., None] * vals - (dmin * m)[..., None]
+    return out.reshape(*lead, n, k).astype(dtype)
+
+
+def matmul(x: jax.Array, w: QArrays | QRef) -> jax.Array:
+    """x [..., K] @ w^T -> [..., N] in x's dtype (float32 accumulation)."""
+    if isinstance(w, QRef):
+        branches = [lambda x, s=s: matmul(x, s) for s in w.stack.slices]
+        return jax.lax.switch(w.index, branches, x)
+    if w.passes:
+        return kernels.qmatmul(x, w, w.passes).astype(x.dtype)
+    return jnp.einsum("...k,nk->...n", x, dequantize(w, x.dtype),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def dequantized(w: QArrays | QRef, dtype: Any) -> jax.Array:
+    """The whole weight [..., N, K] in dtype (experts, which `ragged_dot` multiplies)."""
+    if isinstance(w, QRef):
+        branches = [lambda s=s: dequantize(s, dtype) for s in w.stack.slices]
+        return jax.lax.switch(w.index, branches)
+    return dequantize(w, dtype)
+
+
+def take_rows(w: QArrays, ids: jax.Array, dtype: Any) -> jax.Array:
+    """Rows `ids` [...] of a [N, K] weight (an embedding table), dequantized: [..., K]."""
+    return dequantize(w.map(lambda a: a[ids]), dtype)
+
+
+def at_layer(tree: dict[str, Any], index: Any) -> dict[str, Any]:
+    """A layer's view of a stack's params: each `QStack` as layer `index` of it (a `QRef` for a
+    traced index, the layer's own arrays for a static one)."""
+    if isinstance(index, int):
+        return {n: v.slices[index] if isinstance(v, QStack) else v for n, v in tree.items()}
+    return {n: QRef(v, index) if isinstance(v, QStack) else v for n, v in tree.items()}
+
+
+def split_stacked(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, QStack]]:
+    """A stack's params as (arrays stacked over layers, per-layer `QStack`s)."""
+    return ({n: v for n, v in tree.items() if not isinstance(v, QStack)},
+            {n: v for n, v in tree.items() if isinstance(v, QStack)})
+
+
+def with_passes(tree: Any, passes: int) -> Any:
+    """params with every quantized weight set to multiply in the CPU kernel over activations
+    quantized in `passes` passes (where its rows are whole 64-value pairs of chunks, as the
+    kernel reads them), or, with 0, in XLA."""
+    def one(x: Any) -> Any:
+        if not isinstance(x, QArrays):
+            return x
+        return dataclasses.replace(x, passes=passes if x.k % 64 == 0 else 0)
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, QArrays))
