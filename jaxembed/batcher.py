@@ -4,19 +4,24 @@ It keeps the sequences waiting for a step, plans the next step from them (`sched
 the longest sets the row length, short ones fill the gaps), has the runner run it, and writes each
 pooled vector to its request, whose future completes with its last sequence. Runs on the engine
 thread only.
+
+Steps run one ahead: a step is dispatched, and the previous one's vectors are read back (and
+written to their requests) while it computes, so the host's work between steps (reading back,
+completing futures, planning) overlaps the device's instead of adding to it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
+from typing import Any
 
 import numpy as np
 
-from jaxembed.protocol import EmbeddingType
 from jaxembed.runner import ModelRunner
 from jaxembed.scheduler import Buckets, plan_step
 from jaxembed.stats import EngineStats, StatsRecorder
@@ -25,8 +30,16 @@ from jaxembed.work import EmbeddingWork
 
 log = logging.getLogger("jaxembed.batcher")
 
-# The order of the runner's pooled outputs.
-POOLINGS = (EmbeddingType.Mean, EmbeddingType.Last, EmbeddingType.Cls)
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step, its requests and its device output, not yet read back."""
+
+    step: EmbedStep
+    works: dict[int, EmbeddingWork]
+    pooled: Any  # [slots, D] on the device
+    start: float
 
 
 class EmbeddingBatcher:
@@ -35,10 +48,11 @@ class EmbeddingBatcher:
         self._pending: dict[int, tuple[EmbeddingWork, int]] = {}  # id -> (work, its index)
         self._waiting: list[tuple[int, np.ndarray]] = []  # (id, token ids), in arrival order
         self._ids = itertools.count()
+        self._inflight: _InFlight | None = None
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting)
+        return bool(self._waiting) or self._inflight is not None
 
     def add(self, work: EmbeddingWork) -> None:
         if work.remaining == 0 and not work.future.done():  # no sequences at all
@@ -69,24 +83,31 @@ class EmbeddingBatcher:
         works = {id(w): w for w, _ in self._pending.values()}
         self._pending.clear()
         self._waiting = []
+        self._inflight = None
         for w in works.values():
             if not w.future.done():
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     w.future.set_exception(error)
 
     def step(self) -> None:
-        """Plan one step from the waiting sequences and run it."""
-        skips = {}
-        for sid, _ in self._waiting:
-            work, i = self._pending[sid]
-            if work.skip is not None and work.skip[i]:
-                skips[sid] = work.skip[i]
-        step, left = plan_step(self._waiting, self.buckets, skips)
-        left_ids = set(left)
-        self._waiting = [w for w in self._waiting if w[0] in left_ids]
-        self._execute(step)
+        """Dispatch a step planned from the waiting sequences (if any), then read back the step
+        dispatched before it."""
+        previous, self._inflight = self._inflight, None
+        if self._waiting:
+            skips, pooling = {}, {}
+            for sid, _ in self._waiting:
+                work, i = self._pending[sid]
+                pooling[sid] = work.pooling
+                if work.skip is not None and work.skip[i]:
+                    skips[sid] = work.skip[i]
+            step, left = plan_step(self._waiting, self.buckets, skips, pooling)
+            left_ids = set(left)
+            self._waiting = [w for w in self._waiting if w[0] in left_ids]
+            self._inflight = self._dispatch(step)
+        if previous is not None:
+            self._finish(previous)
 
-    def _execute(self, step: EmbedStep) -> None:
+    def _dispatch(self, step: EmbedStep) -> _InFlight | None:
         start = time.perf_counter()
         pending = self._pending
         works = {id(pending[s][0]): pending[s][0] for s in step.sequences}
@@ -94,21 +115,31 @@ class EmbeddingBatcher:
             if w.future.timing.started is None:
                 w.future.timing.started = start
         try:
-            pooled = {kind: np.asarray(v) for kind, v in zip(POOLINGS, self.runner.run(step),
-                                                              strict=True)}
+            return _InFlight(step, works, self.runner.run(step), start)
         except Exception as e:  # a failed step fails its requests, never the engine
-            log.exception("step %s failed", step.tokens.shape)
-            for s in step.sequences:
-                pending.pop(s, None)
-            for w in works.values():
-                if not w.future.done():
-                    w.future.set_exception(e)
+            self._fail(step, works, e)
+            return None
+
+    def _fail(self, step: EmbedStep, works: dict[int, EmbeddingWork], e: Exception) -> None:
+        log.exception("step %s failed", step.tokens.shape)
+        for s in step.sequences:
+            self._pending.pop(s, None)
+        for w in works.values():
+            if not w.future.done():
+                w.future.set_exception(e)
+
+    def _finish(self, flight: _InFlight) -> None:
+        step, works, start, pending = flight.step, flight.works, flight.start, self._pending
+        try:
+            pooled = np.asarray(flight.pooled)  # [slots, D]: one vector a sequence
+        except Exception as e:
+            self._fail(step, works, e)
             return
         finished = time.perf_counter()
         completed = 0
         for slot, s in enumerate(step.sequences):
             work, i = pending.pop(s)
-            work.out[i] = pooled[work.pooling][slot]
+            work.out[i] = pooled[slot]
             work.remaining -= 1
             if work.remaining == 0 and not work.future.done():
                 work.future.timing.finished = finished

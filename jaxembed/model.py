@@ -380,21 +380,23 @@ def logits(params: Params, hidden: jax.Array, cfg: ModelConfig, head: jax.Array 
 
 
 def pooled(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-           seq_index: jax.Array, last_index: jax.Array, cfg: ModelConfig,
-           plan: ExecutionPlan | None = None) -> tuple[jax.Array, jax.Array]:
-    """Per-sequence mean and last-token hidden states, both float32 [N, D].
+           seq_index: jax.Array, pick_index: jax.Array, cfg: ModelConfig,
+           plan: ExecutionPlan | None = None) -> jax.Array:
+    """Each sequence's pooled hidden state, float32 [N, D]: the mean of its pooled tokens, or
+    the one token it picks.
 
-    seq_index: [B, T] the sequence each token belongs to, N for padding (dropped);
-    last_index: [N] flat index (row * T + col) of each sequence's last token.
+    seq_index: [B, T] the sequence each token is pooled into, N for padding (dropped);
+    pick_index: [N] flat index (row * T + col) of the token a sequence is pooled as (its last,
+    or its first), or -1 for the mean. Only these [N, D] leave the device.
     plan: see `forward_with_kv`.
     """
     hidden = forward(params, tokens, positions, segment_ids, cfg, plan)
     b, t, d = hidden.shape
-    n = last_index.shape[0]
+    n = pick_index.shape[0]
     flat = hidden.reshape(b * t, d).astype(jnp.float32)
     ids = seq_index.reshape(b * t)
     sums = jax.ops.segment_sum(flat, ids, num_segments=n + 1)[:n]  # [N, D]
     counts = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids, num_segments=n + 1)[:n]
     mean = sums / jnp.maximum(counts, 1.0)[:, None]
-    last = flat[last_index]  # [N, D]
-    return mean, last
+    picked = flat[jnp.maximum(pick_index, 0)]  # [N, D]
+    return jnp.where((pick_index >= 0)[:, None], picked, mean)

@@ -81,10 +81,10 @@ class Decoder(nnx.Module):
                              self.plan)
 
     def pooled(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               seq_index: jax.Array, last_index: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Per-sequence mean and last-token states of packed rows (see `model.pooled`)."""
+               seq_index: jax.Array, pick_index: jax.Array) -> jax.Array:
+        """Each packed sequence's pooled state, its mean or one token (see `model.pooled`)."""
         return model.pooled(self.params(), tokens, positions, segment_ids, seq_index,
-                            last_index, self.config, self.plan)
+                            pick_index, self.config, self.plan)
 
     def prefill(self, cache: KVCache, tokens: jax.Array, positions: jax.Array,
                 segment_ids: jax.Array, slots: jax.Array, last_col: jax.Array

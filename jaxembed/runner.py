@@ -135,9 +135,9 @@ class ModelRunner:
     # ---- the interface -------------------------------------------------------------------
 
     def run(self, step: Step) -> Any:
-        """Run one step: an EmbedStep gives (mean, last, first) pooled states [slots, D]; a
-        prefill or decode step (token, its logprob, top ids, top logprobs) per row, device
-        arrays the caller reads when it needs them."""
+        """Run one step: an EmbedStep gives each sequence's pooled state [slots, D] (as its
+        request pools it); a prefill or decode step (token, its logprob, top ids, top logprobs)
+        per row: device arrays the caller reads when it needs them."""
         with self._lock:
             if self.leader:
                 kind, arrays, static = step.message()
@@ -212,17 +212,12 @@ class ModelRunner:
     # ---- the jitted programs -----------------------------------------------------------------
 
     def _pooled_fn(self, params: Any, tokens: jax.Array, positions: jax.Array,
-                   segment_ids: jax.Array, seq_index: jax.Array, last_index: jax.Array,
-                   first_index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   segment_ids: jax.Array, seq_index: jax.Array, pick_index: jax.Array
+                   ) -> jax.Array:
         self._on_compile()  # runs once per trace, i.e. once per new step shape
-        # The first tokens' states ride along as extra "last" indexes: the model gathers both
-        # sets at once. Its mean then has twice the segments; the padding slot (N) falls in the
-        # second half, which is dropped, so the first N means are unchanged.
-        n = last_index.shape[0]
         decoder = modules.bind(self._graph, params)
-        mean, picked = decoder.pooled(tokens, positions, segment_ids, seq_index,
-                                      jnp.concatenate([last_index, first_index]))
-        return self._replicate((mean[:n], picked[:n], picked[n:]))
+        return self._replicate(decoder.pooled(tokens, positions, segment_ids, seq_index,
+                                              pick_index))
 
     def _prefill_fn(self, params: Any, state: GenerationState, tokens: jax.Array,
                     positions: jax.Array, segment_ids: jax.Array, slots: jax.Array,

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jaxembed.protocol import EmbeddingType
 from jaxembed.steps import EmbedStep
 
 # Sequences per row are capped so that the per-step pooling outputs have a static size.
@@ -75,16 +76,19 @@ def row_buckets(cap: int) -> list[int]:
 
 
 def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets,
-              skip: Mapping[int, int] | None = None) -> tuple[EmbedStep, list[int]]:
+              skip: Mapping[int, int] | None = None,
+              pooling: Mapping[int, EmbeddingType] | None = None
+              ) -> tuple[EmbedStep, list[int]]:
     """Pack as many pending sequences as fit one step; return it and the ids left over.
 
     `pending` holds (id, token ids) pairs. The longest sequence sets the row length; sequences are
     placed first-fit in decreasing length order, so short ones fill the gaps left by long ones.
     `skip` maps an id to how many of its leading tokens are left out of its pooling (a prompt the
     model was trained to exclude). A sequence that is all prompt pools to zero in the mean, as in
-    sentence-transformers, and its first token stands for it in `cls` pooling.
+    sentence-transformers, and its first token stands for it in `cls` pooling. `pooling` maps an
+    id to how its sequence is pooled (default: the mean).
     """
-    skip = skip or {}
+    skip, pooling = skip or {}, pooling or {}
     order = sorted(range(len(pending)), key=lambda i: -len(pending[i][1]))
     length = buckets.length_for(len(pending[order[0]][1]))
     max_rows = buckets.max_rows(length)
@@ -113,6 +117,7 @@ def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets,
     seq_index = np.full((n_rows, length), slots, np.int32)
     last_index = np.zeros(slots, np.int32)
     first_index = np.zeros(slots, np.int32)
+    pick_index = np.full(slots, -1, np.int32)
     ids = []
     for r, members in enumerate(rows):
         col = 0
@@ -127,8 +132,11 @@ def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets,
             seq_index[r, col + left_out : col + n] = slot
             last_index[slot] = r * length + col + n - 1
             first_index[slot] = r * length + col + (left_out if left_out < n else 0)
+            kind = pooling.get(pending[i][0], EmbeddingType.Mean)
+            pick_index[slot] = {EmbeddingType.Last: last_index[slot],
+                                EmbeddingType.Cls: first_index[slot]}.get(kind, -1)
             ids.append(pending[i][0])
             col += n
-    step = EmbedStep(tokens, positions, segments, seq_index, last_index, first_index,
-                     tuple(ids))
+    step = EmbedStep(tokens, positions, segments, seq_index, pick_index, last_index,
+                     first_index, tuple(ids))
     return step, left

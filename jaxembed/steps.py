@@ -25,26 +25,31 @@ def _padding_rows(n: int) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class EmbedStep:
-    """Packed sequences [B, T] run through the model and pooled; several may share a row."""
+    """Packed sequences [B, T] run through the model and pooled; several may share a row. Each
+    sequence is pooled as its request asks, on the device: one vector a sequence comes back."""
 
     KIND: ClassVar[str] = "embed"
     INPUTS: ClassVar[tuple[str, ...]] = ("tokens", "positions", "segment_ids", "seq_index",
-                                         "last_index", "first_index")
+                                         "pick_index")
     tokens: np.ndarray
     positions: np.ndarray
     segment_ids: np.ndarray  # 0 is padding; 1, 2, ... the sequences of a row
     # Which planned sequence each token is pooled into; `slots` (the padding slot) for padding
     # and for the leading tokens a sequence leaves out of its mean (a prompt), which still attend.
     seq_index: np.ndarray
-    last_index: np.ndarray  # [slots] flat index (row * length + col) of each sequence's last token
-    first_index: np.ndarray  # [slots] flat index of each sequence's first pooled token
+    # [slots] per sequence, the flat index (row * length + col) of the one token it is pooled
+    # as (its last, or its first pooled one), or -1: the mean of its pooled tokens.
+    pick_index: np.ndarray
+    # The planner's record of each sequence's last and first pooled token ([slots]; host only).
+    last_index: np.ndarray | None = None
+    first_index: np.ndarray | None = None
     sequences: tuple[int, ...] = ()  # the caller's ids of the sequences, in slot order
 
     @classmethod
     def empty(cls, rows: int, length: int, slots: int) -> EmbedStep:
         zeros = np.zeros((rows, length), np.int32)
         return cls(zeros, zeros, zeros, np.full((rows, length), slots, np.int32),
-                   np.zeros(slots, np.int32), np.zeros(slots, np.int32))
+                   np.full(slots, -1, np.int32))
 
     @property
     def real_tokens(self) -> int:

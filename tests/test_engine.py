@@ -581,3 +581,20 @@ def test_an_error_outside_a_step_fails_its_requests_not_the_engine(tiny_engine, 
     assert tiny_engine.encode(["served"]).shape == (1, tiny_engine.embedding_size)
     r = tiny_engine.generate("served", max_tokens=2, temperature=0, ignore_eos=True)
     assert len(r.choices[0].token_ids) == 2
+
+
+def test_a_step_returns_one_vector_per_sequence_pooled_as_asked(tiny_engine):
+    """Each sequence is pooled on the device as its request asks; one [slots, D] array comes
+    back, not every pooling of every slot."""
+    texts = ["first text here", "a second, longer text for the same step", "third"]
+    ids = tiny_engine.tokenize(texts)
+    kinds = [EmbeddingType.Mean, EmbeddingType.Last, EmbeddingType.Mean]
+    step, left = plan_step([(i, np.asarray(t, np.int32)) for i, t in enumerate(ids)],
+                           tiny_engine.buckets, pooling=dict(enumerate(kinds)))
+    assert not left
+    out = tiny_engine.runner.run(step)
+    assert out.shape == (len(step.pick_index), tiny_engine.embedding_size)
+    got = np.asarray(out)
+    for slot, sid in enumerate(step.sequences):
+        want = tiny_engine.encode(texts[sid], kinds[sid].value)
+        np.testing.assert_allclose(got[slot], want, rtol=1e-5, atol=1e-5)
