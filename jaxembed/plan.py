@@ -84,6 +84,12 @@ class ExecutionPlan:
     # remainder too) keep both to 1.0 within 1e-5, and greedy tokens to the float products'.
     embed_passes: int = 2
     generate_passes: int = 2
+    # The most rows a product runs in the kernel; past it XLA dequantizes the weight for the
+    # step and multiplies in float32. With AVX2 (no VNNI) two passes of int8 products run at
+    # about 0.6-0.8x of XLA's float32 dot, so a step of many rows (an embedding step's
+    # hundreds of tokens, a long prompt) is faster dequantized, at the cost of writing the
+    # weight out once; decode steps' few rows read the weights once, in their blocks.
+    quant_kernel_rows: int = 96
     # Decode steps' fewest rows: XLA's CPU product of a single bf16 row takes a slow path
     # (SmolLM2: 150 ms a step, against 23 ms for two rows).
     min_decode_rows: int = 1

@@ -2,8 +2,9 @@
 
 A quantized weight is a `QArrays` (jaxembed.weights.quant): [..., N, K] in its blocks, N outputs
 by K inputs. `matmul(x, w)` is x @ w^T, in the CPU kernel (`kernels.qmatmul`, where the plan put
-`passes`: 1 for int8 activations as llama.cpp's, 2 for nearly float32's precision) or by XLA
-over the weight dequantized for the step (any backend: the fallback).
+`passes`: 1 for int8 activations as llama.cpp's, 2 for nearly float32's precision; products of
+few rows, where reading the weights is the cost) or by XLA over the weight dequantized for the
+step (any backend: the fallback; on a CPU the faster for products of many rows, see the plan).
 
 Layers' quantized weights are not stacked into [L, ...] arrays as float ones are: a model's
 layers may hold one weight in several types (llama.cpp's Q4_K_M keeps some layers' attn_v and
@@ -18,6 +19,7 @@ Shapes: M rows, N outputs, K inputs, L layers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -80,9 +82,12 @@ def matmul(x: jax.Array, w: QArrays | QRef) -> jax.Array:
     if isinstance(w, QRef):
         branches = [lambda x, s=s: matmul(x, s) for s in w.stack.slices]
         return jax.lax.switch(w.index, branches, x)
-    if w.passes:
+    rows = math.prod(x.shape[:-1])  # static: the choice is made per compiled shape
+    if w.passes and rows <= w.kernel_rows:
         return kernels.qmatmul(x, w, w.passes).astype(x.dtype)
-    return jnp.einsum("...k,nk->...n", x, dequantize(w, x.dtype),
+    # The kernel dequantizes at memory speed, XLA's fused ops at a fraction of it.
+    whole = kernels.qdequantize(w).astype(x.dtype) if w.passes else dequantize(w, x.dtype)
+    return jnp.einsum("...k,nk->...n", x, whole,
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -113,12 +118,14 @@ def split_stacked(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, QStac
             {n: v for n, v in tree.items() if isinstance(v, QStack)})
 
 
-def with_passes(tree: Any, passes: int) -> Any:
+def with_passes(tree: Any, passes: int, kernel_rows: int = 1 << 30) -> Any:
     """params with every quantized weight set to multiply in the CPU kernel over activations
-    quantized in `passes` passes (where its rows are whole 64-value pairs of chunks, as the
-    kernel reads them), or, with 0, in XLA."""
+    quantized in `passes` passes, for products of at most `kernel_rows` rows (where the weight's
+    rows are whole 64-value pairs of chunks, as the kernel reads them); else, or with 0, in
+    XLA."""
     def one(x: Any) -> Any:
         if not isinstance(x, QArrays):
             return x
-        return dataclasses.replace(x, passes=passes if x.k % 64 == 0 else 0)
+        return dataclasses.replace(x, passes=passes if x.k % 64 == 0 else 0,
+                                   kernel_rows=kernel_rows)
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, QArrays))

@@ -104,9 +104,11 @@ class ModelRunner:
         kernel = plan.quant_matmul == CPU_KERNELS
         self.params, self.config, self.plan = params, cfg, plan
         self.sharding, self.channel = sharding, channel
+        rows = plan.quant_kernel_rows
         self.embed_params = quant.with_passes(model.with_layout(params, plan.embed_weights),
-                                              plan.embed_passes if kernel else 0)
-        params = self.params = quant.with_passes(params, plan.generate_passes if kernel else 0)
+                                              plan.embed_passes if kernel else 0, rows)
+        params = self.params = quant.with_passes(params, plan.generate_passes if kernel else 0,
+                                                 rows)
         # The decoder module's structure, split once; each jitted step merges its params in.
         self._graph = modules.decoder_graph(cfg, plan, model.compute_dtype(params))
         self._decode_weights: DecodeWeights | None = None  # made when generation starts

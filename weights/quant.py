@@ -70,7 +70,8 @@ class QArrays:
     whose static data is the layout): values and scales for [..., N, K], as `layout` says.
 
     passes: multiplied by the CPU kernel (`kernels.qmatmul`) over activations quantized in 1 or
-    2 passes, as the execution plan decides; 0: XLA dequantizes it for each product."""
+    2 passes, as the execution plan decides, for products of at most `kernel_rows` rows; 0 (or
+    more rows): XLA dequantizes it for the product."""
 
     layout: QLayout
     qs: Any  # uint8 [..., N, K / 2] (4 bits) or uint8/int8 [..., N, K]
@@ -79,6 +80,7 @@ class QArrays:
     d: Any  # float16 [..., N, K / block]
     dmin: Any | None  # float16 [..., N, K / block]
     passes: int = 0
+    kernel_rows: int = 0
 
     @property
     def k(self) -> int:
@@ -103,7 +105,7 @@ class QArrays:
 
 
 jax.tree_util.register_dataclass(QArrays, data_fields=["qs", "scales", "mins", "d", "dmin"],
-                                 meta_fields=["layout", "passes"])
+                                 meta_fields=["layout", "passes", "kernel_rows"])
 
 
 # ---- layouts of the GGML types ---------------------------------------------------------------

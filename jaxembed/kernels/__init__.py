@@ -65,6 +65,7 @@ MATMUL = {"bfloat16": "jaxembed_bf16_matmul", "float32": "jaxembed_f32_matmul"}
 ATTENTION = "jaxembed_attention"
 DECODE_ATTENTION = "jaxembed_decode_attention"
 QMATMUL = "jaxembed_qmatmul"
+QDEQUANT = "jaxembed_qdequant"
 # The FFI targets and the library's symbol for each.
 SYMBOLS = {MATMUL["bfloat16"]: "JaxembedBf16Matmul", MATMUL["float32"]: "JaxembedF32Matmul",
            ATTENTION: "JaxembedAttention", DECODE_ATTENTION: "JaxembedDecodeAttention"}
@@ -74,7 +75,8 @@ AVX512 = Library("avx512", SOURCES, HEADERS, ISA, (CPU_FLAG,), SYMBOLS)
 # The quantized products need no more than AVX2 (with FMA and F16C): every x86 CPU of the last
 # decade, the AVX-512 ones included.
 QUANT = Library("avx2", _here("qmatmul.cc"), _here("pool.h"), ("-mavx2", "-mfma", "-mf16c"),
-                ("avx2", "fma", "f16c"), {QMATMUL: "JaxembedQMatmul"})
+                ("avx2", "fma", "f16c"),
+                {QMATMUL: "JaxembedQMatmul", QDEQUANT: "JaxembedQDequant"})
 # A compiler that hangs must not hang the server's start: past this, XLA's ops run instead.
 COMPILER_TIMEOUT_S = 300.0
 FAILED = "failed"  # how the reasons begin that are worth a warning
@@ -308,23 +310,45 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
         softcap=np.float32(softcap or 0.0))
 
 
+def _layout_operands(w: Any) -> tuple[list[jax.Array], dict[str, Any]]:
+    """A quantized weight's arrays (absent ones as a placeholder) and its layout as FFI
+    attributes, as qmatmul.cc's handlers take them."""
+    lay = w.layout
+    none = jnp.zeros((1,), jnp.int8)  # an absent array's place
+    arrays = [w.qs, w.scales if w.scales is not None else none,
+              w.mins if w.mins is not None else none, w.d,
+              w.dmin if w.dmin is not None else none]
+    attrs = dict(bits=np.int64(lay.bits), sign=bool(lay.signed), group=np.int64(lay.group),
+                 block=np.int64(lay.block), scales=bool(lay.scales), mins=bool(lay.mins),
+                 min_offset=np.int64(lay.min_offset), has_dmin=bool(lay.dmin))
+    return arrays, attrs
+
+
+def _need_quant() -> None:
+    if not quant_available():  # also what registers the kernels with XLA
+        raise RuntimeError(f"the quantized kernels cannot run here: {unavailable_reason(QUANT)}")
+
+
 def qmatmul(x: jax.Array, w: Any, passes: int = 1) -> jax.Array:
     """x [..., K] @ w.T, w a quantized [N, K] weight (`jaxembed.weights.quant.QArrays` of jax
     arrays), float32 [..., N]: x is quantized to int8 per block of the weight's layout and the
     products summed in integers (qmatmul.cc); `passes` 2 quantizes x's remainder too, for
     nearly float32's precision. Requires `quant_available()`."""
-    if not quant_available():  # also what registers the kernel with XLA
-        raise RuntimeError(f"qmatmul cannot run here: {unavailable_reason(QUANT)}")
-    lay = w.layout
+    _need_quant()
     *lead, k = x.shape
     n = int(w.qs.shape[-2])
     rows = int(np.prod(lead, dtype=np.int64))
-    none = jnp.zeros((1,), jnp.int8)  # an absent array's place
+    arrays, attrs = _layout_operands(w)
     out = jax.ffi.ffi_call(QMATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
-        x.reshape(rows, k).astype(jnp.float32), w.qs,
-        w.scales if w.scales is not None else none, w.mins if w.mins is not None else none,
-        w.d, w.dmin if w.dmin is not None else none,
-        bits=np.int64(lay.bits), sign=bool(lay.signed), group=np.int64(lay.group),
-        block=np.int64(lay.block), scales=bool(lay.scales), mins=bool(lay.mins),
-        min_offset=np.int64(lay.min_offset), has_dmin=bool(lay.dmin), passes=np.int64(passes))
+        x.reshape(rows, k).astype(jnp.float32), *arrays, **attrs, passes=np.int64(passes))
     return out.reshape(*lead, n)
+
+
+def qdequantize(w: Any) -> jax.Array:
+    """A quantized [N, K] weight as float32 [N, K], in the kernel (at memory speed, where XLA's
+    own fused dequantization runs far slower). Requires `quant_available()`."""
+    _need_quant()
+    arrays, attrs = _layout_operands(w)
+    n, k = int(w.qs.shape[-2]), w.k
+    return jax.ffi.ffi_call(QDEQUANT, jax.ShapeDtypeStruct((n, k), jnp.float32))(*arrays,
+                                                                                   **attrs)

@@ -138,19 +138,17 @@ void QuantizeRow(const float* x, int64_t k, int64_t block, int64_t group, int64_
   }
 }
 
-// Two chunks (64 values) of a weight row, as bytes: chunks 2p and 2p + 1. Nibbles hold 64 values
-// in 32 bytes, value j in the low nibble of byte j and value 32 + j in its high nibble (as
-// Q4_K's own blocks do), so one load and three operations unpack both.
+// Chunk h (0 or 1) of the pair of 32-value chunks p of a weight row, as bytes. Nibbles hold 64
+// values in 32 bytes, value j in the low nibble of byte j and value 32 + j in its high nibble (as
+// Q4_K's own blocks do): the pair's load feeds both chunks.
 template <int64_t kBits>
-inline void LoadPair(const uint8_t* row, int64_t p, __m256i& a, __m256i& b) {
+inline __m256i LoadChunk(const uint8_t* row, int64_t p, int h) {
   if constexpr (kBits == 4) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    a = _mm256_and_si256(v, mask);
-    b = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    return _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, mask);
   } else {
-    a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 64));
-    b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 64 + 32));
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (2 * p + h) * 32));
   }
 }
 
@@ -242,31 +240,34 @@ void SuperTile(const Weight& w, const QuantX& xq, int64_t r0, int64_t n0, float*
       qb[c] = w.qs + (n0 + c) * qrow + b * 256 * kBits / 8;
       scales[c] = BlockScales<kGroup>(w.sc + (n0 + c) * grow + b * kGroups);
     }
+    // The block's sub-scales as int16 vectors, one a chunk and weight row: read from L1 in the
+    // loop below, so the registers hold only the sums, a chunk's weights and x.
+    alignas(32) __m256i sv[C][8];
+    for (int c = 0; c < C; ++c)
+      for (int ch = 0; ch < 8; ++ch) sv[c][ch] = ChunkScales<kGroup>(scales[c], ch);
     __m256i isum[P][R][C];
     for (int p = 0; p < P; ++p)
       for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) isum[p][r][c] = _mm256_setzero_si256();
 #pragma GCC unroll 1
-    for (int64_t pair = 0; pair < 4; ++pair) {
-      __m256i wv[2][C], wa[2][C], sv[2][C];
-      for (int c = 0; c < C; ++c) {
-        LoadPair<kBits>(qb[c], pair, wv[0][c], wv[1][c]);
-        for (int h = 0; h < 2; ++h) {
-          wa[h][c] = kSigned ? _mm256_sign_epi8(wv[h][c], wv[h][c]) : wv[h][c];
-          sv[h][c] = ChunkScales<kGroup>(scales[c], 2 * pair + h);
+    for (int64_t pair = 0; pair < 4; ++pair)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t ch = 2 * pair + h;
+        __m256i wv[C], wa[C];
+        for (int c = 0; c < C; ++c) {
+          wv[c] = LoadChunk<kBits>(qb[c], pair, h);
+          wa[c] = kSigned ? _mm256_sign_epi8(wv[c], wv[c]) : wv[c];
         }
-      }
-      for (int h = 0; h < 2; ++h)
         for (int p = 0; p < P; ++p)
           for (int r = 0; r < R; ++r) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                xrow[p][r] + b * 256 + (2 * pair + h) * 32));
+            const __m256i xv = _mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(xrow[p][r] + b * 256 + ch * 32));
             for (int c = 0; c < C; ++c)
               isum[p][r][c] = _mm256_add_epi32(
-                  isum[p][r][c], _mm256_madd_epi16(Products<kSigned>(wv[h][c], wa[h][c], xv),
-                                                   sv[h][c]));
+                  isum[p][r][c],
+                  _mm256_madd_epi16(Products<kSigned>(wv[c], wa[c], xv), sv[c][ch]));
           }
-    }
+      }
     for (int c = 0; c < C; ++c) {
       const float d = Half(w.d[(n0 + c) * brow + b]);
       __m256 mins[2];
@@ -310,35 +311,34 @@ void SimpleTile(const Weight& w, const QuantX& xq, int64_t r0, int64_t n0, float
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
 #pragma GCC unroll 1
-  for (int64_t pair = 0; pair < blocks / 2; ++pair) {
-    __m256i wv[2][C], wa[2][C];
-    float d[2][C];
-    for (int c = 0; c < C; ++c) {
-      LoadPair<kBits>(w.qs + (n0 + c) * qrow, pair, wv[0][c], wv[1][c]);
-      for (int h = 0; h < 2; ++h) {
-        wa[h][c] = kSigned ? _mm256_sign_epi8(wv[h][c], wv[h][c]) : wv[h][c];
-        d[h][c] = Half(w.d[(n0 + c) * brow + 2 * pair + h]);
+  for (int64_t pair = 0; pair < blocks / 2; ++pair)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t blk = 2 * pair + h;
+      __m256i wv[C], wa[C];
+      float d[C];
+      for (int c = 0; c < C; ++c) {
+        wv[c] = LoadChunk<kBits>(w.qs + (n0 + c) * qrow, pair, h);
+        wa[c] = kSigned ? _mm256_sign_epi8(wv[c], wv[c]) : wv[c];
+        d[c] = Half(w.d[(n0 + c) * brow + blk]);
       }
-    }
-    for (int h = 0; h < 2; ++h)
       for (int r = 0; r < R; ++r) {
-        const float xs = xscale[r][2 * pair + h];
-        __m256i s[P][C];
+        const float xs = xscale[r][blk];
+        __m256i sum[P][C];
         for (int p = 0; p < P; ++p) {
           const __m256i xv = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(xrow[p][r] + (2 * pair + h) * 32));
+              reinterpret_cast<const __m256i*>(xrow[p][r] + blk * 32));
           for (int c = 0; c < C; ++c)
-            s[p][c] = _mm256_madd_epi16(Products<kSigned>(wv[h][c], wa[h][c], xv), ones);
+            sum[p][c] = _mm256_madd_epi16(Products<kSigned>(wv[c], wa[c], xv), ones);
         }
         for (int c = 0; c < C; ++c) {
-          __m256 f = _mm256_cvtepi32_ps(s[0][c]);
+          __m256 f = _mm256_cvtepi32_ps(sum[0][c]);
           if constexpr (P == 2)
-            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1][c]), _mm256_set1_ps(1.0f / kRemainder),
-                                f);
-          acc[r][c] = _mm256_fmadd_ps(f, _mm256_set1_ps(d[h][c] * xs), acc[r][c]);
+            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[1][c]),
+                                _mm256_set1_ps(1.0f / kRemainder), f);
+          acc[r][c] = _mm256_fmadd_ps(f, _mm256_set1_ps(d[c] * xs), acc[r][c]);
         }
       }
-  }
+    }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       float mins = 0.0f;
@@ -479,6 +479,87 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+// ---- dequantization: the weight as float32 [N, K], for XLA's own dot ------------------------
+//
+// Why: for a step of many rows XLA's float32 dot outruns two passes of int8 products on a CPU
+// without VNNI; the weight is then dequantized for the step, here at memory speed (XLA's own
+// fused dequantization of a Q4_K matrix ran at 1.5 GB/s written).
+
+template <int64_t kBits, bool kSigned>
+void DequantRow(const Weight& w, int64_t n, float* out) {
+  const Layout& L = w.lay;
+  const uint8_t* qrow = w.qs + n * w.qs_row();
+  const int8_t* srow = L.scales ? w.sc + n * w.g_row() : nullptr;
+  const int8_t* mrow = L.mins ? w.mn + n * w.g_row() : nullptr;
+  const uint16_t* drow = w.d + n * w.b_row();
+  const uint16_t* dmrow = (L.dmin ? w.dmin : w.d) + n * w.b_row();
+  for (int64_t p = 0; p < w.k / 64; ++p)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t ch = 2 * p + h, k0 = ch * 32;
+      const __m256i v = LoadChunk<kBits>(qrow, p, h);
+      const int64_t b = k0 / L.block;
+      const float d = Half(drow[b]), dm = Half(dmrow[b]);
+      for (int g = 0; g < 32 / L.group; ++g) {  // one or two groups in a chunk
+        const int64_t gi = (k0 + g * L.group) / L.group;
+        const float sc = srow ? static_cast<float>(srow[gi]) : 1.0f;
+        const float m = mrow ? static_cast<float>(mrow[gi]) : L.min_offset * sc;
+        const __m256 a = _mm256_set1_ps(d * sc), c = _mm256_set1_ps(dm * m);
+        for (int j = g * L.group; j < (g + 1) * L.group; j += 8) {
+          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+              reinterpret_cast<const uint8_t*>(&v) + j));
+          const __m256i ints = kSigned ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+          _mm256_storeu_ps(out + k0 + j, _mm256_fmsub_ps(_mm256_cvtepi32_ps(ints), a, c));
+        }
+      }
+    }
+}
+
+struct DequantJob {
+  Weight w;
+  float* out;
+  void (*row)(const Weight&, int64_t, float*);
+  jaxembed::Tasks tasks;
+  static constexpr int64_t kRows = 16;
+
+  void Run() {
+    tasks.Run([this](int64_t t) {
+      for (int64_t n = t * kRows; n < std::min(w.n, (t + 1) * kRows); ++n) row(w, n, out + n * w.k);
+    });
+  }
+};
+
+ffi::Error QDequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::AnyBuffer sc,
+                        ffi::AnyBuffer mn, ffi::Buffer<ffi::F16> d, ffi::AnyBuffer dmin,
+                        ffi::ResultBuffer<ffi::F32> out, int64_t bits, bool sign, int64_t group,
+                        int64_t block, bool scales, bool mins, int64_t min_offset,
+                        bool has_dmin) {
+  const auto od = out->dimensions();
+  if (od.size() != 2) return ffi::Error::InvalidArgument("qdequant: out [N, K]");
+  const int64_t n = od[0], k = od[1];
+  if ((bits != 4 && bits != 8) || (group != 16 && group != 32) ||
+      (block != 32 && block != 256) || k % block != 0 || k % 64 != 0 ||
+      qs.element_count() != n * k * bits / 8 || d.element_count() != n * (k / block) ||
+      (scales && sc.element_count() != n * (k / group)) ||
+      (mins && mn.element_count() != n * (k / group)) ||
+      (has_dmin && dmin.element_count() != n * (k / block)))
+    return ffi::Error::InvalidArgument("qdequant: the weight's arrays and out do not agree");
+  if (n == 0) return ffi::Error::Success();
+  auto job = std::make_shared<DequantJob>();
+  job->w = Weight{Layout{bits, group, block, min_offset, sign, scales, mins, has_dmin},
+                  n,
+                  k,
+                  static_cast<const uint8_t*>(qs.untyped_data()),
+                  static_cast<const int8_t*>(sc.untyped_data()),
+                  static_cast<const int8_t*>(mn.untyped_data()),
+                  reinterpret_cast<const uint16_t*>(d.typed_data()),
+                  static_cast<const uint16_t*>(dmin.untyped_data())};
+  job->out = out->typed_data();
+  job->row = bits == 4 ? DequantRow<4, false> : sign ? DequantRow<8, true> : DequantRow<8, false>;
+  job->tasks.count = (n + DequantJob::kRows - 1) / DequantJob::kRows;
+  jaxembed::Share(pool, job, /*quick=*/false);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxembedQMatmul, QMatmulImpl,
@@ -500,3 +581,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxembedQMatmul, QMatmulImpl,
                                   .Attr<int64_t>("min_offset")
                                   .Attr<bool>("has_dmin")
                                   .Attr<int64_t>("passes"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxembedQDequant, QDequantImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<bool>("sign")
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("block")
+                                  .Attr<bool>("scales")
+                                  .Attr<bool>("mins")
+                                  .Attr<int64_t>("min_offset")
+                                  .Attr<bool>("has_dmin"));
