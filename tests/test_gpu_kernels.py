@@ -1,0 +1,270 @@
+"""The GPU kernels (jaxembed.gpu), run in Pallas' interpreter on the CPU: attention over packed rows
+against a materialized masked softmax (itself checked against the model's XLA attention), and the
+quantized products of every GGML type against XLA's product with the dequantized weight. The
+interpreter reads past an array's end as NaN, so a load the kernels forget to mask shows as NaN.
+Each kernel also lowers to Triton for the GPU here, which catches what Triton cannot express
+(array sizes that are not powers of two, unsupported operations) without a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from test_quant import F16_FIELDS, random_blocks
+
+from jaxembed import layers, quant
+from jaxembed.config import FULL, SLIDING
+from jaxembed.gpu import attention as ga
+from jaxembed.gpu import qmatmul as gq
+from jaxembed.weights import quant as wq
+
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call a Pallas kernel lowers to on CUDA
+
+
+def packed_segments(rng: np.random.Generator, b: int, t: int, pieces: int = 4, pad: int = 5
+                    ) -> np.ndarray:
+    """[B, T] segment ids as the scheduler packs rows: a few sequences of random lengths, each with
+    its own id, then `pad` tokens of padding (0); the last of several rows has none (a sequence
+    ends it, so the keys past T are next to real ones)."""
+    seg = np.zeros((b, t), np.int32)
+    for r in range(b):
+        end = t - pad if r < b - 1 or b == 1 else t
+        cuts = [0, *sorted(rng.choice(np.arange(1, end), pieces - 1, replace=False)), end]
+        for n, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+            seg[r, lo:hi] = 10 * r + n + 1
+    return seg
+
+
+def qkv(rng: np.random.Generator, b: int, t: int, h: int, kv: int, dh: int, dtype=jnp.float32):
+    def one(heads: int) -> jax.Array:
+        return jnp.asarray(rng.standard_normal((b, t, heads, dh), np.float32), dtype)
+    return one(h), one(kv), one(kv)
+
+
+# ---- the reference is the model's attention ----------------------------------------------
+
+
+@pytest.mark.parametrize("causal,window,softcap", [
+    (True, 0, None), (True, 6, 30.0), (False, 0, 20.0), (False, 9, None)])
+def test_reference_equals_the_models_attention(causal, window, softcap):
+    # layers.attention_masks + layers._attend, as the model's XLA path runs them.
+    rng = np.random.default_rng(window)
+    b, t, h, kv, dh = 2, 48, 6, 2, 16
+    q, k, v = qkv(rng, b, t, h, kv, dh)
+    seg = packed_segments(rng, b, t)
+    scale = 2 / np.sqrt(dh)
+    cfg = types.SimpleNamespace(causal=causal, layer_types=(SLIDING,) if window else (FULL,),
+                                sliding_window=window or None, query_scale=scale,
+                                attn_softcap=softcap)
+    full, sliding = layers.attention_masks(jnp.asarray(seg), cfg)
+    qh = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    model = layers._attend(qh, kh, vh, sliding if window else full, cfg)
+    model = model.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+    ref = ga.attention_reference(q, k, v, jnp.asarray(seg), window, scale=scale, softcap=softcap,
+                                 causal=causal)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(model), rtol=2e-5, atol=2e-6)
+
+
+def test_visible_keys_are_the_masks_intervals():
+    # What the kernel reads instead of a mask: per query one interval of keys, exactly the mask's
+    # row, never decreasing along the row (which is what lets it skip key blocks).
+    rng = np.random.default_rng(3)
+    seg = jnp.asarray(packed_segments(rng, 3, 70, pieces=6))
+    j = np.arange(70)
+    for causal, window in itertools.product((True, False), (0, 1, 5, 100)):
+        lo, hi = map(np.asarray, ga.visible_keys(seg, window, causal))
+        mask = np.asarray(ga.reference_mask(seg, window, causal))
+        np.testing.assert_array_equal((j >= lo[..., None]) & (j < hi[..., None]), mask)
+        assert (np.diff(lo) >= 0).all() and (np.diff(hi) >= 0).all()
+    # A row of one token sees itself.
+    lo, hi = ga.visible_keys(jnp.zeros((2, 1), jnp.int32), 0, True)
+    assert lo.tolist() == [[0], [0]] and hi.tolist() == [[1], [1]]
+
+
+def test_query_blocks_read_only_the_key_blocks_they_can_see():
+    # Eight sequences of 128 tokens in a row of 1024, in blocks of 128 queries and 64 keys: each
+    # query block reads its own sequence's two key blocks, against 9 on average for causal
+    # masking alone and 16 without.
+    seg = jnp.asarray(np.repeat(np.arange(1, 9), 128)[None], jnp.int32)
+    for causal, window, reads in ((True, 0, 2), (False, 0, 2), (True, 32, 2)):
+        lo, hi = ga.visible_keys(seg, window, causal)
+        first, stop = ga.key_blocks(lo.reshape(8, 128), hi.reshape(8, 128), 64)
+        assert (np.asarray(stop - first) <= reads).all() and (np.asarray(stop) > first).all()
+    # A window inside one long sequence: 128 queries see 128 + 31 keys, three blocks of 64.
+    lo, hi = ga.visible_keys(jnp.ones((1, 1024), jnp.int32), 32, True)
+    first, stop = ga.key_blocks(lo.reshape(8, 128), hi.reshape(8, 128), 64)
+    assert np.asarray(stop - first)[1:].tolist() == [3] * 7
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+
+def run_attention(q, k, v, seg, window, **kw) -> np.ndarray:
+    """The kernel with the window traced, as the model's layer scan passes it."""
+    fn = jax.jit(functools.partial(ga.attention, interpret=True, **kw))
+    return np.asarray(fn(q, k, v, jnp.asarray(seg), jnp.int32(window)))
+
+
+# Plain and grouped heads (H/K 1, 3, 4), every head size (80 padded to 128), causal and
+# bidirectional, windows, soft-capping; rows shorter than a block, and rows that end inside one.
+@pytest.mark.parametrize("b,t,h,kv,dh,causal,window,softcap", [
+    (2, 100, 4, 4, 64, True, 0, None),
+    (1, 160, 6, 2, 128, True, 24, 30.0),
+    (2, 77, 8, 2, 256, False, 0, None),
+    (2, 130, 4, 1, 80, False, 9, 20.0),
+    (1, 40, 3, 1, 96, True, 0, None),
+])
+def test_attention_equals_the_reference(b, t, h, kv, dh, causal, window, softcap):
+    rng = np.random.default_rng(t + dh)
+    q, k, v = qkv(rng, b, t, h, kv, dh)
+    seg = packed_segments(rng, b, t)
+    kw = dict(scale=3 / np.sqrt(dh), softcap=softcap, causal=causal)  # sharp: errors show
+    got = run_attention(q, k, v, seg, window, **kw)
+    want = np.asarray(ga.attention_reference(q, k, v, jnp.asarray(seg), window, **kw))
+    assert np.isfinite(got).all()  # padding too: nothing to leak
+    real = seg > 0  # padding's outputs are never read
+    np.testing.assert_allclose(got[real], want[real], rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dh,causal", [(64, True), (128, False)])
+def test_attention_in_bfloat16(dh, causal):
+    # bf16 products and p rounded to bf16 (as the model's _attend does): bf16's precision.
+    rng = np.random.default_rng(dh)
+    b, t, h, kv = 2, 96, 4, 2
+    q, k, v = qkv(rng, b, t, h, kv, dh, jnp.bfloat16)
+    seg = packed_segments(rng, b, t)
+    kw = dict(scale=1 / np.sqrt(dh), softcap=None, causal=causal)
+    got = run_attention(q, k, v, seg, 7, **kw)
+    assert got.dtype == jnp.bfloat16
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]  # the same values, the result unrounded
+    want = np.asarray(ga.attention_reference(*f32, jnp.asarray(seg), 7, **kw))
+    real = seg > 0
+    np.testing.assert_allclose(got[real].astype(np.float32), want[real], rtol=1e-2, atol=1e-2)
+
+
+def test_two_runs_of_one_id_do_not_see_each_other():
+    # The kernel's contract is the CPU kernel's: a segment is a run. Its output for a row with
+    # two runs of id 1 is the reference's for the same row with the runs told apart.
+    rng = np.random.default_rng(5)
+    seg = np.array([[1] * 20 + [2] * 15 + [1] * 25 + [0] * 4], np.int32)
+    apart = np.array([[1] * 20 + [2] * 15 + [3] * 25 + [0] * 4], np.int32)
+    q, k, v = qkv(rng, 1, 64, 2, 2, 64)
+    for causal in (True, False):
+        kw = dict(scale=0.3, softcap=None, causal=causal)
+        got = run_attention(q, k, v, seg, 0, **kw)
+        want = np.asarray(ga.attention_reference(q, k, v, jnp.asarray(apart), 0, **kw))
+        np.testing.assert_allclose(got[0, :60], want[0, :60], rtol=2e-5, atol=2e-5)
+
+
+def test_attention_refuses_what_it_does_not_run():
+    q, k, v = qkv(np.random.default_rng(0), 1, 16, 6, 4, 64)
+    seg = np.ones((1, 16), np.int32)
+    with pytest.raises(ValueError, match="K dividing H"):
+        ga.attention(q, k, v, seg, 0, scale=1.0, interpret=True)
+    q, k, v = qkv(np.random.default_rng(0), 1, 16, 2, 2, 48)
+    assert not ga.supported(48, jnp.float32) and ga.supported(80, jnp.bfloat16)
+    with pytest.raises(ValueError, match="head size 48"):
+        ga.attention(q, k, v, seg, 0, scale=1.0, interpret=True)
+
+
+# ---- quantized products ------------------------------------------------------------------
+
+
+def quantized(qtype: Q, n: int, k: int, rng: np.random.Generator) -> wq.QArrays:
+    return wq.repack(random_blocks(qtype, n, k, rng), qtype, (n, k)).map(jnp.asarray)
+
+
+def check_qmatmul(x: jax.Array, w: wq.QArrays) -> None:
+    """The kernel against XLA's product with the dequantized weight: to float32 summation's
+    precision where the weight and x are rounded to bfloat16 alike, and to bfloat16's against the
+    float32 product."""
+    got = np.asarray(gq.qmatmul(x, w, interpret=True))
+    dense = quant.dequantize(w)  # [N, K] float32
+    hi = jax.lax.Precision.HIGHEST
+    want = np.asarray(jnp.dot(x.astype(jnp.float32), dense.T, precision=hi))
+    bf16 = np.asarray(jnp.dot(x.astype(jnp.bfloat16).astype(jnp.float32),
+                              dense.astype(jnp.bfloat16).astype(jnp.float32).T, precision=hi))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, bf16, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * scale)
+
+
+# Every type; M of decode (1, 7: one 16-row tile, K split across programs) and of prefill (130:
+# 128-row tiles, one past); N past the tiles' multiples; K past whole steps (576: 4.5 steps of
+# 128 values) where the type allows (the K-quants need whole super-blocks of 256).
+@pytest.mark.parametrize("m", [1, 7, 130])
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda t: t.name)
+def test_qmatmul_equals_the_dequantized_product(qtype, m):
+    rng = np.random.default_rng(int(qtype) * 7 + m)
+    k = 768 if wq.LAYOUTS[qtype].block == wq.QK_K else 576
+    w = quantized(qtype, 40, k, rng)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    check_qmatmul(x, w)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q5_1])
+def test_qmatmul_rows_of_an_odd_number_of_32_values(qtype):
+    # K = 96: a 4-bit type keeps a byte a value (repack), every type's rows end mid-chunk of 64.
+    rng = np.random.default_rng(int(qtype))
+    w = quantized(qtype, 70, 96, rng)
+    assert w.layout.bits == 8
+    check_qmatmul(jnp.asarray(rng.standard_normal((3, 96)), jnp.bfloat16), w)
+
+
+def test_qmatmul_splits_k_for_decode_and_not_for_prefill():
+    lay = wq.LAYOUTS[Q.Q4_K]
+    decode = gq.tiles_for(lay, 1, 4096, 4096)
+    assert (decode.m, decode.n) == (16, 64) and decode.splits > 1
+    assert gq.tiles_for(lay, 512, 4096, 4096).splits == 1
+    # A split never starts past the last step of K.
+    for k in (256, 512, 768, 4096):
+        t = gq.tiles_for(lay, 1, 64, k)
+        steps = -(-k // t.k)
+        assert (t.splits - 1) * -(-steps // t.splits) < steps
+
+
+def test_qmatmul_supports_every_layout_and_refuses_others():
+    assert all(gq.supported(lay) for lay in wq.LAYOUTS.values())
+    odd = wq.QLayout(8, True, 32, 64, False, False, 0, False, "made-up")
+    assert not gq.supported(odd)
+    w = wq.quantize_q8(np.ones((4, 64), np.float32)).map(jnp.asarray)
+    with pytest.raises(ValueError, match="no GPU kernel"):
+        gq.qmatmul(jnp.ones((1, 64)), dataclasses.replace(w, layout=odd), interpret=True)
+    with pytest.raises(ValueError, match="weight"):
+        gq.qmatmul(jnp.ones((1, 32)), w, interpret=True)
+
+
+# ---- lowering for the GPU --------------------------------------------------------------------
+
+
+def lowers_to_triton(fn, *args) -> bool:
+    """Whether fn lowers for CUDA (no GPU needed) with its kernel as a Triton call."""
+    return TRITON_CALL in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dh", ga.HEAD_DIMS)
+def test_attention_lowers_to_triton(dh, dtype):
+    t = 1000
+    q = jax.ShapeDtypeStruct((2, t, 8, dh), dtype)
+    k = jax.ShapeDtypeStruct((2, t, 2, dh), dtype)
+    seg, w = jax.ShapeDtypeStruct((2, t), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    for causal, softcap in ((True, 50.0), (False, None)):
+        fn = functools.partial(ga.attention, scale=0.1, softcap=softcap, causal=causal)
+        assert lowers_to_triton(fn, q, k, k, seg, w)
+
+
+@pytest.mark.parametrize("qtype", list(wq.LAYOUTS), ids=lambda t: t.name)
+def test_qmatmul_lowers_to_triton(qtype):
+    w = wq.empty(wq.LAYOUTS[qtype], (1000, 2304), lambda s, d: jax.ShapeDtypeStruct(s, d))
+    for m in (1, 64, 300):
+        assert lowers_to_triton(gq.qmatmul, jax.ShapeDtypeStruct((m, 2304), jnp.bfloat16), w)
