@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -464,8 +465,8 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
 
 
 def _place_leaf(place: Place, key: tuple[str, ...], v: np.ndarray | wq.QArrays) -> Any:
-    if isinstance(v, wq.QArrays):  # onto the default device, as a pytree of arrays
-        return v.map(jnp.asarray)
+    if isinstance(v, wq.QArrays):  # onto the default device (a CPU adopts aligned arrays)
+        return v.map(jax.device_put)
     return place(key, v)
 
 
@@ -535,11 +536,12 @@ def _place_quantized(file: Path, name: str, target: str, m: re.Match[str], q: wq
 
 def _read_ahead(sources: Sequence[tuple[Path, SourceTensor]], ahead: int = 4
                 ) -> Iterator[tuple[tuple[Path, SourceTensor], Callable[[], np.ndarray]]]:
-    """Each source with a `read` whose array a worker thread has already begun to produce, a few
-    tensors ahead: dequantizing (numpy, which releases the GIL) overlaps the copying into the
-    stacked buffers, which takes about as long. A bounded window keeps at most `ahead` extra
-    tensors in memory. Errors come out of `read`, in order."""
-    with ThreadPoolExecutor(1, thread_name_prefix="jaxembed-read") as pool:
+    """Each source with a `read` whose array worker threads have already begun to produce, a few
+    tensors ahead: dequantizing or repacking (numpy, which releases the GIL) overlaps the
+    copying into the stacked buffers, and on two cores or more runs on both. A bounded window
+    keeps at most `ahead` extra tensors in memory. Errors come out of `read`, in order."""
+    workers = max(1, min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="jaxembed-read") as pool:
         window: collections.deque[tuple[tuple[Path, SourceTensor], Future[np.ndarray]]] = collections.deque()
         for src in sources:
             window.append((src, pool.submit(src[1][1])))

@@ -148,6 +148,12 @@ def _pack4(u: np.ndarray) -> np.ndarray:
     return (g[:, :, 0] | (g[:, :, 1] << np.uint8(4))).reshape(u.shape[0], -1)
 
 
+def _unpack4(b: np.ndarray) -> np.ndarray:
+    """The inverse of `_pack4`: [n, 32 j] bytes -> [n, 64 j] values."""
+    g = b.reshape(b.shape[0], -1, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (g & np.uint8(0x0F)).reshape(b.shape[0], -1)
+
+
 def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:
     """[n, c * width] bytes -> [n, c, 2, width]: each chunk's low nibbles, then its high ones."""
     q = qs.reshape(qs.shape[0], -1, 1, width) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
@@ -165,7 +171,9 @@ def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Each: raw blocks [n, type_size] -> {array name: per-block values [n, ...]}; "qs" one byte a
-# value (`repack` packs 4-bit ones into nibbles across the row).
+# value (`repack` packs 4-bit ones into nibbles across the row), or PACKED: the nibbles as the
+# layout holds them already.
+PACKED = "packed"
 Repack = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
@@ -222,9 +230,9 @@ def _q3_k(b: np.ndarray) -> dict[str, np.ndarray]:
 
 def _q4_k(b: np.ndarray) -> dict[str, np.ndarray]:
     sc, mn = _k_scales(b[:, 4:16])
-    nib = _nibbles(b[:, 16:], 32)  # [n, 4 chunks, low/high, 32]: sub-blocks 2c, 2c + 1
+    # Q4_K's nibbles are already the layout's: per 64 values, value j low and 32 + j high.
     return {"d": _f16(b[:, :2]), "dmin": _f16(b[:, 2:4]), "scales": sc.view(np.int8),
-            "mins": mn.view(np.int8), "qs": nib.reshape(-1, QK_K)}
+            "mins": mn.view(np.int8), PACKED: b[:, 16:]}
 
 
 def _q5_k(b: np.ndarray) -> dict[str, np.ndarray]:
@@ -314,8 +322,12 @@ def repack(data: np.ndarray, qtype: Q, shape: tuple[int, ...],
         r1 = min(r0 + step, rows)
         values = fn(blocks[r0 * per_row : r1 * per_row])
         for name, v in values.items():
-            if name == "qs":
-                v = v.reshape(r1 - r0, k)
+            if name == PACKED and layout.bits == 4:
+                out.qs[r0:r1] = v.reshape(r1 - r0, k // 2)
+            elif name in ("qs", PACKED):
+                v = v.reshape(r1 - r0, k // 2) if name == PACKED else v.reshape(r1 - r0, k)
+                if name == PACKED:  # nibbles, but the row keeps a byte a value
+                    v = _unpack4(v)
                 out.qs[r0:r1] = _pack4(v) if layout.bits == 4 else v
             else:
                 flat[name][r0 * per_row : r1 * per_row] = v.reshape((r1 - r0) * per_row, -1)
