@@ -149,18 +149,20 @@ def project_qkv(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: Mo
 
 
 def attention(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
-              cfg: ModelConfig, segments: tuple[jax.Array, jax.Array] | None = None
-              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+              cfg: ModelConfig, segments: tuple[jax.Array, jax.Array] | None = None,
+              fused: Any = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Self-attention over the rows [B, T, D]; also returns the keys and values (for a cache).
 
-    segments: (segment ids [B, T], window: an int32 scalar, 0 for none) to run it in
-    `kernels.attention` instead, which computes only the scores the mask would keep."""
+    segments: (segment ids [B, T], window: an int32 scalar, 0 for none) to run it in `fused`
+    instead (`kernels.attention` or the GPU's, with its signature), which computes only the
+    scores the mask would keep."""
     b, t, _ = x.shape
     q, k, v = project_qkv(p, x, cos, sin, cfg)
     if segments is not None:
-        out = kernels.attention(q.reshape(b, t, cfg.num_heads, cfg.head_dim), k, v, *segments,
-                                scale=cfg.query_scale, softcap=cfg.attn_softcap,
-                                causal=cfg.causal).astype(q.dtype)  # [B, T, H, Dh]
+        out = (fused or kernels.attention)(
+            q.reshape(b, t, cfg.num_heads, cfg.head_dim), k, v, *segments,
+            scale=cfg.query_scale, softcap=cfg.attn_softcap,
+            causal=cfg.causal).astype(q.dtype)  # [B, T, H, Dh]
         return linear(out.reshape(b, t, cfg.q_size), p["wo"]), (k, v)
     assert mask is not None
     # Head-major layouts, so that each (row, kv head) product reads contiguous [T, Dh] slabs:

@@ -18,6 +18,7 @@ sequence, so a packed sequence sees exactly what it would see alone.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -43,7 +44,7 @@ from jaxembed.layers import (  # noqa: F401 (with_layout, head_with_layout: the 
     rope_tables,
     with_layout,
 )
-from jaxembed.plan import CPU_KERNELS, ExecutionPlan, WeightLayout
+from jaxembed.plan import CPU_KERNELS, XLA, ExecutionPlan, WeightLayout
 
 Params = dict[str, Any]
 
@@ -196,28 +197,41 @@ def kernel_attention(plan: ExecutionPlan | None, decode: bool = False) -> bool:
     return (plan.decode_attention if decode else plan.attention) == CPU_KERNELS
 
 
+def attention_op(plan: ExecutionPlan | None) -> Any:
+    """The fused attention over packed rows the plan chose for embedding and prefill steps (the
+    CPU kernel or the GPU one, with `kernels.attention`'s signature), or None for XLA's ops."""
+    if plan is None or plan.attention == XLA:
+        return None
+    if plan.attention == CPU_KERNELS:
+        return kernels.attention
+    from jaxembed.gpu import attention as gpu_attention  # Pallas: only where it runs
+
+    return functools.partial(gpu_attention.attention, interpret=plan.interpret)
+
+
 def forward_with_kv(params: Params, tokens: jax.Array, positions: jax.Array,
                     segment_ids: jax.Array, cfg: ModelConfig, keep_kv: bool = True,
                     plan: ExecutionPlan | None = None
                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Final hidden states [B, T, D], and (if keep_kv) every layer's keys and values
     [L, B, T, K, Dh] for a cache. plan: the ops to attend with (None: XLA's)."""
-    cpu_attention = kernel_attention(plan)
+    fused = attention_op(plan)
     x = _embed(params, tokens, cfg)
     lengths = (segment_ids[:, :, None] == segment_ids[:, None, :]).sum(-1)  # [B, T]
     (gcos, gsin), (lcos, lsin) = _rope(positions, lengths, cfg)
-    full_mask, sliding_mask = (None, None) if cpu_attention else \
+    full_mask, sliding_mask = (None, None) if fused is not None else \
         attention_masks(segment_ids, cfg)
 
     def layer_fn(layer: Params, ffn: Params, kind: str, h: jax.Array, carry: None,
                  sliding: jax.Array, _: jax.Array) -> tuple[jax.Array, None, Any]:
         cos, sin = jnp.where(sliding, lcos, gcos), jnp.where(sliding, lsin, gsin)
-        if cpu_attention:
+        if fused is not None:
             mask, segments = None, (segment_ids, jnp.where(sliding, cfg.sliding_window or 0, 0))
         else:
             mask, segments = jnp.where(sliding, sliding_mask, full_mask), None
-        h, kv = decoder_layer(layer, ffn, kind, h,
-                              lambda y: attention(layer, y, cos, sin, mask, cfg, segments), cfg)
+        h, kv = decoder_layer(
+            layer, ffn, kind, h,
+            lambda y: attention(layer, y, cos, sin, mask, cfg, segments, fused), cfg)
         return h, None, kv if keep_kv else None
 
     hidden, _, outs = _scan_layers(params, x, None, layer_fn, cfg)

@@ -21,7 +21,8 @@ from jaxembed.options import EngineOptions
 
 # Where an op runs.
 XLA = "xla"  # XLA's own ops, on any backend
-CPU_KERNELS = "cpu_kernels"  # jaxembed.kernels: C++ custom calls for one CPU with AVX512-BF16
+CPU_KERNELS = "cpu_kernels"  # jaxembed.kernels: C++ custom calls for one x86 CPU
+GPU_KERNELS = "gpu_kernels"  # jaxembed.gpu: Pallas (Triton) kernels for one NVIDIA GPU
 
 # How decode steps read the layer weights.
 STACKED = "stacked"  # [L, ...] arrays, scanned (and sharded on a mesh)
@@ -66,7 +67,7 @@ class ExecutionPlan:
 
     backend: str  # jax.default_backend(): "cpu", "gpu", "tpu"
     devices: int  # devices one model runs on (its mesh; 1 without one)
-    attention: str  # embedding and prefill steps' attention: XLA or CPU_KERNELS
+    attention: str  # embedding and prefill steps' attention: XLA, CPU_KERNELS or GPU_KERNELS
     decode_attention: str  # decode steps' attention over the cache: XLA or CPU_KERNELS
     embed_weights: WeightLayout  # prefills read the loaded params
     decode_weights: WeightLayout
@@ -90,6 +91,15 @@ class ExecutionPlan:
     # hundreds of tokens, a long prompt) is faster dequantized, at the cost of writing the
     # weight out once; decode steps' few rows read the weights once, in their blocks.
     quant_kernel_rows: int = 96
+    # GPU kernels in Pallas's interpret mode: the GPU branch of the plan run on a CPU (tests).
+    interpret: bool = False
+
+    @property
+    def quant_op(self) -> str:
+        """How quantized weights multiply (`weights.quant.QArrays.op`)."""
+        if self.quant_matmul == GPU_KERNELS:
+            return "gpu_interpret" if self.interpret else "gpu"
+        return "cpu" if self.quant_matmul == CPU_KERNELS else "xla"
     # Decode steps' fewest rows: XLA's CPU product of a single bf16 row takes a slow path
     # (SmolLM2: 150 ms a step, against 23 ms for two rows).
     min_decode_rows: int = 1
@@ -111,13 +121,15 @@ class ExecutionPlan:
     @classmethod
     def decide(cls, cfg: ModelConfig, weights_dtype: str, options: EngineOptions,
                devices: int = 1, backend: str | None = None, kernels_ok: bool | None = None,
-               model_len_cap: int | None = None, quant_kernels_ok: bool | None = None
-               ) -> ExecutionPlan:
+               model_len_cap: int | None = None, quant_kernels_ok: bool | None = None,
+               interpret: bool = False) -> ExecutionPlan:
         """The plan for a model whose params are `weights_dtype`, on `devices` devices of the
         default backend, under `options`. `kernels_ok` (default: `kernels.available()`) and
         `backend` can be given to plan for another machine; `model_len_cap`: a further bound on
         the context (a sentence-transformers folder's max_seq_length); `quant_kernels_ok`
-        (default: `kernels.quant_available()`): whether the quantized products' kernel runs."""
+        (default: `kernels.quant_available()`): whether the quantized products' kernel runs.
+        `interpret`: with backend "gpu", plan the GPU kernels in Pallas's interpret mode, to run
+        the GPU branch on a CPU."""
         backend = backend or jax.default_backend()
         where = "cpu" if backend == "cpu" else "accelerator"
         embed_dtype = _narrowing(options.embed_matmul_dtype, "embed_matmul_dtype", weights_dtype)
@@ -131,15 +143,21 @@ class ExecutionPlan:
         # The kernels' attention computes only the scores a packed row's mask keeps (SmolLM2,
         # 1024-token rows of mixed lengths: attention was about half of an embedding step).
         attention = CPU_KERNELS if use_kernels and kernels_fit(cfg) else XLA
+        # One GPU: the Pallas kernels (a mesh keeps XLA's ops, which its partitioner splits).
+        one_gpu = backend in ("gpu", "cuda") and devices == 1
+        if one_gpu and gpu_attention_fits(cfg, weights_dtype):
+            attention = GPU_KERNELS
         limit = min(cfg.max_position_embeddings, MAX_MODEL_LEN[where],
                     model_len_cap or cfg.max_position_embeddings)
         max_num_seqs = int(options.max_num_seqs or MAX_NUM_SEQS[where])
         quant_kernels = one_cpu and (kernels.quant_available() if quant_kernels_ok is None
                                      else quant_kernels_ok)
+        quant_matmul = CPU_KERNELS if quant_kernels else GPU_KERNELS if one_gpu else XLA
         return cls(
             backend=backend, devices=devices, attention=attention,
-            # The decode kernel writes and reads the per-layer cache buffers in place.
-            decode_attention=attention,
+            # The CPU decode kernel writes and reads the per-layer cache buffers in place; a GPU
+            # decodes with XLA's ops.
+            decode_attention=attention if attention == CPU_KERNELS else XLA,
             # With the kernels, bf16 embedding products run in `kernels.matmul`: around XLA's
             # own bf16 products it spends as long again converting activations and slicing the
             # stacked weights in bfloat16. Float32 embedding steps have hundreds of rows, where
@@ -160,7 +178,8 @@ class ExecutionPlan:
             max_num_seqs=max_num_seqs,
             # The kernel reads a weight's blocks in place and sums in integers: for a decode
             # step it reads 4-6 bits a weight where XLA would first write out 32.
-            quant_matmul=CPU_KERNELS if quant_kernels else XLA,
+            quant_matmul=quant_matmul,
+            interpret=interpret,
             min_decode_rows=2 if decode_dtype is not None and not use_kernels else 1)
 
     @property
@@ -196,6 +215,13 @@ def _kv_dtype(asked: str | None, decode_dtype: str | None, weights_dtype: str, b
     weights' dtype. A CPU keeps bfloat16 as its bits (see kv_cache.BF16_BITS)."""
     kind = asked or ("bfloat16" if decode_dtype is not None else weights_dtype)
     return BF16_BITS if kind == "bfloat16" and backend == "cpu" else kind
+
+
+def gpu_attention_fits(cfg: ModelConfig, dtype: str) -> bool:
+    """Whether the GPU attention kernel takes this model's heads in this dtype."""
+    from jaxembed.gpu import attention as gpu_attention  # Pallas: only where it runs
+
+    return cfg.num_heads % cfg.num_kv_heads == 0 and gpu_attention.supported(cfg.head_dim, dtype)
 
 
 def kernels_fit(cfg: ModelConfig) -> bool:

@@ -3,8 +3,9 @@
 A quantized weight is a `QArrays` (jaxembed.weights.quant): [..., N, K] in its blocks, N outputs
 by K inputs. `matmul(x, w)` is x @ w^T, in the CPU kernel (`kernels.qmatmul`, where the plan put
 `passes`: 1 for int8 activations as llama.cpp's, 2 for nearly float32's precision; products of
-few rows, where reading the weights is the cost) or by XLA over the weight dequantized for the
-step (any backend: the fallback; on a CPU the faster for products of many rows, see the plan).
+few rows, where reading the weights is the cost), a GPU's Pallas kernel (`jaxembed.gpu.qmatmul`,
+which dequantizes tiles in registers into bf16 products), or XLA over the weight dequantized for
+the step (any backend: the fallback; on a CPU the faster for products of many rows).
 
 Layers' quantized weights are not stacked into [L, ...] arrays as float ones are: a model's
 layers may hold one weight in several types (llama.cpp's Q4_K_M keeps some layers' attn_v and
@@ -83,10 +84,16 @@ def matmul(x: jax.Array, w: QArrays | QRef) -> jax.Array:
         branches = [lambda x, s=s: matmul(x, s) for s in w.stack.slices]
         return jax.lax.switch(w.index, branches, x)
     rows = math.prod(x.shape[:-1])  # static: the choice is made per compiled shape
-    if w.passes and rows <= w.kernel_rows:
+    if w.op in ("gpu", "gpu_interpret"):
+        from jaxembed.gpu import qmatmul as gpu_qmatmul  # Pallas: only where it runs
+
+        out = gpu_qmatmul.qmatmul(x.reshape(rows, x.shape[-1]), w,
+                                  interpret=w.op == "gpu_interpret")
+        return out.reshape(*x.shape[:-1], out.shape[-1]).astype(x.dtype)
+    if w.op == "cpu" and rows <= w.kernel_rows:
         return kernels.qmatmul(x, w, w.passes).astype(x.dtype)
-    # The kernel dequantizes at memory speed, XLA's fused ops at a fraction of it.
-    whole = kernels.qdequantize(w).astype(x.dtype) if w.passes else dequantize(w, x.dtype)
+    # The CPU kernel dequantizes at memory speed, XLA's fused ops at a fraction of it.
+    whole = kernels.qdequantize(w).astype(x.dtype) if w.op == "cpu" else dequantize(w, x.dtype)
     return jnp.einsum("...k,nk->...n", x, whole,
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -118,14 +125,20 @@ def split_stacked(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, QStac
             {n: v for n, v in tree.items() if isinstance(v, QStack)})
 
 
-def with_passes(tree: Any, passes: int, kernel_rows: int = 1 << 30) -> Any:
-    """params with every quantized weight set to multiply in the CPU kernel over activations
-    quantized in `passes` passes, for products of at most `kernel_rows` rows (where the weight's
-    rows are whole 64-value pairs of chunks, as the kernel reads them); else, or with 0, in
-    XLA."""
+def with_op(tree: Any, op: str, passes: int = 2, kernel_rows: int = 1 << 30) -> Any:
+    """params with every quantized weight set to multiply by `op` (see `QArrays`): the CPU
+    kernel over activations quantized in `passes` passes for products of at most `kernel_rows`
+    rows, where the weight's rows are whole 64-value pairs of chunks (as the kernel reads them);
+    a GPU kernel where it takes the layout; else XLA."""
+    gpu = op.startswith("gpu")
+    if gpu:  # Pallas takes seconds to import: only where it runs
+        from jaxembed.gpu import qmatmul as gpu_qmatmul
+
     def one(x: Any) -> Any:
         if not isinstance(x, QArrays):
             return x
-        return dataclasses.replace(x, passes=passes if x.k % 64 == 0 else 0,
+        fits = (len(x.shape) == 2 and gpu_qmatmul.supported(x.layout)) if gpu else \
+            (op != "cpu" or x.k % 64 == 0)
+        return dataclasses.replace(x, op=op if fits else "xla", passes=passes,
                                    kernel_rows=kernel_rows)
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, QArrays))

@@ -25,7 +25,7 @@ from jaxembed import model, modules, multihost, quant, sampling
 from jaxembed.config import ModelConfig
 from jaxembed.kv_cache import KVCache
 from jaxembed.layers import PROJECTIONS
-from jaxembed.plan import CPU_KERNELS, PER_LAYER, ExecutionPlan
+from jaxembed.plan import PER_LAYER, ExecutionPlan
 from jaxembed.sharding import ShardingPlan, cache_sharding, replicated
 from jaxembed.steps import DecodeStep, EmbedStep, PrefillStep, Step, from_message
 
@@ -99,16 +99,14 @@ class ModelRunner:
         cache go there too. None: everything on the default device. channel: on a multi-host
         run, where the leader sends each step. on_compile: called once per trace (a new step
         shape)."""
-        # Quantized weights multiply where the plan says (the kernel, or XLA's ops), each path at
+        # Quantized weights multiply where the plan says (a kernel, or XLA's ops), each path at
         # its precision: the two trees share every array.
-        kernel = plan.quant_matmul == CPU_KERNELS
         self.params, self.config, self.plan = params, cfg, plan
         self.sharding, self.channel = sharding, channel
-        rows = plan.quant_kernel_rows
-        self.embed_params = quant.with_passes(model.with_layout(params, plan.embed_weights),
-                                              plan.embed_passes if kernel else 0, rows)
-        params = self.params = quant.with_passes(params, plan.generate_passes if kernel else 0,
-                                                 rows)
+        op, rows = plan.quant_op, plan.quant_kernel_rows
+        self.embed_params = quant.with_op(model.with_layout(params, plan.embed_weights), op,
+                                          plan.embed_passes, rows)
+        params = self.params = quant.with_op(params, op, plan.generate_passes, rows)
         # The decoder module's structure, split once; each jitted step merges its params in.
         self._graph = modules.decoder_graph(cfg, plan, model.compute_dtype(params))
         self._decode_weights: DecodeWeights | None = None  # made when generation starts

@@ -268,3 +268,50 @@ def test_qmatmul_lowers_to_triton(qtype):
     w = wq.empty(wq.LAYOUTS[qtype], (1000, 2304), lambda s, d: jax.ShapeDtypeStruct(s, d))
     for m in (1, 64, 300):
         assert lowers_to_triton(gq.qmatmul, jax.ShapeDtypeStruct((m, 2304), jnp.bfloat16), w)
+
+
+# ---- the plan's GPU branch, run on a CPU -------------------------------------------------------
+
+
+def test_the_gpu_plan_runs_the_model_through_both_kernels():
+    """ExecutionPlan.decide for one GPU picks the Pallas attention and quantized products; the
+    model run with that plan (kernels in interpret mode) equals XLA's ops on the same weights,
+    layers of several quantized types included."""
+    from test_quant import _quantized, _random_model
+
+    from jaxembed import model
+    from jaxembed.config import ModelConfig
+    from jaxembed.options import EngineOptions
+    from jaxembed.plan import GPU_KERNELS, XLA, ExecutionPlan
+
+    cfg = ModelConfig.from_hf(dict(
+        model_type="qwen3", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=384,
+        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True))
+    plan = ExecutionPlan.decide(cfg, "float32", EngineOptions(), backend="gpu", interpret=True)
+    assert (plan.attention, plan.quant_matmul, plan.decode_attention) == (GPU_KERNELS,
+                                                                           GPU_KERNELS, XLA)
+    assert plan.quant_op == "gpu_interpret"
+    params = _random_model(cfg, 3)
+    qp, ref = _quantized(params, [Q.Q4_K, Q.Q8_0], np.random.default_rng(4))
+    rng = np.random.default_rng(5)
+    lengths = [[20, 7, 30], [57]]
+    t = 60
+    seg = np.zeros((2, t), np.int32)
+    pos = np.zeros((2, t), np.int32)
+    for r, row in enumerate(lengths):
+        col = 0
+        for i, n in enumerate(row, start=1):
+            seg[r, col : col + n], pos[r, col : col + n] = i, np.arange(n)
+            col += n
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, t)), jnp.int32)
+    want = model.forward(ref, tokens, jnp.asarray(pos), jnp.asarray(seg), cfg)
+    qp = quant.with_op(qp, plan.quant_op)
+    ops = {w.op for w in jax.tree.leaves(qp, is_leaf=lambda x: isinstance(x, wq.QArrays))
+           if isinstance(w, wq.QArrays)}
+    assert ops == {"gpu_interpret"}
+    got = model.forward(qp, tokens, jnp.asarray(pos), jnp.asarray(seg), cfg, plan)
+    real = seg > 0
+    # The GPU's products round x and the weights to bfloat16, as its tensor cores take them.
+    err = np.abs(np.asarray(got) - np.asarray(want))[real].max()
+    assert err < 3e-2 * np.abs(np.asarray(want)).max(), err

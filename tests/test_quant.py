@@ -184,7 +184,7 @@ def test_model_over_quantized_weights_equals_the_dequantized_model(passes):
     # scanned layers switch between each layer's own arrays.
     params = _random_model(CFG, 0)
     qp, ref = _quantized(params, [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q4_1], np.random.default_rng(1))
-    qp = quant.with_passes(qp, passes)
+    qp = quant.with_op(qp, "cpu" if passes else "xla", passes)
     rng = np.random.default_rng(2)
     tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 48)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(48), (2, 48))

@@ -69,9 +69,10 @@ class QArrays:
     """A quantized weight's arrays (numpy on the host, or jax arrays on a device: a pytree
     whose static data is the layout): values and scales for [..., N, K], as `layout` says.
 
-    passes: multiplied by the CPU kernel (`kernels.qmatmul`) over activations quantized in 1 or
-    2 passes, as the execution plan decides, for products of at most `kernel_rows` rows; 0 (or
-    more rows): XLA dequantizes it for the product."""
+    How it is multiplied, as the execution plan decides: `op` "xla" (XLA dequantizes it for
+    the product), "cpu" (the CPU kernel `kernels.qmatmul`, over activations quantized in
+    `passes` passes, for products of at most `kernel_rows` rows), "gpu" (the Pallas kernel
+    `jaxembed.gpu.qmatmul`), or "gpu_interpret" (the same in Pallas's interpret mode: tests)."""
 
     layout: QLayout
     qs: Any  # uint8 [..., N, K / 2] (4 bits) or uint8/int8 [..., N, K]
@@ -79,7 +80,8 @@ class QArrays:
     mins: Any | None  # int8 [..., N, K / group]
     d: Any  # float16 [..., N, K / block]
     dmin: Any | None  # float16 [..., N, K / block]
-    passes: int = 0
+    op: str = "xla"
+    passes: int = 2
     kernel_rows: int = 0
 
     @property
@@ -105,7 +107,7 @@ class QArrays:
 
 
 jax.tree_util.register_dataclass(QArrays, data_fields=["qs", "scales", "mins", "d", "dmin"],
-                                 meta_fields=["layout", "passes", "kernel_rows"])
+                                 meta_fields=["layout", "op", "passes", "kernel_rows"])
 
 
 # ---- layouts of the GGML types ---------------------------------------------------------------
