@@ -85,12 +85,13 @@ class ExecutionPlan:
     # remainder too) keep both to 1.0 within 1e-5, and greedy tokens to the float products'.
     embed_passes: int = 2
     generate_passes: int = 2
-    # The most rows a product runs in the kernel; past it XLA dequantizes the weight for the
+    # The most rows a product runs in the kernel; past it XLA dequantizes the weight within the
     # step and multiplies in float32. With AVX2 (no VNNI) two passes of int8 products run at
-    # about 0.6-0.8x of XLA's float32 dot, so a step of many rows (an embedding step's
-    # hundreds of tokens, a long prompt) is faster dequantized, at the cost of writing the
-    # weight out once; decode steps' few rows read the weights once, in their blocks.
-    quant_kernel_rows: int = 96
+    # about 0.6x XLA's float32 dot on many rows, and XLA's dequantization costs a fixed share
+    # of the weight: measured alternately on SmolLM2-1.7B's matrices, the kernel is 3-12x
+    # faster up to 32 rows, 2x at 64, level at 128, and XLA faster past it (an embedding step's
+    # hundreds of tokens, a long prompt).
+    quant_kernel_rows: int = 128
     # GPU kernels in Pallas's interpret mode: the GPU branch of the plan run on a CPU (tests).
     interpret: bool = False
 

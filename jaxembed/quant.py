@@ -92,9 +92,8 @@ def matmul(x: jax.Array, w: QArrays | QRef) -> jax.Array:
         return out.reshape(*x.shape[:-1], out.shape[-1]).astype(x.dtype)
     if w.op == "cpu" and rows <= w.kernel_rows:
         return kernels.qmatmul(x, w, w.passes).astype(x.dtype)
-    # The CPU kernel dequantizes at memory speed, XLA's fused ops at a fraction of it.
-    whole = kernels.qdequantize(w).astype(x.dtype) if w.op == "cpu" else dequantize(w, x.dtype)
-    return jnp.einsum("...k,nk->...n", x, whole,
+    # Within a step XLA's dequantization costs little next to the product it feeds.
+    return jnp.einsum("...k,nk->...n", x, dequantize(w, x.dtype),
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 

@@ -204,12 +204,3 @@ def test_model_over_quantized_weights_equals_the_dequantized_model(passes):
         jnp.linalg.norm(got.mean(1), axis=-1) * jnp.linalg.norm(want.mean(1), axis=-1))
     assert float(cos.min()) > 0.999
     assert float(jnp.abs(logits - want_logits).max()) < 0.05 * float(jnp.abs(want_logits).max())
-
-
-@needs_kernel
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_kernel_dequantizes_as_numpy(qtype):
-    rng = np.random.default_rng(int(qtype) + 7)
-    q = wq.repack(random_blocks(qtype, 37, 512, rng), qtype, (37, 512))
-    got = np.asarray(jax.jit(kernels.qdequantize)(q.map(jnp.asarray)))
-    np.testing.assert_allclose(got, wq.dequantize(q), rtol=1e-6, atol=1e-9)

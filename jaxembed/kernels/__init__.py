@@ -65,7 +65,6 @@ MATMUL = {"bfloat16": "jaxembed_bf16_matmul", "float32": "jaxembed_f32_matmul"}
 ATTENTION = "jaxembed_attention"
 DECODE_ATTENTION = "jaxembed_decode_attention"
 QMATMUL = "jaxembed_qmatmul"
-QDEQUANT = "jaxembed_qdequant"
 # The FFI targets and the library's symbol for each.
 SYMBOLS = {MATMUL["bfloat16"]: "JaxembedBf16Matmul", MATMUL["float32"]: "JaxembedF32Matmul",
            ATTENTION: "JaxembedAttention", DECODE_ATTENTION: "JaxembedDecodeAttention"}
@@ -75,8 +74,7 @@ AVX512 = Library("avx512", SOURCES, HEADERS, ISA, (CPU_FLAG,), SYMBOLS)
 # The quantized products need no more than AVX2 (with FMA and F16C): every x86 CPU of the last
 # decade, the AVX-512 ones included.
 QUANT = Library("avx2", _here("qmatmul.cc"), _here("pool.h"), ("-mavx2", "-mfma", "-mf16c"),
-                ("avx2", "fma", "f16c"),
-                {QMATMUL: "JaxembedQMatmul", QDEQUANT: "JaxembedQDequant"})
+                ("avx2", "fma", "f16c"), {QMATMUL: "JaxembedQMatmul"})
 # A compiler that hangs must not hang the server's start: past this, XLA's ops run instead.
 COMPILER_TIMEOUT_S = 300.0
 FAILED = "failed"  # how the reasons begin that are worth a warning
@@ -342,13 +340,3 @@ def qmatmul(x: jax.Array, w: Any, passes: int = 1) -> jax.Array:
     out = jax.ffi.ffi_call(QMATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
         x.reshape(rows, k).astype(jnp.float32), *arrays, **attrs, passes=np.int64(passes))
     return out.reshape(*lead, n)
-
-
-def qdequantize(w: Any) -> jax.Array:
-    """A quantized [N, K] weight as float32 [N, K], in the kernel (at memory speed, where XLA's
-    own fused dequantization runs far slower). Requires `quant_available()`."""
-    _need_quant()
-    arrays, attrs = _layout_operands(w)
-    n, k = int(w.qs.shape[-2]), w.k
-    return jax.ffi.ffi_call(QDEQUANT, jax.ShapeDtypeStruct((n, k), jnp.float32))(*arrays,
-                                                                                   **attrs)

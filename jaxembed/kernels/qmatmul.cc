@@ -479,87 +479,6 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   return ffi::Error::Success();
 }
 
-// ---- dequantization: the weight as float32 [N, K], for XLA's own dot ------------------------
-//
-// Why: for a step of many rows XLA's float32 dot outruns two passes of int8 products on a CPU
-// without VNNI; the weight is then dequantized for the step, here at memory speed (XLA's own
-// fused dequantization of a Q4_K matrix ran at 1.5 GB/s written).
-
-template <int64_t kBits, bool kSigned>
-void DequantRow(const Weight& w, int64_t n, float* out) {
-  const Layout& L = w.lay;
-  const uint8_t* qrow = w.qs + n * w.qs_row();
-  const int8_t* srow = L.scales ? w.sc + n * w.g_row() : nullptr;
-  const int8_t* mrow = L.mins ? w.mn + n * w.g_row() : nullptr;
-  const uint16_t* drow = w.d + n * w.b_row();
-  const uint16_t* dmrow = (L.dmin ? w.dmin : w.d) + n * w.b_row();
-  for (int64_t p = 0; p < w.k / 64; ++p)
-    for (int h = 0; h < 2; ++h) {
-      const int64_t ch = 2 * p + h, k0 = ch * 32;
-      const __m256i v = LoadChunk<kBits>(qrow, p, h);
-      const int64_t b = k0 / L.block;
-      const float d = Half(drow[b]), dm = Half(dmrow[b]);
-      for (int g = 0; g < 32 / L.group; ++g) {  // one or two groups in a chunk
-        const int64_t gi = (k0 + g * L.group) / L.group;
-        const float sc = srow ? static_cast<float>(srow[gi]) : 1.0f;
-        const float m = mrow ? static_cast<float>(mrow[gi]) : L.min_offset * sc;
-        const __m256 a = _mm256_set1_ps(d * sc), c = _mm256_set1_ps(dm * m);
-        for (int j = g * L.group; j < (g + 1) * L.group; j += 8) {
-          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
-              reinterpret_cast<const uint8_t*>(&v) + j));
-          const __m256i ints = kSigned ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
-          _mm256_storeu_ps(out + k0 + j, _mm256_fmsub_ps(_mm256_cvtepi32_ps(ints), a, c));
-        }
-      }
-    }
-}
-
-struct DequantJob {
-  Weight w;
-  float* out;
-  void (*row)(const Weight&, int64_t, float*);
-  jaxembed::Tasks tasks;
-  static constexpr int64_t kRows = 16;
-
-  void Run() {
-    tasks.Run([this](int64_t t) {
-      for (int64_t n = t * kRows; n < std::min(w.n, (t + 1) * kRows); ++n) row(w, n, out + n * w.k);
-    });
-  }
-};
-
-ffi::Error QDequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer qs, ffi::AnyBuffer sc,
-                        ffi::AnyBuffer mn, ffi::Buffer<ffi::F16> d, ffi::AnyBuffer dmin,
-                        ffi::ResultBuffer<ffi::F32> out, int64_t bits, bool sign, int64_t group,
-                        int64_t block, bool scales, bool mins, int64_t min_offset,
-                        bool has_dmin) {
-  const auto od = out->dimensions();
-  if (od.size() != 2) return ffi::Error::InvalidArgument("qdequant: out [N, K]");
-  const int64_t n = od[0], k = od[1];
-  if ((bits != 4 && bits != 8) || (group != 16 && group != 32) ||
-      (block != 32 && block != 256) || k % block != 0 || k % 64 != 0 ||
-      qs.element_count() != n * k * bits / 8 || d.element_count() != n * (k / block) ||
-      (scales && sc.element_count() != n * (k / group)) ||
-      (mins && mn.element_count() != n * (k / group)) ||
-      (has_dmin && dmin.element_count() != n * (k / block)))
-    return ffi::Error::InvalidArgument("qdequant: the weight's arrays and out do not agree");
-  if (n == 0) return ffi::Error::Success();
-  auto job = std::make_shared<DequantJob>();
-  job->w = Weight{Layout{bits, group, block, min_offset, sign, scales, mins, has_dmin},
-                  n,
-                  k,
-                  static_cast<const uint8_t*>(qs.untyped_data()),
-                  static_cast<const int8_t*>(sc.untyped_data()),
-                  static_cast<const int8_t*>(mn.untyped_data()),
-                  reinterpret_cast<const uint16_t*>(d.typed_data()),
-                  static_cast<const uint16_t*>(dmin.untyped_data())};
-  job->out = out->typed_data();
-  job->row = bits == 4 ? DequantRow<4, false> : sign ? DequantRow<8, true> : DequantRow<8, false>;
-  job->tasks.count = (n + DequantJob::kRows - 1) / DequantJob::kRows;
-  jaxembed::Share(pool, job, /*quick=*/false);
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxembedQMatmul, QMatmulImpl,
@@ -581,21 +500,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxembedQMatmul, QMatmulImpl,
                                   .Attr<int64_t>("min_offset")
                                   .Attr<bool>("has_dmin")
                                   .Attr<int64_t>("passes"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxembedQDequant, QDequantImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("bits")
-                                  .Attr<bool>("sign")
-                                  .Attr<int64_t>("group")
-                                  .Attr<int64_t>("block")
-                                  .Attr<bool>("scales")
-                                  .Attr<bool>("mins")
-                                  .Attr<int64_t>("min_offset")
-                                  .Attr<bool>("has_dmin"));
