@@ -5,16 +5,19 @@
                         [--rounds 3]
                         [--tokens 128] [--streams 16] [--gen-repeat 3]
                         [--gen-warmup workload|full]
+                        [--sizes 135m,1.7b,7b] [--sizes-texts N] [--sizes-tokens 32]
+                        [--sizes-baseline EARLIER.json]
 
 Workloads: (a) embedding throughput on a fixed corpus of texts spread from 8 to 512 tokens, with
 GGUF load time (d); (b) the same corpus through HTTP with 32 concurrent clients; (c) cold start,
 `jaxembed serve` to the first 200 on /v1/embeddings, then again with the persistent compilation
 cache warm; and, when asked for (`--workloads generation`), (e) generation: single-stream decode
 tokens/s against llama.cpp on the same GGUF, each as a fraction of its memory-bandwidth bound, and
-the aggregate tokens/s of `--streams` concurrent requests (bench/generation.py). Peers run in the
-same run: transformers (torch CPU, fp32, the same weights dequantized from the same GGUF,
-length-sorted batches at its best batch size), llama.cpp through llama-cpp-python (the same
-GGUF), and a roofline (the FLOP/s of a large fp32 matrix product in the
+the aggregate tokens/s of `--streams` concurrent requests (bench/generation.py); and with
+`--workloads sizes`, memory, load, embedding and decode against llama.cpp at three model sizes
+(bench/sizes.py). Peers run in the same run: transformers (torch CPU, fp32, the same weights
+dequantized from the same GGUF, length-sorted batches at its best batch size), llama.cpp through
+llama-cpp-python (the same GGUF), and a roofline (the FLOP/s of a large fp32 matrix product in the
 same process, best of numpy and JAX). Figures are reported as ratios to peers from this run.
 In (a) every engine is loaded and warmed up first, then their timed passes alternate for
 `--rounds` rounds (the roofline measured at the start of each), so a drift in the machine's speed
@@ -33,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import generation
+from bench import generation, sizes
 from bench.memory import peak_memory
 from bench.peers import (
     Prepared,
@@ -101,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-warmup", choices=("workload", "full"), default="workload",
                         help="generation: compile by running the workload once untimed, or "
                         "also compile every decode shape first (warmup_generation)")
+    parser.add_argument("--sizes", default="135m,1.7b",
+                        help="sizes: the models measured, of " + ",".join(sizes.SHAPES)
+                        + " (7b: memory, load and one small embedding call)")
+    parser.add_argument("--sizes-texts", type=int, default=None,
+                        help="sizes: texts of the embedding corpus (default: 64 at 135m, 32 at "
+                        "1.7b, 8 at 7b)")
+    parser.add_argument("--sizes-tokens", type=int, default=32,
+                        help="sizes: tokens of each decode")
+    parser.add_argument("--sizes-baseline", default=None,
+                        help="sizes: an earlier run's results, to judge 135m against")
     args = parser.parse_args(argv)
     peers = {p for p in args.peers.split(",") if p}
     workloads = {w for w in args.workloads.split(",") if w}
@@ -143,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         r["generation"] = generation.generation_benchmark(
             model, tokens=args.tokens, streams=args.streams, threads=args.threads, peers=peers,
             repeat=args.gen_repeat, warmup=args.gen_warmup)
+    if "sizes" in workloads:
+        r["sizes"] = sizes.sizes_benchmark(
+            [s for s in args.sizes.split(",") if s], texts=args.sizes_texts,
+            tokens=args.sizes_tokens, streams=args.streams, threads=args.threads,
+            baseline=Path(args.sizes_baseline) if args.sizes_baseline else None)
     for value in r.values():
         if isinstance(value, dict):
             for k in [k for k in value if k.startswith("_")]:
@@ -281,6 +299,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"FLOPs: {r['jaxembed']['flops_arithmetic']}."]
     if "generation" in r:
         lines += [""] * (lines[-1] != "") + generation.markdown(r["generation"])
+    if "sizes" in r:
+        lines += [""] * (lines[-1] != "") + sizes.markdown(r["sizes"])
     return "\n".join(lines) + "\n"
 
 

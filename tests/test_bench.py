@@ -58,3 +58,153 @@ def test_interleaved_passes_alternate_and_pair_by_round() -> None:
     assert len(out["a"]["run_s_passes"]) == 3 and len(out["c"]["run_s_passes"]) == 1
     assert out["a"]["finished"] == "a" and out["a"]["tokens_per_s"] == 100 / out["a"]["run_s"]
     assert round_ratios([1.0, 2.0, 4.0], [2.0, 2.0]) == [2.0, 1.0]
+
+
+def _sizes_result() -> dict:
+    """A hand-made sizes result: 1.7b meets some targets and misses others; 7b's jaxembed died."""
+    from bench import sizes
+
+    def engine(peak_mib: float, load: float, embed: float, decode: float | None = None,
+               **more: float) -> dict:
+        r = {"peak_rss": peak_mib * 2**20, "load_s": load, "embed_tokens_per_s": embed,
+             "embed_roofline_share": embed / 1e4, **more}
+        if decode is not None:
+            r["decode_tokens_per_s"] = decode
+            r["decode_bandwidth_share"] = decode / 100
+        return r
+
+    kv = {"kv_cache_bytes": 400 * 2**20, "kv_cache": "16 slots x 512 tokens, float32",
+          "kv_cache_allocated": True}
+    results = {
+        "135m": {"file_bytes": 100 * 2**20, "texts": 64, "corpus_tokens": 7000,
+                 "jaxembed": engine(600, 0.5, 4000, 60, aggregate_tokens_per_s=300, **kv),
+                 "llamacpp": engine(400, 0.25, 1000, 50)},
+        "1.7b": {"file_bytes": 1000 * 2**20, "texts": 32, "corpus_tokens": 3500,
+                 "jaxembed": engine(2500, 3.0, 900, 15, aggregate_tokens_per_s=40,
+                                    load_average=1.5, **kv),
+                 "llamacpp": engine(1200, 1.0, 600, 10, load_average=3.5)},
+        "7b": {"file_bytes": 4000 * 2**20, "texts": 8, "corpus_tokens": 200,
+               "jaxembed": {"failed": {"returncode": -9, "tail": ["Killed"]}},
+               "llamacpp": engine(4500, 2.0, 50)},
+    }
+    r = {"sizes": list(results), "texts": 64, "tokens": 64, "streams": 16, "repeat": 2,
+         "threads": 2, "max_model_len": 512, "prompt_tokens": 17, "roofline_flops": 2e11,
+         "bandwidth_gb_per_s": 20.0, "results": results, "baseline": 5.0}
+    r["targets"] = sizes.targets(r)
+    return r
+
+
+def test_sizes_report_has_a_row_per_figure_and_judges_each_target() -> None:
+    from bench import sizes
+
+    r = _sizes_result()
+    verdicts = {t["target"]: t["reached"] for t in r["targets"]}
+    # 600 MiB <= 1.25 x 100 + 400 + 512; 2500 MiB > 1.25 x 1000 + 400 + 512 = 2162.
+    assert verdicts["memory at 135m: peak resident <= 1.25x file + KV cache + 0.5 GiB"] is True
+    assert verdicts["memory at 1.7b: peak resident <= 1.25x file + KV cache + 0.5 GiB"] is False
+    assert verdicts["memory at 7b: peak resident <= 1.25x file + KV cache + 0.5 GiB"] is None
+    assert verdicts["7B Q4_K_M loads and embeds"] is False
+    assert verdicts["decode, 1 stream, >= 1.2x llama.cpp at 1.7b"] is True  # 1.5x
+    assert verdicts["decode, 16 streams, >= 3x llama.cpp's single stream at 1.7b"] is True  # 4x
+    assert verdicts["embeddings >= 2x llama.cpp at 1.7b"] is False  # 1.5x
+    assert verdicts["embeddings at 135m no slower than before"] is False  # 4x against 5x
+    assert verdicts["load within 2x llama.cpp's at 1.7b"] is False  # 3x its time
+
+    text = "\n".join(sizes.markdown(r))
+    assert "| figure | 135m | 1.7b | 7b |" in text
+    assert "| embedding corpus, texts (tokens) | 64 (7000) | 32 (3500) | 8 (200) |" in text
+    assert "| peak resident memory, MiB | 600 / 400 (1.50x) | 2500 / 1200 (2.08x) | " \
+           "failed / 4500 |" in text
+    assert "| decode, 16 streams, tokens/s (llama.cpp: its 1 stream) | 300.0 / 50.0 (6.00x) | " \
+           "40.0 / 10.0 (4.00x) | failed / - |" in text
+    assert "| embedding, share of the fp32 matmul roofline | 40% / 10% (4.00x) |" in text
+    assert "| machine's load average (1 min) as the process ended | - | 1.5 / 3.5 | failed / - |" \
+        in text
+    assert "| memory target (1.25x file + KV cache + 0.5 GiB), MiB | 1037 | 2162 | 5512 |" in text
+    assert "- embeddings >= 2x llama.cpp at 1.7b: **missed** (1.50x)" in text
+    assert "- memory at 1.7b: peak resident <= 1.25x file + KV cache + 0.5 GiB: **missed** " \
+           "(2500 of 2162 MiB)" in text
+    assert "jaxembed at 7b failed: -9; last lines: Killed" in text
+    # The harness's report carries the section.
+    assert "| jaxembed KV cache, MiB | 400 (16 slots x 512 tokens, float32) |" in run.markdown(
+        {**RESULT, "sizes": r})
+
+
+def test_sizes_model_is_smollm2_shaped_with_its_tokenizer_and_loads(tmp_path: Path) -> None:
+    import numpy as np
+
+    from bench import sizes
+    from jaxembed import EngineBuilder
+    from jaxembed.fetch import default_model_path
+    from jaxembed.weights.gguf_io import GGUFFile
+    from jaxembed.weights.gguf_tokenizer import tokenizer_from_gguf
+    from jaxembed.weights.loader import load_checkpoint
+
+    shape = sizes.Shape(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, tied=True)
+    path = sizes.write_random_gguf(tmp_path / "tiny.gguf", shape, default_model_path(), seed=3)
+    meta, real = GGUFFile(path).metadata, GGUFFile(default_model_path()).metadata
+    assert [k for k in meta if k.startswith("tokenizer.")] == \
+        [k for k in real if k.startswith("tokenizer.")]
+    assert meta["tokenizer.chat_template"] == real["tokenizer.chat_template"]
+    assert meta["llama.rope.freq_base"] == real["llama.rope.freq_base"]
+
+    checkpoint = load_checkpoint(path, progress=False)
+    cfg = checkpoint.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.intermediate_size, cfg.vocab_size) == (2, 64, 4, 2, 128, 49152)
+    # The q/k rows were written in llama.cpp's permuted layout: the loader, undoing it, gets
+    # back the tensors as drawn (in HF's layout).
+    names = [name for name, _, _ in sizes.tensor_specs(shape)]
+    for gguf_name, key, layer in (("blk.0.attn_q.weight", "wq", 0),
+                                  ("blk.1.attn_k.weight", "wk", 1)):
+        i = names.index(gguf_name)
+        drawn = sizes.random_tensor(3, i, sizes.tensor_specs(shape)[i][1]).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(checkpoint.params["layers"][key][layer]),
+                                      drawn.T)
+
+    engine = EngineBuilder(model=path, warmup=False, progress=False,
+                           compilation_cache=False).build()
+    try:
+        text = "Hello world, café 日本 🙂"
+        assert engine.tokenize([text])[0] == tokenizer_from_gguf(real).tokenizer.encode(text).ids
+        vectors = engine.encode(["Hello world", "the cat sat"])
+        assert vectors.shape == (2, 64) and np.isfinite(vectors).all()
+    finally:
+        engine.shutdown()
+
+
+def test_sizes_model_is_quantized_by_llamacpp_once_and_cached(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from bench import sizes
+    from jaxembed import EngineBuilder
+    from jaxembed.weights.gguf_io import GGUFFile
+
+    # Rows of 256 values: the K-quants' block, so no tensor falls back to another type.
+    shape = sizes.Shape(layers=1, hidden=256, heads=4, kv_heads=2, ffn=512, tied=True)
+    path, build_s = sizes.build_model("tiny", shape, cache=tmp_path)
+    assert build_s is not None and path == sizes.model_path("tiny", tmp_path)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no F16 or partial file left
+    types = {t.type.name for t in GGUFFile(path).tensors.values()}
+    assert "Q4_K" in types and "F16" not in types
+    stamp = path.stat().st_mtime_ns
+    assert sizes.build_model("tiny", shape, cache=tmp_path) == (path, None)
+    assert path.stat().st_mtime_ns == stamp
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    llm.close()
+    engine = EngineBuilder(model=path, warmup=False, progress=False,
+                           compilation_cache=False).build()
+    try:
+        assert engine.encode(["Hello world"]).shape == (1, 256)
+    finally:
+        engine.shutdown()
+
+
+def test_sizes_child_that_fails_is_reported_not_raised() -> None:
+    from bench import sizes
+
+    failed = sizes.run_child({"engine": "no-such-engine"})["failed"]
+    assert failed["returncode"] == 1 and "KeyError: 'no-such-engine'" in failed["tail"][-1]
+    assert sizes.run_child({"engine": "jaxembed"}, timeout=0.01)["failed"]["timeout_s"] == 0.01
