@@ -42,7 +42,8 @@ namespace {
 constexpr int64_t kTaskRows = 64;   // x rows per task
 constexpr int64_t kTaskCols = 32;   // weight rows (output columns) per task
 constexpr int64_t kQuickRows = 64;  // at most this many rows: a short job (see pool.h)
-constexpr float kRemainder = 254.0f;  // the second pass's scale: the first's / kRemainder
+constexpr float kRemainder = 254.0f;
+constexpr int64_t kPrefetchBlocks = 4;  // 256-value blocks ahead that a tile prefetches  // the second pass's scale: the first's / kRemainder
 
 struct Layout {
   int64_t bits, group, block, min_offset;
@@ -239,6 +240,11 @@ void SuperTile(const Weight& w, const QuantX& xq, int64_t r0, int64_t n0, float*
     for (int c = 0; c < C; ++c) {
       qb[c] = w.qs + (n0 + c) * qrow + b * 256 * kBits / 8;
       scales[c] = BlockScales<kGroup>(w.sc + (n0 + c) * grow + b * kGroups);
+      // The weights stream from memory once a step (a decode step's few rows): ask for them a
+      // few blocks ahead, past what the hardware prefetcher runs ahead of several streams.
+      for (int64_t line = 0; line < 256 * kBits / 8; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(qb[c] + kPrefetchBlocks * 256 * kBits / 8 +
+                                                   line), _MM_HINT_T0);
     }
     // The block's sub-scales as int16 vectors, one a chunk and weight row: read from L1 in the
     // loop below, so the registers hold only the sums, a chunk's weights and x.
