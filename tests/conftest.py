@@ -17,6 +17,20 @@ from jaxembed.fetch import default_model_path, packaged_model_path  # noqa: E402
 from tiny_models import LLAMA3_ROPE, build_llama  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_persistent_compilation_cache() -> Iterator[None]:
+    """No test in this process turns on JAX's persistent compilation cache: an in-process CLI
+    run (`main(["embed", ...])`) would otherwise turn it on for every later test, whose
+    programs then depend on what earlier runs left in the cache folder. The servers the tests
+    start as processes keep it, as users run them; test_kernels tests the function itself."""
+    from jaxembed import builder
+
+    original = builder.enable_compilation_cache
+    builder.enable_compilation_cache = lambda: False
+    yield
+    builder.enable_compilation_cache = original
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with Llama 3 rope scaling, saved as safetensors."""

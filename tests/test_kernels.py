@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxembed import fetch, kernels, model
+from jaxembed.builder import enable_compilation_cache
 from jaxembed.plan import CPU_KERNELS
 
 needs_kernel = pytest.mark.skipif(not kernels.available(),
@@ -189,16 +190,17 @@ def test_a_private_cache_folder_is_trusted_and_others_are_not(tmp_path):
 
 
 def test_no_compilation_cache_in_a_folder_others_can_write_to(tmp_path, monkeypatch):
-    from jaxembed import builder
-
     monkeypatch.setenv("JAXEMBED_CACHE", str(tmp_path))
     (tmp_path / "xla").mkdir(mode=0o777)
     (tmp_path / "xla").chmod(0o777)
     before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
     try:
-        assert not builder.enable_compilation_cache()
+        assert not enable_compilation_cache()  # the function itself, not conftest's stand-in
         assert jax.config.jax_compilation_cache_dir is None
+        (tmp_path / "xla").chmod(0o700)  # the same folder, this user's alone: used
+        assert enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 
