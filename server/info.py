@@ -47,6 +47,7 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     family: str
     format: str
     dtype: str
+    quantized: list[str]  # the GGML types of the weights held in their blocks; empty: none
     backend: str
     max_model_len: int
     attention: str
@@ -59,7 +60,8 @@ def server_info(engine: Engine) -> ServerInfo:
     info = engine.describe()
     return ServerInfo(
         model=info.model, served_model_names=list(info.served_model_names), family=info.family,
-        format=info.format, dtype=info.dtype, backend=info.backend,
+        format=info.format, dtype=info.dtype, quantized=list(info.quantized),
+        backend=info.backend,
         max_model_len=info.max_model_len,
         attention="causal" if info.causal else "bidirectional",
         embeddings=EmbeddingInfo(

@@ -75,6 +75,14 @@ def test_info_describes_the_served_model(client: TestClient, smollm2_engine: Eng
                                   "normalize": False, "dimensions": [], "prompts": []}
     assert info["generation"] == {"chat_template": True,
                                   "max_num_seqs": smollm2_engine.max_num_seqs}
+    # The Q4_1 file's matrices stay in their blocks by default.
+    assert "Q4_1" in info["quantized"]
+    assert info["quantized"] == list(smollm2_engine.checkpoint.quantized)
+
+
+def test_info_says_when_no_weight_is_quantized(smollm2_reference_engine: Engine) -> None:
+    with TestClient(create_app(smollm2_reference_engine, playground=False)) as c:
+        assert c.get("/info").json()["quantized"] == []
 
 
 def test_info_follows_the_server_defaults(smollm2_engine: Engine) -> None:

@@ -108,6 +108,7 @@ async function loadInfo() {
     ["family", info.family],
     ["format", info.format],
     ["dtype", info.dtype],
+    ["kept quantized", info.quantized.length ? info.quantized.join(", ") : "none"],
     ["backend", info.backend],
     ["context", `${info.max_model_len} tokens`],
     ["embedding size", String(pooling.embedding_size)],
