@@ -3,21 +3,76 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from bench import gpu, run
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_gpu_workload_runs_and_agrees_with_transformers() -> None:
-    r = gpu.benchmark("tiny", texts=12, max_batch_tokens=1024)
+
+def test_gpu_smoke_runs_the_device_check_end_to_end(tmp_path: Path) -> None:
+    """`python -m bench.gpu --smoke`: the device check's own code, as a GPU host runs it, on the
+    CPU with a tiny model, so that the script cannot rot where no GPU runs it."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (path,) = tmp_path.glob("gpu-*.json")
+    r = json.loads(path.read_text())
     assert r["jaxembed"]["recompilations_after_warmup"] == 0
-    # Same random weights, same token ids: the two engines' pooled vectors agree.
+    # Same random weights, same token ids: the two engines' pooled vectors agree, and in float32
+    # their per-token hidden states too.
     assert r["transformers"]["cosine_vs_jaxembed_min"] > 0.9999
-    assert r["jaxembed"]["tokens_per_s"] > 0 and r["transformers"]["tokens_per_s"] > 0
+    assert r["parity"]["passed"] and r["parity"]["jaxembed_error"] < 1e-4
+    gen = r["generation"]
+    assert all(gen[f"{who}_{n}"] > 0 for who in ("jaxembed", "transformers") for n in (1, 4))
     text = gpu.markdown(r)
-    assert "| jaxembed (1024-token steps) |" in text and "x (pooled cosine" in text
+    assert text in done.stdout
+    assert "| jaxembed (512-token steps) |" in text and "| 4 streams x 8 tokens |" in text
+
+
+def test_a_failed_parity_gate_is_reported() -> None:
+    r = {"jaxembed_error": 3e-2, "transformers_error": 1e-3}
+    assert gpu.gate(**r) == {**r, "bound": 2e-3, "passed": False}
+    assert gpu.gate(jaxembed_error=1e-3, transformers_error=1e-3)["passed"]
+
+
+def test_the_benchmarks_run_from_a_checkout_never_installed(tmp_path: Path) -> None:
+    """A copy of the checkout's folders, as a GPU host gets them: `jaxembed.weights` and
+    `jaxembed.server` come from `weights/` and `server/`, and a brought wheel is importable."""
+    copy = tmp_path / "checkout"
+    for folder in ("jaxembed", "weights", "server", "bench"):
+        shutil.copytree(ROOT / folder, copy / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "results", "wheels"))
+    (copy / "bench" / "wheels").mkdir()
+    with zipfile.ZipFile(copy / "bench" / "wheels" / "brought-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("brought/__init__.py", "VALUE = 7\n")
+    code = ("from bench.checkout import use_checkout; use_checkout(force=True)\n"
+            "import brought, jaxembed, jaxembed.server.info as info, jaxembed.weights.gguf_io as io\n"
+            "print(jaxembed.__file__, info.__file__, io.__file__, brought.VALUE)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *files, value = done.stdout.split()
+    assert value == "7"
+    assert [Path(f).resolve().relative_to(copy.resolve()).parts[0] for f in files] == [
+        "jaxembed", "server", "weights"]
+
+
+def test_the_wheel_list_names_what_the_engine_imports_beyond_a_gpu_host() -> None:
+    listed = {line.split("=")[0].split(">")[0].split("<")[0].strip().lower().replace("_", "-")
+              for line in (ROOT / "bench" / "gpu-wheels.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert {"msgspec", "gguf", "flax"} <= listed
+    assert not listed & {"jax", "jaxlib", "torch", "transformers", "numpy"}
 
 
 RESULT = {
