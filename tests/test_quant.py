@@ -204,3 +204,43 @@ def test_model_over_quantized_weights_equals_the_dequantized_model(passes):
         jnp.linalg.norm(got.mean(1), axis=-1) * jnp.linalg.norm(want.mean(1), axis=-1))
     assert float(cos.min()) > 0.999
     assert float(jnp.abs(logits - want_logits).max()) < 0.05 * float(jnp.abs(want_logits).max())
+
+
+# A process that writes the persistent compilation cache, then one that reads it (a server's
+# restart): the program holding the kernel's custom call comes back from the cache and runs.
+CACHE_ROUND_TRIP = """
+import sys
+import gguf.quants as gq
+import jax, jax.numpy as jnp, numpy as np
+from gguf import GGMLQuantizationType as Q
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **_: hits.append(event) if event.endswith("cache_hits") else None)
+from jaxembed import kernels
+from jaxembed.weights import quant as wq
+rng = np.random.default_rng(0)
+w = rng.standard_normal((64, 256)).astype(np.float32)
+q = wq.repack(gq.quantize(w, Q.Q8_0), Q.Q8_0, (64, 256)).map(jnp.asarray)
+x = jnp.asarray(rng.standard_normal((3, 256)).astype(np.float32))
+out = jax.jit(lambda x, w: kernels.qmatmul(x, w, passes=2) * 2.0)(x, q)
+print(len(hits), np.asarray(out).tobytes().hex())
+"""
+
+
+@needs_kernel
+def test_a_program_with_the_kernel_comes_back_from_the_compilation_cache(tmp_path):
+    import subprocess
+    import sys
+
+    def run() -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-c", CACHE_ROUND_TRIP, str(tmp_path / "xla")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        hits, out = done.stdout.split()
+        return int(hits), out
+
+    (written_hits, written), (read_hits, read) = run(), run()
+    assert written_hits == 0 and read_hits > 0  # the second process compiled nothing
+    assert read == written
