@@ -82,11 +82,49 @@ class GenerationFrontend:
             raise InvalidRequestError("'stop' must be a non-empty string or a list of at most 16 "
                                       "of them", param="stop")
         self.inputs.check_vocab(list(p.stop_token_ids), "stop_token_ids")
+        logit_bias = self._logit_bias(p.logit_bias)
         # A k past the vocabulary keeps every token, as 0 does; capped so it fits the step's
         # int32 row (a larger one failed the engine's thread, and with it every later request).
         top_k = min(max(p.top_k, 0), np.iinfo(np.int32).max)
         return dataclasses.replace(p, top_k=top_k, stop=tuple(p.stop),
-                                   stop_token_ids=tuple(int(i) for i in p.stop_token_ids))
+                                   stop_token_ids=tuple(int(i) for i in p.stop_token_ids),
+                                   logit_bias=logit_bias)
+
+    def _logit_bias(self, raw: Any) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias (token id, as JSON's string key or an int -> bias in [-100,
+        100]; a mapping or pairs) as sorted (id, bias) pairs, every id in the vocabulary."""
+        if raw is None:
+            return ()
+        pairs = list(raw.items()) if isinstance(raw, Mapping) else list(raw)
+        if len(pairs) > sampling.MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"'logit_bias' holds {len(pairs)} tokens; at most {sampling.MAX_LOGIT_BIAS} are "
+                "allowed", param="logit_bias")
+        out: dict[int, float] = {}
+        for pair in pairs:
+            key, value = pair if isinstance(pair, tuple | list) and len(pair) == 2 \
+                else (pair, None)
+            token = key if is_int(key) else (int(key) if isinstance(key, str)
+                                             and key.strip().isdigit() else None)
+            if token is None:
+                raise InvalidRequestError(
+                    f"'logit_bias' keys must be token ids (integers, as strings in JSON); got "
+                    f"{key!r}", param="logit_bias")
+            if not (is_number(value) and -100 <= value <= 100):
+                raise InvalidRequestError(
+                    f"'logit_bias' values must be numbers between -100 and 100; got {value!r} "
+                    f"for token {token}", param="logit_bias")
+            if int(token) in out:
+                raise InvalidRequestError(f"'logit_bias' names token {token} twice",
+                                          param="logit_bias")
+            out[int(token)] = float(value)
+        vocab = self.inputs.vocab_size
+        bad = [t for t in out if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"'logit_bias' names token id {bad[0]}, outside this model's vocabulary "
+                f"[0, {vocab - 1}]", param="logit_bias", code="invalid_token_id")
+        return tuple(sorted(out.items()))
 
     def render_chat(self, messages: object, add_generation_prompt: bool = True,
                     template_kwargs: Mapping[str, Any] | None = None) -> str:

@@ -22,6 +22,9 @@ import numpy as np
 BLOCK = 256  # tokens per block of the two-level draw
 TOP_LOGPROBS = 20  # the most alternatives a response may ask for (OpenAI's limit)
 BISECTION_STEPS = 40  # threshold search: resolution (range) * 2**-40
+# The most (token id, bias) pairs one request's logit_bias holds (OpenAI's limit): each step
+# carries every row's pairs in arrays of this width.
+MAX_LOGIT_BIAS = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k alternatives'
     skip_special_tokens: bool = True
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the model's logits
+    # before anything else looks at them (-100 bans a token, 100 forces it under greedy).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +65,9 @@ def row_arrays(rows: list[tuple[SamplingParams, int, int] | None]) -> dict[str, 
         "presence": np.zeros(n, np.float32), "frequency": np.zeros(n, np.float32),
         "repetition": np.ones(n, np.float32), "seed": np.zeros(n, np.uint32),
         "counter": np.zeros(n, np.int32), "logprobs": np.zeros(n, bool),
+        # A row's logit_bias pairs, then (token 0, bias 0): adding nothing.
+        "bias_ids": np.zeros((n, MAX_LOGIT_BIAS), np.int32),
+        "bias": np.zeros((n, MAX_LOGIT_BIAS), np.float32),
     }
     for i, row in enumerate(rows):
         if row is None:
@@ -74,7 +83,18 @@ def row_arrays(rows: list[tuple[SamplingParams, int, int] | None]) -> dict[str, 
         out["seed"][i] = seed
         out["counter"][i] = counter
         out["logprobs"][i] = p.logprobs is not None
+        if p.logit_bias:
+            ids, values = zip(*p.logit_bias, strict=True)
+            out["bias_ids"][i, : len(ids)] = ids
+            out["bias"][i, : len(ids)] = values
     return out
+
+
+def add_bias(logits: jax.Array, rows: dict[str, jax.Array]) -> jax.Array:
+    """logits [B, V] with each row's logit_bias added ([B, MAX_LOGIT_BIAS] ids and values; a
+    row's unused entries add 0 to token 0)."""
+    b = logits.shape[0]
+    return logits.at[jnp.arange(b)[:, None], rows["bias_ids"]].add(rows["bias"])
 
 
 def penalize(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str, jax.Array]
@@ -145,9 +165,11 @@ def _draw(p: jax.Array, u: jax.Array) -> jax.Array:
 def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str, jax.Array]
            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Next tokens [B], their logprobs [B], and the top alternatives (ids, logprobs)
-    [B, TOP_LOGPROBS]. Logprobs are the model's own (before penalties and temperature), and zero
+    [B, TOP_LOGPROBS]. Logprobs are those of the model's logits with the row's logit_bias added,
+    as OpenAI's are (a banned token's falls with it), before penalties and temperature; zero
     unless some row asked for them."""
     b, v = logits.shape
+    logits = add_bias(logits, rows)
     any_penalty = jnp.any((rows["repetition"] != 1) | (rows["frequency"] != 0)
                           | (rows["presence"] != 0))
     z = jax.lax.cond(any_penalty, lambda: penalize(logits, counts, seen, rows), lambda: logits)

@@ -62,8 +62,6 @@ def _unsupported(param: str, why: str) -> InvalidRequestError:
 
 def _sampling(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
               max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    if req.logit_bias:
-        raise _unsupported("logit_bias", "'logit_bias' is not supported; leave it out")
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError("'stream_options' is only allowed with 'stream': true",
                                   param="stream_options")
@@ -74,7 +72,8 @@ def _sampling(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, seed=req.seed, n=req.n, stop=tuple(stop),
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-        logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+        logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+        logit_bias=req.logit_bias)
     if max_tokens is not None:
         fields["max_tokens"] = max_tokens
     return engine.sampling_params(**fields)

@@ -15,7 +15,7 @@ import msgspec
 from litestar.openapi.spec import Reference, Schema
 
 from jaxembed.generation import CHAT_ROLES, RESERVED_TEMPLATE_NAMES
-from jaxembed.sampling import TOP_LOGPROBS
+from jaxembed.sampling import MAX_LOGIT_BIAS, TOP_LOGPROBS
 
 from .completions import DEFAULT_COMPLETION_TOKENS, MAX_COMPLETION_LOGPROBS
 from .openapi import (
@@ -98,8 +98,14 @@ def _sampling_properties(max_tokens: str) -> dict[str, Schema]:
                                      "settings give the same text, alone or among other "
                                      "requests. Unset: random."),
         "user": optional(Schema(type=STRING), UNUSED),
-        "logit_bias": optional(Schema(type=OBJECT, max_properties=0),
-                               "Not supported: only an empty object (or null) is accepted."),
+        "logit_bias": optional(
+            Schema(type=OBJECT, max_properties=MAX_LOGIT_BIAS,
+                   property_names=Schema(type=STRING, pattern=r"^[0-9]+$"),
+                   additional_properties=_number(minimum=-100, maximum=100)),
+            f"Token id (as a string) -> a bias in [-100, 100] added to that token's logit "
+            f"before sampling and before log-probabilities are taken, as OpenAI does: -100 "
+            f"bans the token, 100 makes it all but certain. At most {MAX_LOGIT_BIAS} tokens, "
+            f"each in the vocabulary."),
         "top_k": _integer(minimum=-1, description="Draw only from the k likeliest tokens; 0 or "
                                                   "-1 (or k at least the vocabulary) is off."),
         "min_p": _number(minimum=0, maximum=1, description=(

@@ -55,6 +55,53 @@ def greedy(engine: Engine, prompt: str, n: int = 12) -> list[int]:
 # ---- the engine ----------------------------------------------------------------------------
 
 
+def test_logit_bias_bans_and_forces_tokens(smollm2_engine: Engine) -> None:
+    """-100 bans a token: greedy text goes around it; 100 forces one under greedy decoding."""
+    prompt = "The capital of France is"
+    plain = greedy(smollm2_engine, prompt)
+    banned = plain[0]
+    around = smollm2_engine.generate(prompt, temperature=0, max_tokens=12, ignore_eos=True,
+                                     logit_bias={str(banned): -100}).choices[0].token_ids
+    assert around[0] != banned and banned not in around
+    forced = 1234
+    assert forced not in plain
+    got = smollm2_engine.generate(prompt, temperature=0, max_tokens=6, ignore_eos=True,
+                                  logit_bias={forced: 100}).choices[0].token_ids
+    assert got == [forced] * 6
+    # Sampled too: a banned token is never drawn, whatever the seed.
+    for seed in range(4):
+        drawn = smollm2_engine.generate(prompt, temperature=1.0, seed=seed, max_tokens=8,
+                                        logit_bias={str(banned): -100}).choices[0].token_ids
+        assert banned not in drawn
+
+
+def test_logprobs_are_taken_after_the_bias(smollm2_engine: Engine) -> None:
+    """As OpenAI's: a token's logprob is that of the biased logits (before penalties and
+    temperature), so a forced token's is near 0 and a banned one leaves the top alternatives."""
+    prompt = "The capital of France is"
+    first = smollm2_engine.generate(prompt, temperature=0, max_tokens=1, logprobs=20)
+    token = first.choices[0].token_ids[0]
+    assert 1234 not in [t for t, _ in first.choices[0].logprobs[0].top]  # unlikely unbiased
+    forced = smollm2_engine.generate(prompt, temperature=0, max_tokens=1, logprobs=5,
+                                     logit_bias={1234: 100}).choices[0]
+    assert forced.token_ids == [1234] and forced.logprobs[0].logprob > -1e-3
+    banned = smollm2_engine.generate(prompt, temperature=0, max_tokens=1, logprobs=20,
+                                     logit_bias={token: -100}).choices[0]
+    assert token not in [t for t, _ in banned.logprobs[0].top]
+
+
+def test_a_biased_stream_leaves_the_others_in_its_step_alone(smollm2_engine: Engine) -> None:
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    alone = [greedy(smollm2_engine, p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        free = pool.submit(greedy, smollm2_engine, prompts[1])
+        biased = pool.submit(lambda: smollm2_engine.generate(
+            prompts[0], temperature=0, max_tokens=12, ignore_eos=True,
+            logit_bias={alone[0][0]: -100}).choices[0].token_ids)
+        assert free.result() == alone[1]
+        assert biased.result()[0] != alone[0][0]
+
+
 def test_concurrent_requests_get_what_they_get_alone(smollm2_engine: Engine) -> None:
     e = smollm2_engine
     lengths = [6, 14, 9, 20, 3, 11, 16, 8]  # they finish at different steps
@@ -418,7 +465,15 @@ BAD = [
     ("completions", {"prompt": "fox " * 3000}, "prompt"),
     ("completions", {"prompt": "hi", "stop": [""]}, "stop"),
     ("completions", {"prompt": "hi", "suffix": "x"}, "suffix"),
-    ("completions", {"prompt": "hi", "logit_bias": {"1": 5}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {"1": 101}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {"1": -100.5}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {"one": 5}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {"-1": 5}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {"49152": 5}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {"1": "5"}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}},
+     "logit_bias"),
+    ("chat/completions", {"messages": CHAT, "logit_bias": {"1": 1e9}}, "logit_bias"),
     ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
      "stream_options"),
     ("completions", {"prompt": "hi", "bogus": 1}, "bogus"),
