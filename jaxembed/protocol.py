@@ -23,6 +23,12 @@ RawInput = str | list[str | int | list[int]]
 class EncodingFormat(enum.StrEnum):
     Float = "float"
     Base64 = "base64"  # little-endian float32 bytes, base64-encoded
+    # A bit per component, set where it is positive, packed 8 to a byte (the first component in
+    # the high bit; zeros pad the last byte), base64-encoded: sentence-transformers'
+    # `quantize_embeddings` precisions and Cohere's embedding types of these names. "ubinary"
+    # sends the bytes as they are (uint8); "binary" each minus 128 (int8).
+    Binary = "binary"
+    UBinary = "ubinary"
 
 
 class EmbeddingType(enum.StrEnum):
@@ -207,7 +213,17 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
+def pack_signs(vec: np.ndarray, signed: bool) -> np.ndarray:
+    """[D] float -> [ceil(D / 8)] bytes of sign bits, as sentence-transformers packs them:
+    uint8, or with `signed` int8 (each byte minus 128)."""
+    packed = np.packbits(vec > 0)
+    return (packed.astype(np.int16) - 128).astype(np.int8) if signed else packed
+
+
 def encode_vector(vec: np.ndarray, fmt: EncodingFormat) -> list[float] | str:
     if fmt == EncodingFormat.Base64:
         return base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode("ascii")
+    if fmt in (EncodingFormat.Binary, EncodingFormat.UBinary):
+        packed = pack_signs(vec, signed=fmt == EncodingFormat.Binary)
+        return base64.b64encode(packed.tobytes()).decode("ascii")
     return vec.tolist()

@@ -150,7 +150,10 @@ def embedding_request_schema() -> Schema:
         "model": model_schema(),
         "encoding_format": _enum(
             "encoding_format", "'float' for JSON numbers; 'base64' for little-endian float32 "
-            "bytes, base64-encoded."),
+            "bytes, base64-encoded; 'ubinary' and 'binary' for one sign bit per component "
+            "(set where it is positive), packed 8 to a byte with the first component in the "
+            "high bit, base64-encoded: as uint8 bytes, or as int8 (each byte minus 128), as "
+            "sentence-transformers' quantize_embeddings gives them."),
         "embedding_type": _enum(
             "embedding_type", "Pooling of the final hidden states: 'mean' over all tokens, the "
             "'last' token's state, or 'cls' (the first token's; bidirectional models only). "

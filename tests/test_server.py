@@ -129,6 +129,25 @@ def test_base64_is_little_endian_float32(client: TestClient, tiny_engine: Engine
     assert_close(vectors(b64), vectors(embed(client, input=TEXTS)))
 
 
+@pytest.mark.parametrize("dimensions", [None, 20])  # 20: the last byte padded with zeros
+@pytest.mark.parametrize("precision", ["binary", "ubinary"])
+def test_binary_formats_are_sentence_transformers_packed_signs(
+        client: TestClient, tiny_engine: Engine, precision: str, dimensions: int | None) -> None:
+    from sentence_transformers.quantization import quantize_embeddings
+
+    fields = {} if dimensions is None else {"dimensions": dimensions}
+    floats = vectors(embed(client, input=TEXTS, **fields))
+    body = embed(client, input=TEXTS, encoding_format=precision, **fields)
+    dtype = np.int8 if precision == "binary" else np.uint8
+    got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype)
+                    for d in body["data"]])
+    want = quantize_embeddings(floats, precision=precision)
+    size = -(-(dimensions or tiny_engine.embedding_size) // 8)
+    assert got.shape == want.shape == (len(TEXTS), size) and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    assert len({row.tobytes() for row in got}) == len(TEXTS)  # the texts' bits differ
+
+
 def test_four_input_forms(client: TestClient, tiny_engine: Engine) -> None:
     want = tiny_engine.encode(TEXTS)
     ids = tiny_engine.tokenize(TEXTS)
