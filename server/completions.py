@@ -154,8 +154,10 @@ class Completions:
                            else req.max_tokens, req.logprobs)
         prompts = _prompts(req.prompt)
         ids = [await asyncio.to_thread(engine.prepare_prompt, p) for p in prompts]
-        echoes = [engine.tokenizer.decode(list(map(int, i)), skip_special_tokens=True)
-                  if req.echo else "" for i in ids]
+        # The prompt as sent: a text as it is (the tokenizer's round trip may differ, and a
+        # special token written in it stays), token ids decoded as the request decodes text.
+        echoes = [("" if not req.echo else p if isinstance(p, str) else engine.tokenizer.decode(
+            list(map(int, p)), skip_special_tokens=req.skip_special_tokens)) for p in prompts]
         streams: list[GenerationStream] = []
         try:
             for i in ids:

@@ -373,6 +373,22 @@ def test_openai_completions_several_prompts_and_echo(oai: openai.OpenAI) -> None
     assert by_index[0] == by_index[1]  # greedy: both choices agree
 
 
+def test_echo_is_the_prompt_as_sent(client: TestClient, smollm2_engine: Engine) -> None:
+    """A text comes back exactly (a special token written in it too); token ids come back
+    decoded, their special tokens kept when skip_special_tokens is false."""
+    def echoed(prompt: object, **fields: Any) -> str:
+        body = {"prompt": prompt, "echo": True, "max_tokens": 1, "temperature": 0, **fields}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    for text in ["<|im_start|>Hello,", "  Naïve   café 🙂\n\tdone"]:
+        assert echoed(text).startswith(text)
+    ids = smollm2_engine.tokenizer.encode("<|im_start|>Hello,", add_special_tokens=False).ids
+    assert echoed(ids, skip_special_tokens=False).startswith("<|im_start|>Hello,")
+    assert echoed(ids).startswith("Hello,")
+
+
 def test_openai_chat(oai: openai.OpenAI, smollm2_engine: Engine) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     r = oai.chat.completions.create(model="default", messages=messages, temperature=0,
