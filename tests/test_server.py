@@ -223,7 +223,7 @@ def test_openapi_documents_the_request_body(client: TestClient) -> None:
     assert [f["type"] for f in forms] == ["string", "array", "array", "array"]
     assert [f.get("items", {}).get("type") for f in forms] == [None, "string", "integer", "array"]
     assert forms[3]["items"]["items"]["type"] == "integer"
-    assert schema["properties"]["encoding_format"]["enum"] == ["float", "base64"]
+    assert schema["properties"]["encoding_format"]["enum"] == ["float", "base64", "binary", "ubinary"]
     assert "200" in op["responses"] and "400" in op["responses"]
 
 
