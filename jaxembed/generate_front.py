@@ -69,7 +69,9 @@ class GenerationFrontend:
              and 0 < p.repetition_penalty <= 100, "a number above 0 (1 is off)"),
             ("n", is_int(p.n) and 1 <= p.n <= self.max_num_seqs,
              f"an integer between 1 and {self.max_num_seqs} (this server's slots)"),
-            ("seed", p.seed is None or is_int(p.seed), "an integer"),
+            # As vLLM: a seed is a signed 64-bit integer, whatever JSON can carry.
+            ("seed", p.seed is None or (is_int(p.seed) and -2**63 <= p.seed < 2**63),
+             "a signed 64-bit integer"),
             ("logprobs", p.logprobs is None or (is_int(p.logprobs)
                                                 and 0 <= p.logprobs <= sampling.TOP_LOGPROBS),
              f"an integer between 0 and {sampling.TOP_LOGPROBS}"),

@@ -94,9 +94,9 @@ def _sampling_properties(max_tokens: str) -> dict[str, Schema]:
         "frequency_penalty": _number(
             minimum=-2, maximum=2, description="Lowers (or, negative, raises) the logits of the "
                                                "tokens generated so far by this much per use."),
-        "seed": optional(_integer(), "Makes sampling repeatable: the same seed, prompt and "
-                                     "settings give the same text, alone or among other "
-                                     "requests. Unset: random."),
+        "seed": optional(_integer(minimum=-2**63, maximum=2**63 - 1),
+                         "Makes sampling repeatable: the same seed, prompt and settings give "
+                         "the same text, alone or among other requests. Unset: random."),
         "user": optional(Schema(type=STRING), UNUSED),
         "logit_bias": optional(
             Schema(type=OBJECT, max_properties=MAX_LOGIT_BIAS,

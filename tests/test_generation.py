@@ -475,6 +475,8 @@ BAD = [
     ("completions", {"prompt": "hi", "top_p": 1.5}, "top_p"),
     ("completions", {"prompt": "hi", "n": 0}, "n"),
     ("completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ("completions", {"prompt": "hi", "seed": 2**63}, "seed"),
+    ("chat/completions", {"messages": CHAT, "seed": -2**63 - 1}, "seed"),
     ("completions", {"prompt": ""}, "prompt"),
     ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": [10**9]}, "prompt"),
