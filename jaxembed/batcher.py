@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from jaxembed.runner import ModelRunner
-from jaxembed.scheduler import Buckets, plan_step
+from jaxembed.scheduler import Buckets, plan_step, plan_token_step
 from jaxembed.stats import EngineStats, StatsRecorder
-from jaxembed.steps import EmbedStep
-from jaxembed.work import EmbeddingWork
+from jaxembed.steps import EmbedStep, TokenStep
+from jaxembed.work import EmbeddingWork, Output, PromptScores
 
 log = logging.getLogger("jaxembed.batcher")
 
@@ -36,9 +36,9 @@ log = logging.getLogger("jaxembed.batcher")
 class _InFlight:
     """A dispatched step, its requests and its device output, not yet read back."""
 
-    step: EmbedStep
+    step: EmbedStep | TokenStep
     works: dict[int, EmbeddingWork]
-    pooled: Any  # [slots, D] on the device
+    pooled: Any  # [slots, D] on the device; a TokenStep's outputs for one
     start: float
 
 
@@ -94,20 +94,30 @@ class EmbeddingBatcher:
         dispatched before it."""
         previous, self._inflight = self._inflight, None
         if self._waiting:
-            skips, pooling = {}, {}
-            for sid, _ in self._waiting:
+            # A step gives one kind of output: the oldest waiting sequence's, so none waits
+            # behind a stream of another kind.
+            kind = self._pending[self._waiting[0][0]][0].output
+            batch, skips, pooling = [], {}, {}
+            for sid, seq in self._waiting:
                 work, i = self._pending[sid]
+                if work.output is not kind:
+                    continue
+                batch.append((sid, seq))
                 pooling[sid] = work.pooling
                 if work.skip is not None and work.skip[i]:
                     skips[sid] = work.skip[i]
-            step, left = plan_step(self._waiting, self.buckets, skips, pooling)
-            left_ids = set(left)
-            self._waiting = [w for w in self._waiting if w[0] in left_ids]
+            step: EmbedStep | TokenStep
+            if kind is Output.POOLED:
+                step, _ = plan_step(batch, self.buckets, skips, pooling)
+            else:
+                step, _ = plan_token_step(batch, self.buckets, skips, kind is Output.SCORES)
+            planned = set(step.sequences)
+            self._waiting = [w for w in self._waiting if w[0] not in planned]
             self._inflight = self._dispatch(step)
         if previous is not None:
             self._finish(previous)
 
-    def _dispatch(self, step: EmbedStep) -> _InFlight | None:
+    def _dispatch(self, step: EmbedStep | TokenStep) -> _InFlight | None:
         start = time.perf_counter()
         pending = self._pending
         works = {id(pending[s][0]): pending[s][0] for s in step.sequences}
@@ -120,7 +130,8 @@ class EmbeddingBatcher:
             self._fail(step, works, e)
             return None
 
-    def _fail(self, step: EmbedStep, works: dict[int, EmbeddingWork], e: Exception) -> None:
+    def _fail(self, step: EmbedStep | TokenStep, works: dict[int, EmbeddingWork],
+              e: Exception) -> None:
         log.exception("step %s failed", step.tokens.shape)
         for s in step.sequences:
             self._pending.pop(s, None)
@@ -131,7 +142,7 @@ class EmbeddingBatcher:
     def _finish(self, flight: _InFlight) -> None:
         step, works, start, pending = flight.step, flight.works, flight.start, self._pending
         try:
-            pooled = np.asarray(flight.pooled)  # [slots, D]: one vector a sequence
+            results = _results(step, flight.pooled)
         except Exception as e:
             self._fail(step, works, e)
             return
@@ -139,7 +150,7 @@ class EmbeddingBatcher:
         completed = 0
         for slot, s in enumerate(step.sequences):
             work, i = pending.pop(s)
-            work.out[i] = pooled[slot]
+            work.out[i] = results[slot]
             work.remaining -= 1
             if work.remaining == 0 and not work.future.done():
                 work.future.timing.finished = finished
@@ -158,3 +169,19 @@ class EmbeddingBatcher:
             st.step_requests.observe(len(works))
             st.step_tokens.observe(step.real_tokens)
         self.stats.update(count)
+
+
+def _results(step: EmbedStep | TokenStep, out: Any) -> Any:
+    """A step's device output, read back, as one result a sequence (in slot order)."""
+    if isinstance(step, EmbedStep):
+        return np.asarray(out)  # [slots, D]: one vector a sequence
+    spans = step.spans
+    if not step.score:
+        hidden = np.asarray(out)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [B * T, D]
+        return [flat[a : a + n].copy() for a, n in spans]
+    lp, ids, top_lp = (np.asarray(x) for x in out)
+    k = ids.shape[-1]
+    lp, ids, top_lp = lp.reshape(-1), ids.reshape(-1, k), top_lp.reshape(-1, k)
+    return [PromptScores(lp[a : a + n].copy(), ids[a : a + n].copy(), top_lp[a : a + n].copy())
+            for a, n in spans]

@@ -175,6 +175,20 @@ class EmbeddingFrontend:
                 "about the rest of the input; use 'mean' or 'last'", param="embedding_type",
                 code="unsupported_value")
         normalize = first(request.normalize, d.normalize, md.normalize, False)
+        if pooling == EmbeddingType.None_:
+            # Every token's final hidden state, as it is (the model's Dense modules and its
+            # normalization are for pooled vectors): what llama.cpp's pooling "none" returns.
+            normalize = first(request.normalize, False)
+            if fmt != EncodingFormat.Float:
+                raise InvalidRequestError(
+                    "'embedding_type' 'none' returns a vector a token, as nested lists of floats;"
+                    f" 'encoding_format' {fmt.value!r} encodes one vector an input: use 'float'",
+                    param="encoding_format", code="unsupported_value")
+            if request.dimensions is not None:
+                raise InvalidRequestError(
+                    "'dimensions' cuts a pooled vector; 'embedding_type' 'none' returns every "
+                    "token's whole hidden state: leave 'dimensions' out", param="dimensions",
+                    code="unsupported_value")
         if not isinstance(normalize, bool):
             raise InvalidRequestError(
                 f"'normalize' must be true or false; got {normalize!r}", param="normalize",
@@ -400,26 +414,34 @@ class EmbeddingFrontend:
                 param="input", code="request_too_large")
         return prepared
 
-    def finish(self, options: EmbeddingOptions, vectors: np.ndarray) -> np.ndarray:
+    def finish(self, options: EmbeddingOptions, vectors: np.ndarray | list[np.ndarray]
+               ) -> np.ndarray | list[np.ndarray]:
         """Run the model's Dense modules (float32), cut to `dimensions`, then normalize if asked:
-        a cut vector is re-normalized."""
+        a cut vector is re-normalized. Token states (pooling "none", a [tokens, D] array an
+        input) are only normalized, each, if asked."""
+        if options.pooling == EmbeddingType.None_:
+            return [_normalized(v) if options.normalize else v for v in vectors]
         if self.sentence_transformers is not None:
             vectors = self.sentence_transformers.project(vectors)
         if options.dimensions is not None:
             vectors = vectors[:, : options.dimensions]
-        if options.normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
-        return vectors
+        return _normalized(vectors) if options.normalize else vectors
 
-    def response(self, options: EmbeddingOptions, prepared: PreparedInput, vectors: np.ndarray
-                  ) -> EmbeddingResponse:
+    def response(self, options: EmbeddingOptions, prepared: PreparedInput,
+                 vectors: np.ndarray | list[np.ndarray]) -> EmbeddingResponse:
         vectors = self.finish(options, vectors)
-        data = [EmbeddingData(embedding=encode_vector(v, options.encoding_format), index=i)
+        data = [EmbeddingData(embedding=v.tolist() if v.ndim == 2 else
+                              encode_vector(v, options.encoding_format), index=i)
                 for i, v in enumerate(vectors)]
         n = prepared.prompt_tokens
         return EmbeddingResponse(data=data, model=options.model,
                                  usage=Usage(prompt_tokens=n, total_tokens=n))
+
+
+def _normalized(vectors: np.ndarray) -> np.ndarray:
+    """Each row [..., D] scaled to unit L2 norm (a zero row stays zero)."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -27,7 +27,7 @@ from jaxembed import memory, multihost
 from jaxembed.core import EngineCore, paused, unavailable
 from jaxembed.embed_front import DEFAULT_ALIAS, EmbeddingFrontend, EmbeddingOptions, PreparedInput
 from jaxembed.generate_front import GenerationFrontend
-from jaxembed.generation import GenerationResult, GenerationStream
+from jaxembed.generation import GenerationResult, GenerationStream, TokenLogprob
 from jaxembed.inputs import InputProcessor
 from jaxembed.options import EngineOptions
 from jaxembed.plan import ExecutionPlan
@@ -42,7 +42,7 @@ from jaxembed.protocol import (
     TokenizeResponse,
 )
 from jaxembed.runner import ModelRunner, copies_bytes
-from jaxembed.sampling import SamplingParams
+from jaxembed.sampling import TOP_LOGPROBS, SamplingParams
 from jaxembed.scheduler import Buckets
 from jaxembed.sharding import ShardingPlan
 from jaxembed.st_config import read_sentence_transformers
@@ -263,13 +263,34 @@ class Engine:
         running, and EngineUnavailableError once shutdown has begun."""
         if skip is not None and len(skip) != len(sequences):
             raise ValueError("skip needs one count per sequence")
+        pooling = EmbeddingType(pooling)
         fut = EmbeddingFuture()
-        work = EmbeddingWork(list(sequences), EmbeddingType(pooling), fut,
-                             np.empty((len(sequences), self.hidden_size), np.float32),
-                             len(sequences),
+        out: np.ndarray | list[Any] = (
+            [None] * len(sequences) if pooling == EmbeddingType.None_
+            else np.empty((len(sequences), self.hidden_size), np.float32))
+        work = EmbeddingWork(list(sequences), pooling, fut, out, len(sequences),
                              None if skip is None or not any(skip) else [int(n) for n in skip])
         self._core().submit(work)
         return fut
+
+    def submit_scores(self, sequences: list[np.ndarray]) -> EmbeddingFuture:
+        """Queue token-id sequences to be scored, as a prompt is for `echo` with `logprobs`: the
+        future gives a `PromptScores` a sequence (each token's log-probability given those
+        before it, and the likeliest tokens at its place). Prefill-only, in the embedding steps;
+        raises as `submit` does."""
+        fut = EmbeddingFuture()
+        work = EmbeddingWork(list(sequences), EmbeddingType.Mean, fut, [None] * len(sequences),
+                             len(sequences), scores=True)
+        self._core().submit(work)
+        return fut
+
+    def prompt_logprobs(self, prompt: str | Sequence[int], top: int = TOP_LOGPROBS
+                        ) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given those before it, with the `top` likeliest
+        tokens at its place; None for the first token, which nothing comes before. The prompt
+        is tokenized as a completion's is."""
+        ids = self.prepare_prompt(prompt)
+        return [None, *self.submit_scores([ids]).result()[0].entries(ids, top)]
 
     def embed(self, request: EmbeddingRequest | str | list, **fields: Any) -> EmbeddingResponse:
         """Embed synchronously."""
@@ -301,12 +322,18 @@ class Engine:
         return response, future.timing
 
     def encode(self, texts: str | Sequence[str], embedding_type: EmbeddingType | str | None = None,
-               *, normalize: bool | None = None, truncate_prompt_tokens: int | None = None,
-               dimensions: int | None = None, prompt_name: str | None = None,
-               instruction: str | None = None, input_type: InputType | str | None = None
-               ) -> np.ndarray:
+               *, pooling: EmbeddingType | str | None = "default", normalize: bool | None = None,
+               truncate_prompt_tokens: int | None = None, dimensions: int | None = None,
+               prompt_name: str | None = None, instruction: str | None = None,
+               input_type: InputType | str | None = None) -> np.ndarray | list[np.ndarray]:
         """Embeddings as a float32 array [len(texts), size] (for notebooks). Unset options take
-        the server's defaults, then the model's, as requests do."""
+        the server's defaults, then the model's, as requests do.
+
+        `pooling=None` (or `embedding_type="none"`): no pooling, every token's final hidden state
+        instead, a float32 [tokens, hidden] array a text (one array for one text), for late
+        interaction and analysis. `pooling` otherwise names an embedding type too."""
+        if pooling != "default":
+            embedding_type = EmbeddingType.None_ if pooling is None else pooling
         single = isinstance(texts, str)
         request = EmbeddingRequest(input=[texts] if single else list(texts),
                                    embedding_type=embedding_type,  # type: ignore[arg-type]

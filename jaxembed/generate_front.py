@@ -146,18 +146,23 @@ class GenerationFrontend:
         return self.prompt(self.render_chat(messages, add_generation_prompt, template_kwargs),
                            add_special_tokens=False, param="messages")
 
+    def check_length(self, prompt: np.ndarray, max_tokens: int) -> None:
+        """Refuse a prompt whose tokens and `max_tokens` together pass the context."""
+        n = len(prompt)
+        if n + max_tokens > self.max_model_len:
+            room = self.max_model_len - n
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens and 'max_tokens' is {max_tokens}: together "
+                f"more than this model's context of {self.max_model_len} tokens; "
+                + (f"ask for at most {room} tokens" if room > 0 else "shorten the prompt"),
+                param="max_tokens" if room > 0 else "prompt", code="context_length_exceeded")
+
     def request(self, prompt: np.ndarray, params: SamplingParams,
                 loop: asyncio.AbstractEventLoop | None = None) -> GenerationWork:
         """The work for a validated prompt and settings; its stream yields the deltas (from a
         thread, or on `loop`). Refuses a prompt and `max_tokens` past the context."""
         n = len(prompt)
-        if n + params.max_tokens > self.max_model_len:
-            room = self.max_model_len - n
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens and 'max_tokens' is {params.max_tokens}: together "
-                f"more than this model's context of {self.max_model_len} tokens; "
-                + (f"ask for at most {room} tokens" if room > 0 else "shorten the prompt"),
-                param="max_tokens" if room > 0 else "prompt", code="context_length_exceeded")
+        self.check_length(prompt, params.max_tokens)
         stream = GenerationStream(params.n, n, loop)
         base = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         # Each choice has its own stream of random numbers, fixed by the seed and its index.

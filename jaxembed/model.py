@@ -393,6 +393,39 @@ def logits(params: Params, hidden: jax.Array, cfg: ModelConfig, head: jax.Array 
     return out
 
 
+SCORE_CHUNK = 512  # tokens whose logits are held at once: [512, V] float32 is 100 MB at V=49k
+
+
+def token_scores(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 targets: jax.Array, cfg: ModelConfig, top: int,
+                 plan: ExecutionPlan | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What the model gives each token's next place: the log-probability of `targets` there,
+    float32 [B, T], and the `top` most likely tokens, int32 [B, T, top], with theirs, float32
+    [B, T, top]. The model's own distribution (no sampling settings), as a prompt is scored.
+
+    The logits of a step's tokens are made `SCORE_CHUNK` at a time: all of them at once would be
+    [B * T, V] float32 (400 MB for 2,048 tokens over a 49k vocabulary)."""
+    hidden = forward(params, tokens, positions, segment_ids, cfg, plan)
+    b, t, d = hidden.shape
+    n = b * t
+    c = min(SCORE_CHUNK, n)
+    pad = -n % c
+    flat = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, c, d)
+    goal = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, c)
+
+    def chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        h, y = args  # [c, D], [c]
+        lp = jax.nn.log_softmax(logits(params, h, cfg), -1)  # [c, V]
+        top_lp, top_ids = jax.lax.top_k(lp, min(top, lp.shape[-1]))
+        return jnp.take_along_axis(lp, y[:, None], -1)[:, 0], top_ids, top_lp
+
+    lp, ids, top_lp = jax.lax.map(chunk, (flat, goal))
+    k = ids.shape[-1]
+    return (lp.reshape(-1)[:n].reshape(b, t), ids.reshape(-1, k)[:n].reshape(b, t, k),
+            top_lp.reshape(-1, k)[:n].reshape(b, t, k))
+
+
 def pooled(params: Params, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
            seq_index: jax.Array, pick_index: jax.Array, cfg: ModelConfig,
            plan: ExecutionPlan | None = None) -> jax.Array:

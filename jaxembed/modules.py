@@ -86,6 +86,12 @@ class Decoder(nnx.Module):
         return model.pooled(self.params(), tokens, positions, segment_ids, seq_index,
                             pick_index, self.config, self.plan)
 
+    def token_scores(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                     targets: jax.Array, top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Each packed token's next-token log-probabilities (see `model.token_scores`)."""
+        return model.token_scores(self.params(), tokens, positions, segment_ids, targets,
+                                  self.config, top, self.plan)
+
     def prefill(self, cache: KVCache, tokens: jax.Array, positions: jax.Array,
                 segment_ids: jax.Array, slots: jax.Array, last_col: jax.Array
                 ) -> tuple[KVCache, jax.Array]:

@@ -37,6 +37,9 @@ class EmbeddingType(enum.StrEnum):
     Mean = "mean"  # over every token fed to the model
     Last = "last"  # the last real token
     Cls = "cls"  # the first token: meaningful only where it attends to the whole input
+    # No pooling: every token's final hidden state, [tokens, D] an input (llama.cpp's pooling
+    # "none"), for late interaction and analysis.
+    None_ = "none"
 
 
 class InputType(enum.StrEnum):
@@ -110,7 +113,7 @@ class EmbeddingDefaults:
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
     object: str = "embedding"
-    embedding: list[float] | str
+    embedding: list[float | list[float]] | str  # a vector a token for embedding_type "none"
     index: int
 
 

@@ -27,7 +27,7 @@ from jaxembed.kv_cache import KVCache
 from jaxembed.layers import PROJECTIONS
 from jaxembed.plan import PER_LAYER, ExecutionPlan
 from jaxembed.sharding import ShardingPlan, cache_sharding, replicated
-from jaxembed.steps import DecodeStep, EmbedStep, PrefillStep, Step, from_message
+from jaxembed.steps import DecodeStep, EmbedStep, PrefillStep, Step, TokenStep, from_message
 
 log = logging.getLogger("jaxembed.runner")
 
@@ -116,11 +116,14 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._on_compile = on_compile
         self._pooled = jax.jit(self._pooled_fn)
+        self._hidden = jax.jit(self._hidden_fn)
+        self._scores = jax.jit(self._scores_fn)
         # The state is donated: XLA updates the cache in place instead of copying it each step.
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(3,), static_argnames=("kv_len",))
         self._apply: dict[type, Callable[[Any], Any]] = {
-            EmbedStep: self._run_embed, PrefillStep: self._run_prefill,
+            EmbedStep: self._run_embed, TokenStep: self._run_tokens,
+            PrefillStep: self._run_prefill,
             DecodeStep: self._run_decode}
 
     @property
@@ -136,8 +139,8 @@ class ModelRunner:
 
     def run(self, step: Step) -> Any:
         """Run one step: an EmbedStep gives each sequence's pooled state [slots, D] (as its
-        request pools it); a prefill or decode step (token, its logprob, top ids, top logprobs)
-        per row: device arrays the caller reads when it needs them."""
+        request pools it); a TokenStep every token's state or scores (see `TokenStep`); a
+        prefill or decode step (token, its logprob, top ids, top logprobs) per row: device arrays the caller reads when it needs them."""
         with self._lock:
             if self.leader:
                 kind, arrays, static = step.message()
@@ -219,6 +222,19 @@ class ModelRunner:
         return self._replicate(decoder.pooled(tokens, positions, segment_ids, seq_index,
                                               pick_index))
 
+    def _hidden_fn(self, params: Any, tokens: jax.Array, positions: jax.Array,
+                   segment_ids: jax.Array) -> jax.Array:
+        self._on_compile()
+        decoder = modules.bind(self._graph, params)
+        return self._replicate(decoder(tokens, positions, segment_ids).astype(jnp.float32))
+
+    def _scores_fn(self, params: Any, tokens: jax.Array, positions: jax.Array,
+                   segment_ids: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
+        self._on_compile()
+        decoder = modules.bind(self._graph, params)
+        return self._replicate(decoder.token_scores(tokens, positions, segment_ids, targets,
+                                                    sampling.TOP_LOGPROBS))
+
     def _prefill_fn(self, params: Any, state: GenerationState, tokens: jax.Array,
                     positions: jax.Array, segment_ids: jax.Array, slots: jax.Array,
                     last_col: jax.Array, rows: dict[str, jax.Array]) -> tuple[Any, ...]:
@@ -253,6 +269,14 @@ class ModelRunner:
 
     def _run_embed(self, step: EmbedStep) -> Any:
         return self._pooled(self.embed_params, *self._put(step.inputs()))
+
+    def _run_tokens(self, step: TokenStep) -> Any:
+        # Hidden states are an embedding's, read through the embedding path's weights; scores
+        # are generation's, read through the weights a prefill reads, so that a prompt's
+        # log-probabilities are the ones its generation would give.
+        if step.score:
+            return self._scores(self.params, *self._put(step.inputs()))
+        return self._hidden(self.embed_params, *self._put(step.inputs()[:3]))
 
     def _run_prefill(self, step: PrefillStep) -> Any:
         a = self._put((step.tokens, step.positions, step.segment_ids, step.slots, step.last_col,

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jaxembed.protocol import EmbeddingType
-from jaxembed.steps import EmbedStep
+from jaxembed.steps import EmbedStep, TokenStep
 
 # Sequences per row are capped so that the per-step pooling outputs have a static size.
 MAX_SEQS_PER_ROW = 64
@@ -140,3 +140,26 @@ def plan_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets,
     step = EmbedStep(tokens, positions, segments, seq_index, pick_index, last_index,
                      first_index, tuple(ids))
     return step, left
+
+
+def plan_token_step(pending: Sequence[tuple[int, np.ndarray]], buckets: Buckets,
+                    skip: Mapping[int, int] | None = None, score: bool = False
+                    ) -> tuple[TokenStep, list[int]]:
+    """`plan_step`'s packing, for sequences that want every token back: their final hidden states
+    (from the first pooled token: a prompt left out of pooling is left out here too) or, with
+    `score`, each token's log-probability given those before it (tokens 1 .. n - 1 of a sequence
+    of n, scored at positions 0 .. n - 2)."""
+    step, left = plan_step(pending, buckets, skip)
+    lengths = {sid: len(seq) for sid, seq in pending}
+    seg = step.segment_ids
+    targets = np.zeros_like(step.tokens)  # [B, T]: the next token of the same sequence
+    targets[:, :-1] = np.where((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0),
+                               step.tokens[:, 1:], 0)
+    spans = []
+    for slot, sid in enumerate(step.sequences):
+        last, first = int(step.last_index[slot]), int(step.first_index[slot])
+        n = lengths[sid]
+        spans.append((last - n + 1, n - 1) if score else (first, last - first + 1))
+    token_step = TokenStep(step.tokens, step.positions, seg, targets, int(score), tuple(spans),
+                           step.sequences)
+    return token_step, left

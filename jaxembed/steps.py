@@ -1,4 +1,5 @@
-"""The three device steps as plain data: an embedding step, a prefill step and a decode step.
+"""The device steps as plain data: an embedding step (one vector a sequence), a token step (every
+token's state or score), a prefill step and a decode step.
 
 Schedulers plan them, the model runner runs them. Each has an empty form (padding only, of a given
 shape: what warm-up compiles) and a message form (a kind, named host arrays and static ints: what
@@ -72,6 +73,49 @@ class EmbedStep:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenStep:
+    """Packed sequences [B, T] run through the model with every token's result coming back: its
+    final hidden state, float32 [B, T, D] (`score` 0), or (`score` 1) the log-probability of
+    `targets` (the token after it in its sequence) and the most likely next tokens: float32
+    [B, T], int32 [B, T, K], float32 [B, T, K]. Packed as an EmbedStep is."""
+
+    KIND: ClassVar[str] = "tokens"
+    INPUTS: ClassVar[tuple[str, ...]] = ("tokens", "positions", "segment_ids", "targets")
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    targets: np.ndarray  # the next token in the same sequence; 0 after a sequence's last
+    score: int
+    # Host only, per sequence in slot order: the flat index (row * T + col) of its first
+    # returned token and how many it has.
+    spans: tuple[tuple[int, int], ...] = ()
+    sequences: tuple[int, ...] = ()
+
+    @classmethod
+    def empty(cls, rows: int, length: int, score: int) -> TokenStep:
+        zeros = np.zeros((rows, length), np.int32)
+        return cls(zeros, zeros, zeros, zeros, score)
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segment_ids > 0).sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.tokens.size)
+
+    def inputs(self) -> tuple[np.ndarray, ...]:
+        return tuple(getattr(self, k) for k in self.INPUTS)
+
+    def message(self) -> Message:
+        return self.KIND, {k: getattr(self, k) for k in self.INPUTS}, {"score": self.score}
+
+    @classmethod
+    def from_message(cls, arrays: dict[str, Any], static: dict[str, int]) -> TokenStep:
+        return cls(**{k: arrays[k] for k in cls.INPUTS}, score=static["score"])
+
+
+@dataclasses.dataclass(frozen=True)
 class PrefillStep:
     """One prompt per row [B, T], its keys and values written to cache slot `slots[r]` from
     position 0, and a first token sampled for each row."""
@@ -126,9 +170,9 @@ class DecodeStep:
                    static["kv_len"])
 
 
-Step = EmbedStep | PrefillStep | DecodeStep
-STEP_TYPES: dict[str, type[EmbedStep] | type[PrefillStep] | type[DecodeStep]] = {
-    t.KIND: t for t in (EmbedStep, PrefillStep, DecodeStep)}
+Step = EmbedStep | TokenStep | PrefillStep | DecodeStep
+STEP_TYPES: dict[str, type[EmbedStep] | type[TokenStep] | type[PrefillStep] | type[DecodeStep]] = {
+    t.KIND: t for t in (EmbedStep, TokenStep, PrefillStep, DecodeStep)}
 
 
 def from_message(kind: str, arrays: dict[str, Any], static: dict[str, int]) -> Step:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import enum
 import time
+from typing import Any
 
 import numpy as np
 
-from jaxembed.generation import GenerationStream
+from jaxembed.generation import GenerationStream, TokenLogprob
 from jaxembed.protocol import EmbeddingType
 from jaxembed.sampling import SamplingParams
 from jaxembed.stats import RequestTiming
@@ -28,16 +30,51 @@ class EmbeddingFuture(concurrent.futures.Future):
         self.timing = RequestTiming(time.perf_counter())
 
 
+class Output(enum.Enum):
+    """What a prefill-only sequence gives back."""
+
+    POOLED = "pooled"  # one vector, float32 [D], pooled as its work's `pooling` says
+    HIDDEN = "hidden"  # every pooled token's final hidden state, float32 [tokens, D]
+    SCORES = "scores"  # every token's log-probability given those before it (`PromptScores`)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptScores:
+    """What the model thinks of a prompt, token by token: for each token after the first, its
+    log-probability given the tokens before it, and the most likely tokens at that place."""
+
+    logprobs: np.ndarray  # float32 [n - 1]: of tokens 1 .. n - 1
+    top_ids: np.ndarray  # int32 [n - 1, TOP_LOGPROBS], most likely first
+    top_logprobs: np.ndarray  # float32 [n - 1, TOP_LOGPROBS]
+
+    def entries(self, ids: np.ndarray, top: int) -> list[TokenLogprob]:
+        """Tokens 1 .. n - 1 of `ids` (the scored sequence) as logprob entries, with `top`
+        alternatives each."""
+        lp, tid, tlp = self.logprobs.tolist(), self.top_ids[:, :top].tolist(), \
+            self.top_logprobs[:, :top].tolist()
+        return [TokenLogprob(int(t), lp[j], tuple(zip(tid[j], tlp[j], strict=True)))
+                for j, t in enumerate(ids[1:])]
+
+
 @dataclasses.dataclass
 class EmbeddingWork:
-    """One submitted batch of sequences and where their vectors go."""
+    """One submitted batch of sequences and where their results go."""
 
     sequences: list[np.ndarray]
     pooling: EmbeddingType
     future: EmbeddingFuture
-    out: np.ndarray  # float32 [len(sequences), hidden], filled in as steps finish
+    # POOLED: float32 [len(sequences), hidden]; otherwise a list with an array (HIDDEN) or
+    # PromptScores (SCORES) a sequence. Filled in as steps finish.
+    out: np.ndarray | list[Any]
     remaining: int
     skip: list[int] | None = None  # leading tokens of each sequence left out of its pooling
+    scores: bool = False  # the prompt's token log-probabilities, not its states
+
+    @property
+    def output(self) -> Output:
+        if self.pooling == EmbeddingType.None_:
+            return Output.HIDDEN
+        return Output.SCORES if self.scores else Output.POOLED
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ ends with `data: [DONE]`; usage rides in a last chunk of its own when `stream_op
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -23,6 +24,7 @@ from jaxembed.protocol import (
     split_input,
 )
 from jaxembed.sampling import SamplingParams
+from jaxembed.work import EmbeddingFuture
 
 from .wire import (
     ChatChoice,
@@ -54,6 +56,17 @@ def sse(payload: msgspec.Struct | dict[str, Any]) -> bytes:
 def _usage(prompt: int, completion: int) -> CompletionUsage:
     return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
                            total_tokens=prompt + completion)
+
+
+@dataclasses.dataclass
+class _Started:
+    """A completion request once validated and submitted."""
+
+    model: str
+    streams: list[GenerationStream]  # one a prompt; none when max_tokens 0 scores the prompts
+    echoes: list[str]  # each prompt as sent, or "" without echo
+    ids: list[np.ndarray]  # each prompt's token ids
+    scores: EmbeddingFuture | None  # the prompts' PromptScores, when echo asks for logprobs
 
 
 def _unsupported(param: str, why: str) -> InvalidRequestError:
@@ -139,8 +152,7 @@ class Completions:
 
     # ---- /v1/completions ----
 
-    async def _start_completion(self, req: CompletionRequest
-                                ) -> tuple[str, list[GenerationStream], list[str]]:
+    async def _start_completion(self, req: CompletionRequest) -> _Started:
         engine = self.engine
         model = engine.resolve_model(req.model)
         if req.suffix:
@@ -150,50 +162,99 @@ class Completions:
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise InvalidRequestError(f"'logprobs' must be between 0 and {MAX_COMPLETION_LOGPROBS}"
                                       f"; got {req.logprobs}", param="logprobs")
-        params = _sampling(engine, req, DEFAULT_COMPLETION_TOKENS if req.max_tokens is None
-                           else req.max_tokens, req.logprobs)
+        # max_tokens 0 scores the prompt without generating (as vLLM): only with echo, which
+        # returns the prompt and, with logprobs, its tokens' log-probabilities.
+        if req.max_tokens == 0 and not req.echo:
+            raise InvalidRequestError(
+                "'max_tokens' 0 scores the prompt without generating, which needs 'echo': true "
+                "(with 'logprobs' for the prompt's log-probabilities); otherwise ask for at "
+                "least 1 token", param="max_tokens")
+        score_only = req.max_tokens == 0
+        params = _sampling(engine, req, 1 if score_only else DEFAULT_COMPLETION_TOKENS
+                           if req.max_tokens is None else req.max_tokens, req.logprobs)
         prompts = _prompts(req.prompt)
         ids = [await asyncio.to_thread(engine.prepare_prompt, p) for p in prompts]
+        if score_only:
+            for i in ids:
+                engine.generation.check_length(i, 0)
         # The prompt as sent: a text as it is (the tokenizer's round trip may differ, and a
         # special token written in it stays), token ids decoded as the request decodes text.
         echoes = [("" if not req.echo else p if isinstance(p, str) else engine.tokenizer.decode(
             list(map(int, p)), skip_special_tokens=req.skip_special_tokens)) for p in prompts]
+        # An echoed prompt's log-probabilities come from a prefill-only step of their own,
+        # batched with the embeddings, while the generation runs.
+        scores = engine.submit_scores(ids) if req.echo and req.logprobs is not None else None
         streams: list[GenerationStream] = []
         try:
-            for i in ids:
-                streams.append(self._submit(i, params))
+            if not score_only:
+                for i in ids:
+                    streams.append(self._submit(i, params))
         except EngineError:
             for s in streams:
                 s.cancel()
+            if scores is not None:
+                scores.cancel()
             raise
-        return model, streams, echoes
+        return _Started(model, streams, echoes, ids, scores)
+
+    async def _prompt_logprobs(self, req: CompletionRequest, started: _Started
+                               ) -> list[CompletionLogprobs | None]:
+        """Each echoed prompt's tokens with their log-probabilities (None where not asked)."""
+        if started.scores is None:
+            return [None] * len(started.ids)
+        try:
+            scores = await asyncio.wrap_future(started.scores)
+        finally:
+            started.scores.cancel()  # when the client left first
+        top = req.logprobs or 0
+        out = []
+        for ids, sc in zip(started.ids, scores, strict=True):
+            first = _token_text(self.engine, int(ids[0]))
+            head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None],
+                                      text_offset=[0])
+            out.append(head + self._completion_logprobs(sc.entries(ids, top), len(first)))
+        return out
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
-        model, streams, echoes = await self._start_completion(req)
+        started = await self._start_completion(req)
+        streams = started.streams
         try:
+            prompt_lps = await self._prompt_logprobs(req, started)
             results = [s.collect([d async for d in s]) for s in streams]
         finally:
             # Reading stops at the first stream that fails or is cancelled (the client left):
             # the prompts not yet read must stop too, or they run on and hold their slots.
             for s in streams:
                 s.cancel()
-        return self._completion_response(req, model, results, echoes)
+        return self._completion_response(req, started, results, prompt_lps)
 
-    def _completion_response(self, req: CompletionRequest, model: str,
-                             results: list[GenerationResult], echoes: list[str]
-                             ) -> CompletionResponse:
+    def _completion_response(self, req: CompletionRequest, started: _Started,
+                             results: list[GenerationResult],
+                             prompt_lps: list[CompletionLogprobs | None]) -> CompletionResponse:
+        echoes = started.echoes
         choices = []
+        if not results:  # the prompts scored alone (max_tokens 0)
+            for p in range(len(started.ids)):
+                for c in range(req.n):
+                    choices.append(CompletionChoice(
+                        index=p * req.n + c, text=echoes[p], logprobs=prompt_lps[p],
+                        finish_reason="length"))
+            n = sum(len(i) for i in started.ids)
+            return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                                      model=started.model, choices=choices, usage=_usage(n, 0))
         for p, result in enumerate(results):
             for c in result.choices:
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._completion_logprobs(c.logprobs, len(echoes[p]))
+                    lp = lp if prompt_lps[p] is None else prompt_lps[p] + lp
                 choices.append(CompletionChoice(
-                    index=p * req.n + c.index, text=echoes[p] + c.text,
-                    logprobs=self._completion_logprobs(c.logprobs, len(echoes[p]))
-                    if req.logprobs is not None else None,
+                    index=p * req.n + c.index, text=echoes[p] + c.text, logprobs=lp,
                     finish_reason=c.finish_reason))
         usage = _usage(sum(r.prompt_tokens for r in results),
                        sum(r.completion_tokens for r in results))
         return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
-                                  model=model, choices=choices, usage=usage)
+                                  model=started.model, choices=choices, usage=usage)
 
     def _completion_logprobs(self, entries: Sequence[TokenLogprob], offset: int = 0
                              ) -> CompletionLogprobs:
@@ -210,21 +271,24 @@ class Completions:
 
     async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
         """Validate and start now (errors raise before any byte is sent); iterate for SSE."""
-        model, streams, echoes = await self._start_completion(req)
-        return self._completion_events(req, model, streams, echoes)
+        started = await self._start_completion(req)
+        return self._completion_events(req, started)
 
-    async def _completion_events(self, req: CompletionRequest, model: str,
-                                 streams: list[GenerationStream], echoes: list[str]
+    async def _completion_events(self, req: CompletionRequest, started: _Started
                                  ) -> AsyncIterator[bytes]:
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), started.model
+        streams, echoes = started.streams, started.echoes
         offsets: dict[int, int] = {}
         try:
+            prompt_lps = await self._prompt_logprobs(req, started)
             for p, echo in enumerate(echoes):
                 for j in range(req.n):
-                    if echo:
+                    if echo or prompt_lps[p] is not None:
                         yield sse(CompletionResponse(
                             id=rid, created=created, model=model,
-                            choices=[CompletionChoice(index=p * req.n + j, text=echo)]))
+                            choices=[CompletionChoice(
+                                index=p * req.n + j, text=echo, logprobs=prompt_lps[p],
+                                finish_reason=None if streams else "length")]))
             async for p, d in _merge(streams):
                 index = p * req.n + d.index
                 if not (d.text or d.finish_reason or d.logprobs):
@@ -239,12 +303,16 @@ class Completions:
                     choices=[CompletionChoice(index=index, text=d.text, logprobs=lp,
                                               finish_reason=d.finish_reason)]))
             if req.stream_options and req.stream_options.include_usage:
+                prompt = (sum(s.prompt_tokens for s in streams) if streams
+                          else sum(len(i) for i in started.ids))
                 yield sse(CompletionResponse(
                     id=rid, created=created, model=model, choices=[],
-                    usage=_usage(sum(s.prompt_tokens for s in streams),
-                                 sum(s.completion_tokens for s in streams))))
+                    usage=_usage(prompt, sum(s.completion_tokens for s in streams))))
         except EngineError as e:
             yield sse({"error": e.to_dict()})
+        finally:
+            for s in streams:
+                s.cancel()
         yield DONE
 
     # ---- /v1/chat/completions ----

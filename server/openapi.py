@@ -156,8 +156,11 @@ def embedding_request_schema() -> Schema:
             "sentence-transformers' quantize_embeddings gives them."),
         "embedding_type": _enum(
             "embedding_type", "Pooling of the final hidden states: 'mean' over all tokens, the "
-            "'last' token's state, or 'cls' (the first token's; bidirectional models only). "
-            "Unset: the server's default, else the model's (sentence-transformers), else 'mean'."),
+            "'last' token's state, or 'cls' (the first token's; bidirectional models only); "
+            "or 'none': no pooling, every token's final hidden state, a list of vectors an "
+            "input (with encoding_format 'float' and no 'dimensions'; normalized only if "
+            "'normalize' says so). Unset: the server's default, else the model's "
+            "(sentence-transformers), else 'mean'."),
         "dimensions": optional(Schema(type=INTEGER, minimum=1),
                                "Keep only the first this many components of each vector; at "
                                "most the model's embedding size, and one of the sizes it declares "

@@ -58,11 +58,12 @@ def _flag(description: str) -> Schema:
     return Schema(type=BOOLEAN, description=description)
 
 
-def _sampling_properties(max_tokens: str) -> dict[str, Schema]:
-    """The fields both generation routes take (`_SamplingFields`); max_tokens: what it means."""
+def _sampling_properties(max_tokens: str, least: int = 1) -> dict[str, Schema]:
+    """The fields both generation routes take (`_SamplingFields`); max_tokens: what it means,
+    least: its smallest value."""
     return {
         "model": model_schema(),
-        "max_tokens": optional(_integer(minimum=1), max_tokens),
+        "max_tokens": optional(_integer(minimum=least), max_tokens),
         "temperature": optional(
             _number(minimum=0, maximum=100),
             "Sampling temperature, between 0 and 100; 0 is greedy (always the likeliest token). "
@@ -131,20 +132,26 @@ def completion_request_schema() -> Schema:
             "and token ids must be within the model's vocabulary."),
         **_sampling_properties(
             f"The most tokens to generate for each choice; with the prompt, at most the model's "
-            f"context (GET /info: max_model_len). Unset: {DEFAULT_COMPLETION_TOKENS}."),
+            f"context (GET /info: max_model_len). Unset: {DEFAULT_COMPLETION_TOKENS}. 0, with "
+            f"'echo', scores the prompt without generating.", least=0),
         "logprobs": optional(
             _integer(minimum=0, maximum=MAX_COMPLETION_LOGPROBS),
             f"Return each generated token's logprob and those of this many likeliest "
-            f"alternatives (at most {MAX_COMPLETION_LOGPROBS}). Unset: none."),
-        "echo": _flag("Start each choice's text with its prompt's."),
+            f"alternatives (at most {MAX_COMPLETION_LOGPROBS}); with 'echo', each prompt "
+            f"token's too (given the tokens before it; null for the first). Unset: none."),
+        "echo": _flag("Start each choice's text with its prompt's, as sent."),
         "best_of": optional(_integer(minimum=1),
                              "Accepted only equal to 'n': no more choices are generated than "
                              "returned."),
         "suffix": optional(Schema(type=STRING, max_length=0),
                            "Not supported (no insertion): only '' (or null) is accepted."),
     }
+    # max_tokens 0 only scores an echoed prompt.
+    zero = Schema(schema_if=Schema(required=["max_tokens"],
+                                   properties={"max_tokens": Schema(const=0)}),
+                  then=Schema(required=["echo"], properties={"echo": Schema(const=True)}))
     return request_object(CompletionRequest, properties,
-                          [only_with("stream_options", "stream", True)])
+                          [only_with("stream_options", "stream", True), zero])
 
 
 def _message_schema() -> Schema:

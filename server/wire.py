@@ -71,10 +71,20 @@ class CompletionUsage(msgspec.Struct, kw_only=True):
 
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    """Per token: its text, log-probability and top alternatives, and where its text starts.
+    An echoed prompt's first token has null for both: nothing comes before it."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
+
+    def __add__(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens + other.tokens,
+            token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=(self.top_logprobs or []) + (other.top_logprobs or []),
+            text_offset=self.text_offset + other.text_offset)
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):

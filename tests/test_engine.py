@@ -29,7 +29,7 @@ from jaxembed import (
 )
 from jaxembed.errors import EngineError, EngineOverloadedError, EngineUnavailableError
 from jaxembed.protocol import EmbeddingDefaults
-from jaxembed.scheduler import Buckets, plan_step
+from jaxembed.scheduler import Buckets, plan_step, plan_token_step
 
 from parity import assert_close_pooled
 
@@ -220,6 +220,31 @@ def test_plan_step_packs_without_overflow():
             assert step.last_index[slot] == np.flatnonzero(mask)[-1]
             seen.add(sid)
     assert seen == set(range(40))
+
+
+def test_a_token_step_returns_each_sequence_its_own_tokens():
+    """Packed several a row: each sequence's span covers its own tokens (from its first pooled
+    one, for states) or its positions before its last (for scores), whose targets are the
+    tokens after them in the same sequence, never a neighbour's."""
+    buckets = Buckets.build(256, 256)
+    rng = np.random.default_rng(1)
+    pending = [(i, rng.integers(3, 900, rng.integers(1, 40)).astype(np.int32)) for i in range(12)]
+    skip = {3: 2, 5: 1}
+    states, _ = plan_token_step(pending, buckets, skip)
+    scores, _ = plan_token_step(pending, buckets, skip, score=True)
+    assert states.sequences == scores.sequences and len(states.sequences) >= 8
+    assert (states.score, scores.score) == (0, 1)
+    assert int((states.segment_ids.max(1) > 1).sum()) >= 1  # some row holds several
+    flat, goal = scores.tokens.reshape(-1), scores.targets.reshape(-1)
+    for slot, sid in enumerate(states.sequences):
+        seq = pending[sid][1]
+        a, n = states.spans[slot]
+        np.testing.assert_array_equal(flat[a : a + n], seq[skip.get(sid, 0):])
+        a, n = scores.spans[slot]
+        assert n == len(seq) - 1
+        np.testing.assert_array_equal(flat[a : a + n], seq[:-1])
+        np.testing.assert_array_equal(goal[a : a + n], seq[1:])
+        assert goal[a + n] == 0  # after its last token: nothing of the next sequence
 
 
 def _padding(lengths: np.ndarray, buckets: Buckets) -> float:

@@ -389,6 +389,72 @@ def test_echo_is_the_prompt_as_sent(client: TestClient, smollm2_engine: Engine) 
     assert echoed(ids).startswith("Hello,")
 
 
+def test_echo_with_logprobs_scores_the_prompt(client: TestClient, smollm2_engine: Engine
+                                               ) -> None:
+    """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs and text_offset cover the
+    prompt, then the completion; the first prompt token has null for both; the prompt's values
+    are the engine's scores of it (held to transformers in test_generation_parity)."""
+    prompt = "Hello, my name is"
+    ids = smollm2_engine.prepare_prompt(prompt)
+    n = len(ids)
+    scored = smollm2_engine.prompt_logprobs(prompt, 2)
+    texts = [smollm2_engine.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+    def complete(**fields: Any) -> dict:
+        body = {"prompt": prompt, "echo": True, "logprobs": 2, "temperature": 0, **fields}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def check_prompt_part(lp: dict) -> None:
+        assert lp["tokens"][:n] == texts
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1:n], [e.logprob for e in scored[1:]],
+                                   atol=1e-5)
+        for got, e in zip(lp["top_logprobs"][1:n], scored[1:], strict=True):
+            assert len(got) == 2 and max(got.values()) == pytest.approx(e.top[0][1], abs=1e-5)
+        assert lp["text_offset"][:n] == np.cumsum([0, *map(len, texts[:-1])]).tolist()
+
+    r = complete(max_tokens=3)
+    choice, lp = r["choices"][0], r["choices"][0]["logprobs"]
+    assert r["usage"]["prompt_tokens"] == n and r["usage"]["completion_tokens"] == 3
+    assert choice["text"].startswith(prompt) and len(lp["tokens"]) == n + 3
+    check_prompt_part(lp)
+    assert lp["text_offset"][n] == len(prompt)  # the completion's offsets follow the echo
+    generated = smollm2_engine.generate(prompt, temperature=0, max_tokens=3, logprobs=2)
+    assert lp["token_logprobs"][n:] == pytest.approx(
+        [e.logprob for e in generated.choices[0].logprobs], abs=1e-5)
+
+    # max_tokens 0 scores the prompt alone: nothing is generated.
+    r = complete(max_tokens=0, n=2)
+    assert r["usage"] == {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
+    assert [c["text"] for c in r["choices"]] == [prompt, prompt]
+    assert all(c["finish_reason"] == "length" for c in r["choices"])
+    check_prompt_part(r["choices"][1]["logprobs"])
+    assert len(r["choices"][1]["logprobs"]["tokens"]) == n
+
+    # Streamed: the echo's event carries the prompt's log-probabilities.
+    r = client.post("/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 2,
+                                             "max_tokens": 2, "temperature": 0,
+                                             "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    first = events[0]["choices"][0]
+    assert first["text"] == prompt and len(first["logprobs"]["tokens"]) == n
+    check_prompt_part(first["logprobs"])
+    assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events[1:]) == 2
+
+    # Token-id prompts, several at once, scored in one step: each as alone.
+    other = smollm2_engine.prepare_prompt("The capital of France is").tolist()
+    r = client.post("/v1/completions", json={"prompt": [ids.tolist(), other], "echo": True,
+                                             "logprobs": 0, "max_tokens": 0}).json()
+    assert r["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        [e.logprob for e in scored[1:]], abs=1e-5)
+    assert r["choices"][1]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        [e.logprob for e in smollm2_engine.prompt_logprobs(other)[1:]], abs=1e-5)
+    assert r["choices"][1]["logprobs"]["top_logprobs"][1] == {}  # logprobs 0: no alternatives
+
+
 def test_openai_chat(oai: openai.OpenAI, smollm2_engine: Engine) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     r = oai.chat.completions.create(model="default", messages=messages, temperature=0,
@@ -475,6 +541,8 @@ BAD = [
     ("completions", {"prompt": "hi", "top_p": 1.5}, "top_p"),
     ("completions", {"prompt": "hi", "n": 0}, "n"),
     ("completions", {"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 needs echo
+    ("completions", {"prompt": "fox " * 3000, "max_tokens": 0, "echo": True}, "prompt"),
     ("completions", {"prompt": "hi", "seed": 2**63}, "seed"),
     ("chat/completions", {"messages": CHAT, "seed": -2**63 - 1}, "seed"),
     ("completions", {"prompt": ""}, "prompt"),

@@ -395,3 +395,56 @@ def test_greedy_is_batch_invariant(family_models, family):
     for t in threads:
         t.join(timeout=300)
     assert results == alone
+
+
+# ---- 5. a prompt's own log-probabilities (echo with logprobs, evaluation harnesses) -------------
+
+
+def reference_prompt_logprobs(model: Any, prompt: Sequence[int]) -> np.ndarray:
+    """transformers' log-softmax at every prompt position but the last, float64 [n - 1, V]: row
+    j is the distribution of token j + 1."""
+    with torch.no_grad():
+        logits = model(torch.tensor([[int(t) for t in prompt]])).logits[0, :-1]
+    return torch.log_softmax(logits.double(), -1).numpy()
+
+
+def assert_prompt_logprobs_match(ours: Sequence[TokenLogprob | None], ref: np.ndarray,
+                                 prompt: Sequence[int]) -> None:
+    assert ours[0] is None and len(ours) == len(prompt)  # nothing comes before the first
+    for j, e in enumerate(ours[1:]):
+        assert e is not None and e.token_id == prompt[j + 1]
+        assert len(e.top) == min(TOP_LOGPROBS, ref.shape[1])
+        best = [t for t, _ in e.top] == [int(i) for i in np.argsort(-ref[j])[:len(e.top)]]
+        worst = max(abs(lp - ref[j][t]) for t, lp in [(e.token_id, e.logprob), *e.top])
+        if worst > LOGPROB_ATOL or not (best or _near_tie(ref[j], e.top)):
+            raise LogprobMismatch(f"prompt token {j + 1}: our logprobs differ from the "
+                                  f"reference's by {worst:.3g} (tolerance {LOGPROB_ATOL})")
+
+
+def _near_tie(ref: np.ndarray, top: Sequence[tuple[int, float]]) -> bool:
+    """Our alternatives are the reference's best, in an order only near ties change."""
+    return all(abs(ref[t] - lp) <= LOGPROB_ATOL for t, lp in top) and \
+        sorted(ref[[t for t, _ in top]])[0] >= np.sort(ref)[::-1][len(top) - 1] - LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_logprobs_match_transformers(family_models, family):
+    """Every prompt token's log-probability and its top 20, as transformers' forward gives them,
+    past Gemma 3's window; several prompts scored in one step each score as alone; a control
+    with 1% noise in one matrix fails."""
+    fam = family_models[family]
+    prompts = [fam.prompt(max(PROMPT_LENGTHS), seed=1), fam.prompt(5, seed=2),
+               fam.prompt(min(PROMPT_LENGTHS), seed=3)]
+    refs = [reference_prompt_logprobs(fam.reference, p) for p in prompts]
+    alone = fam.engine.prompt_logprobs(prompts[0])
+    assert_prompt_logprobs_match(alone, refs[0], prompts[0])
+    together = fam.engine.submit_scores([np.asarray(p, np.int32) for p in prompts]).result()
+    for p, ref, scores in zip(prompts, refs, together, strict=True):
+        assert_prompt_logprobs_match([None, *scores.entries(np.asarray(p), TOP_LOGPROBS)],
+                                     ref, p)
+    # Packed beside others in a larger step: the same scores, to float rounding.
+    np.testing.assert_allclose(together[0].logprobs, [e.logprob for e in alone[1:]], atol=1e-5)
+    with pytest.raises(LogprobMismatch):
+        assert_prompt_logprobs_match(
+            alone, reference_prompt_logprobs(perturbed(fam.reference, 0.01), prompts[0]),
+            prompts[0])

@@ -223,6 +223,11 @@ FORMS = [
     ("/v1/completions", {"prompt": [1] * 2049}, "prompt"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", {"stream_options": None}, None),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),  # 0 only scores an echoed prompt
+    ("/v1/completions", {"max_tokens": 0, "echo": True, "logprobs": 1}, None),
+    ("/v1/completions", {"seed": 2**63 - 1}, None),
+    ("/v1/completions", {"seed": 2**63}, "seed"),
+    ("/v1/embeddings", {"embedding_type": "none"}, None),
     ("/v1/chat/completions", {"messages": [{"role": "assistant"}, *CHAT]}, None),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None}, *CHAT]},
      None),

@@ -49,6 +49,45 @@ def test_embeddings_match_transformers(smollm2_reference_engine, reference):
         assert_close_pooled(last[i], h[-1])
 
 
+def test_token_embeddings_match_transformers(smollm2_reference_engine, reference):
+    """Pooling "none": every token's final hidden state, each text packed beside the others in
+    the engine's steps, against transformers' last_hidden_state of that text alone; through
+    Python (`pooling=None`) and the route, whose values are the same. A control: the model's
+    states of another text fail."""
+    from litestar.testing import TestClient
+
+    from jaxembed.server.app import create_app
+
+    model, tok = reference
+    engine = smollm2_reference_engine
+    ours = engine.encode(TEXTS, pooling=None)
+    refs = []
+    for text, got in zip(TEXTS, ours, strict=True):
+        with torch.no_grad():
+            refs.append(model(torch.tensor([tok(text)["input_ids"]])).last_hidden_state[0].numpy())
+        assert got.shape == refs[-1].shape
+        assert_close_hidden(got, refs[-1])
+    with pytest.raises(AssertionError):
+        assert_close_hidden(ours[0], refs[1][: len(ours[0])])
+    assert engine.encode(TEXTS[0], embedding_type="none").shape == ours[0].shape
+    with TestClient(create_app(engine)) as client:
+        r = client.post("/v1/embeddings", json={"input": TEXTS[:2], "embedding_type": "none"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        for d, got in zip(body["data"], ours, strict=False):
+            assert_close_hidden(np.array(d["embedding"]), got)  # packed otherwise: rounding
+        assert body["usage"]["prompt_tokens"] == len(ours[0]) + len(ours[1])
+        r = client.post("/v1/embeddings", json={"input": TEXTS[1], "embedding_type": "none",
+                                                "normalize": True})
+        np.testing.assert_allclose(np.linalg.norm(r.json()["data"][0]["embedding"], axis=1), 1,
+                                   atol=1e-5)
+        for bad, param in [({"encoding_format": "base64"}, "encoding_format"),
+                           ({"dimensions": 64}, "dimensions")]:
+            r = client.post("/v1/embeddings", json={"input": "a", "embedding_type": "none",
+                                                    **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
 def test_hidden_states_match_transformers(smollm2_reference_engine, reference):
     model, tok = reference
     engine = smollm2_reference_engine
