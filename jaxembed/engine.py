@@ -21,29 +21,41 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxembed import memory, multihost
+from jaxembed.classify import build_classifier
+from jaxembed.config import UnsupportedModelError
 from jaxembed.core import EngineCore, paused, unavailable
 from jaxembed.embed_front import DEFAULT_ALIAS, EmbeddingFrontend, EmbeddingOptions, PreparedInput
 from jaxembed.generate_front import GenerationFrontend
 from jaxembed.generation import GenerationResult, GenerationStream, TokenLogprob
 from jaxembed.inputs import InputProcessor
+from jaxembed.model import logits as model_logits
 from jaxembed.options import EngineOptions
 from jaxembed.plan import ExecutionPlan
 from jaxembed.protocol import (
+    ClassifyRequest,
+    ClassifyResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingType,
     InputType,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
 from jaxembed.runner import ModelRunner, copies_bytes
 from jaxembed.sampling import TOP_LOGPROBS, SamplingParams
 from jaxembed.scheduler import Buckets
+from jaxembed.score_front import ScoringFrontend, ScoringWork
 from jaxembed.sharding import ShardingPlan
 from jaxembed.st_config import read_sentence_transformers
 from jaxembed.stats import EngineStats, RequestTiming, StatsRecorder, sum_stats
@@ -111,6 +123,13 @@ class Engine:
             self.inputs, checkpoint.tokenizer, self.config.eos_token_id,
             model_name=self.embedding.model_name, max_model_len=plan.max_model_len,
             max_num_seqs=plan.max_num_seqs)
+        self.classifier = build_classifier(
+            checkpoint.heads, checkpoint.raw_config,
+            checkpoint.path if checkpoint.path.is_dir() else None, self.config.family,
+            self.inputs.tokenizer, options.classifier_from_tokens, self._head_rows)
+        self.scoring = ScoringFrontend(self.inputs, self.embedding, self.classifier,
+                                       max_model_len=plan.max_model_len,
+                                       refuse_long=options.score_refuse_long)
         self.buckets = Buckets.build(plan.max_model_len, plan.max_batch_tokens)
         self.cores: list[EngineCore] = []
         self._route_lock = threading.Lock()
@@ -121,6 +140,24 @@ class Engine:
                                  on_compile=lambda r=recorder: r.add(compilations=1))
             self.cores.append(EngineCore(runner, self.buckets, self.inputs.tokenizer,
                                          options.max_queued_requests, recorder))
+
+    def _head_rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Rows `ids` of the LM head as float32 [len(ids), hidden], however the head is held
+        (tied, quantized): the logits of the identity's rows, 256 at a time."""
+        cfg = self.config
+        if cfg.final_softcap:
+            raise UnsupportedModelError(
+                f"a {cfg.family} model soft-caps its logits, so two tokens' logits are no linear "
+                "head; --classifier-from-tokens cannot score with them")
+        if not (cfg.tie_word_embeddings or "lm_head" in self.checkpoint.params):
+            raise UnsupportedModelError("--classifier-from-tokens needs an LM head, and this "
+                                        "checkpoint has none")
+        want = jnp.asarray(list(ids), jnp.int32)
+        head = jax.jit(lambda p, x: model_logits(p, x, cfg)[:, want])
+        d = cfg.hidden_size
+        cols = [np.asarray(head(self.checkpoint.params, jnp.eye(d, dtype=jnp.float32)[a:a + 256]))
+                for a in range(0, d, 256)]
+        return np.concatenate(cols).T  # [len(ids), hidden]
 
     # ---- what is served ------------------------------------------------------------------
 
@@ -347,6 +384,63 @@ class Engine:
         vectors = self.submit(prepared.sequences, options.pooling, prepared.skip).result()
         out = self.embedding.finish(options, vectors)
         return out[0] if single else out
+
+    # ---- rerank, score, classify ---------------------------------------------------------
+
+    def _run_scoring(self, work: ScoringWork) -> EmbeddingFuture:
+        return self.submit(work.sequences, work.pooling, work.skip)
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
+               instruction: str | None = None) -> list[tuple[int, float]]:
+        """(index, relevance score) of each document against the query, best first (the best
+        `top_n`): the model's classifier, or the cosine of embeddings for a model without one."""
+        response = self._rerank(RerankRequest(query=query, documents=list(documents),
+                                              top_n=top_n, instruction=instruction))
+        return [(r.index, r.relevance_score) for r in response.results]
+
+    def _rerank(self, request: RerankRequest) -> RerankResponse:
+        work, texts = self.scoring.rerank_work(request)
+        scores = work.finish(self._run_scoring(work).result())
+        return self.scoring.rerank_response(request, texts, work, scores, self.model_name)
+
+    async def arerank(self, request: RerankRequest) -> RerankResponse:
+        if not self.ready:
+            raise unavailable()
+        work, texts = await asyncio.to_thread(self.scoring.rerank_work, request)
+        states = await asyncio.wrap_future(self._run_scoring(work))
+        scores = await asyncio.to_thread(work.finish, states)
+        return self.scoring.rerank_response(request, texts, work, scores,
+                                            self.resolve_model(request.model))
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str],
+              instruction: str | None = None) -> np.ndarray:
+        """Relevance scores, float32: text_1 against each text_2, or pairwise."""
+        work = self.scoring.score_work(ScoreRequest(
+            text_1=text_1 if isinstance(text_1, str) else list(text_1),
+            text_2=text_2 if isinstance(text_2, str) else list(text_2), instruction=instruction))
+        return work.finish(self._run_scoring(work).result())
+
+    async def ascore(self, request: ScoreRequest) -> ScoreResponse:
+        if not self.ready:
+            raise unavailable()
+        work = await asyncio.to_thread(self.scoring.score_work, request)
+        states = await asyncio.wrap_future(self._run_scoring(work))
+        scores = await asyncio.to_thread(work.finish, states)
+        return self.scoring.score_response(work, scores, self.resolve_model(request.model))
+
+    def classify(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Label probabilities, float32 [len(texts), labels] (labels: `classifier.labels`)."""
+        work = self.scoring.classify_work(ClassifyRequest(
+            input=texts if isinstance(texts, str) else list(texts)))
+        return work.finish(self._run_scoring(work).result())
+
+    async def aclassify(self, request: ClassifyRequest) -> ClassifyResponse:
+        if not self.ready:
+            raise unavailable()
+        work = await asyncio.to_thread(self.scoring.classify_work, request)
+        states = await asyncio.wrap_future(self._run_scoring(work))
+        probs = await asyncio.to_thread(work.finish, states)
+        return self.scoring.classify_response(work, probs, self.resolve_model(request.model))
 
     def warmup(self, shapes: Sequence[tuple[int, int]] | None = None) -> None:
         """Compile embedding step shapes ahead of traffic (default: single rows up to 128

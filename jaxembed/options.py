@@ -80,6 +80,15 @@ class EngineOptions:
         "how a request's 'instruction' is placed before the input, ending with '{text}', e.g. "
         "'Instruct: {instruction}\\nQuery:{text}' (default: the model family's known template, "
         "if any)"))
+    classifier_from_tokens: Sequence[str] | None = dataclasses.field(default=None, metadata=_flag(
+        "score (query, document) pairs with the LM head's logits of these tokens at the last "
+        "position, 'false,true' (the true token's log-odds: Qwen3-Reranker's 'no,yes') or one "
+        "token (its logit), through the model family's rerank prompt when it has one; as "
+        "vLLM's classifier_from_token", type=lambda s: tuple(t for t in s.split(",") if t),
+        metavar="FALSE,TRUE"))
+    score_refuse_long: bool = dataclasses.field(default=False, metadata=_flag(
+        "refuse a (query, document) pair or a text to classify that is past the model's limit "
+        "(default: cut the document, or the text, to fit)", action="store_true"))
     tensor_parallel: int = dataclasses.field(default=1, metadata=_flag(
         "shard the model over N devices (attention heads, MLP width and experts split across "
         "them); across hosts, all devices of all processes (default: 1)", type=int,
@@ -126,6 +135,10 @@ class EngineOptions:
         u = self.memory_utilization
         if isinstance(u, bool) or not isinstance(u, int | float) or not 0 < u <= 1:
             raise ValueError(f"memory_utilization must be a fraction in (0, 1]; got {u!r}")
+        tokens = self.classifier_from_tokens
+        if tokens is not None and (isinstance(tokens, str) or not 1 <= len(tokens) <= 2):
+            raise ValueError("classifier_from_tokens takes one or two tokens (false, true); got "
+                             f"{tokens!r}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1; got {self.max_num_seqs}")
 
@@ -133,8 +146,8 @@ class EngineOptions:
 # The flags every command that loads a model takes, and those only `serve` adds.
 MODEL_FLAGS = ("model", "dtype", "quantize", "max_model_len", "max_batch_tokens",
                "max_num_seqs", "kv_cache_dtype", "memory_utilization", "embed_matmul_dtype",
-               "decode_matmul_dtype", "attention", "instruction_template", "tensor_parallel",
-               "data_parallel")
+               "decode_matmul_dtype", "attention", "instruction_template",
+               "classifier_from_tokens", "score_refuse_long", "tensor_parallel", "data_parallel")
 SERVE_FLAGS = ("served_model_names", "max_queued_requests", "max_request_tokens")
 _FIELDS = {f.name: f for f in dataclasses.fields(EngineOptions)}
 

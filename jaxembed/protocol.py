@@ -230,3 +230,91 @@ def encode_vector(vec: np.ndarray, fmt: EncodingFormat) -> list[float] | str:
         packed = pack_signs(vec, signed=fmt == EncodingFormat.Binary)
         return base64.b64encode(packed.tobytes()).decode("ascii")
     return vec.tolist()
+
+
+# ---- rerank, score, classify --------------------------------------------------------------
+
+
+class RerankDocument(msgspec.Struct, kw_only=True):
+    text: str
+
+
+class RerankRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The Cohere/Jina rerank body vLLM, TEI and llama.cpp serve: documents scored against a
+    query, returned best first. `instruction` fills a rerank prompt's {instruction}."""
+
+    query: str
+    documents: list[str | RerankDocument]
+    model: str = "default"
+    top_n: int | None = None  # the best this many (None: all)
+    return_documents: bool = True
+    instruction: str | None = None
+    user: str | None = None
+
+
+class RerankResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(msgspec.Struct, kw_only=True):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
+
+
+class ScoreRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's score body: text_1 against each text_2 (one against many), or pairwise (lists of
+    one length)."""
+
+    text_1: str | list[str]
+    text_2: str | list[str]
+    model: str = "default"
+    instruction: str | None = None
+    user: str | None = None
+
+
+class ScoreData(msgspec.Struct, kw_only=True):
+    index: int
+    object: str = "score"
+    score: float
+
+
+class ScoreResponse(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: Usage
+
+
+class ClassifyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's classify body: texts, each classified by the model's head."""
+
+    input: str | list[str]
+    model: str = "default"
+    user: str | None = None
+
+
+class ClassifyData(msgspec.Struct, kw_only=True):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "list"
+    created: int
+    model: str
+    data: list[ClassifyData]
+    usage: Usage

@@ -185,6 +185,10 @@ def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | Non
     modules_path = folder / "modules.json"
     if not folder.is_dir() or not modules_path.is_file():
         return None
+    st_cfg_path = folder / "config_sentence_transformers.json"
+    if st_cfg_path.is_file() and (cfg := _read_json(st_cfg_path)) and isinstance(cfg, dict) \
+            and cfg.get("model_type") == "CrossEncoder":
+        return None  # a reranker: its settings are `classify.read_cross_encoder`'s
     modules = _read_json(modules_path)
     if not isinstance(modules, list):
         raise WeightLoadError(modules_path, "expected a list of modules")

@@ -34,10 +34,16 @@ from jaxembed.builder import EngineBuilder
 from jaxembed.engine import Engine
 from jaxembed.errors import EngineUnavailableError, RequestTimeoutError
 from jaxembed.protocol import (
+    ClassifyRequest,
+    ClassifyResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -47,7 +53,14 @@ from .decoding import decode_body
 from .errors import ClientDisconnected, ErrorResponse, add_request_id_header, exception_handlers
 from .info import Health, ModelCard, ModelList, ServerInfo, server_info, version
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .openapi import DetokenizeOperation, EmbeddingsOperation, TokenizeOperation
+from .openapi import (
+    ClassifyOperation,
+    DetokenizeOperation,
+    EmbeddingsOperation,
+    RerankOperation,
+    ScoreOperation,
+    TokenizeOperation,
+)
 from .openapi_generation import ChatCompletionsOperation, CompletionsOperation
 from .wire import (
     ChatCompletionRequest,
@@ -334,6 +347,35 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
             return _event_stream(await completions.chat_stream(req))
         return Response(await _while_connected(request, completions.chat(req), None, None))
 
+    # Rerank, score and classify: prefill-only work in the embedding steps, each pair (or
+    # text) one sequence read at its last token.
+    @post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200,
+          operation_class=RerankOperation, summary="Rerank documents against a query",
+          tags=["scoring"], responses=_errors(400, 401, 404, 413, 415, 429, 503))
+    async def rerank(request: Request) -> RerankResponse:
+        engine = host.get()
+        end = deadline()
+        parsed = decode_body(await _read_json(request, end, timeout), RerankRequest)
+        return await _while_connected(request, engine.arerank(parsed), end, timeout)
+
+    @post(["/v1/score", "/score"], status_code=200, operation_class=ScoreOperation,
+          summary="Score text pairs", tags=["scoring"],
+          responses=_errors(400, 401, 404, 413, 415, 429, 503))
+    async def score(request: Request) -> ScoreResponse:
+        engine = host.get()
+        end = deadline()
+        parsed = decode_body(await _read_json(request, end, timeout), ScoreRequest)
+        return await _while_connected(request, engine.ascore(parsed), end, timeout)
+
+    @post(["/classify", "/v1/classify"], status_code=200, operation_class=ClassifyOperation,
+          summary="Classify texts with the model's classification head", tags=["scoring"],
+          responses=_errors(400, 401, 404, 413, 415, 429, 503))
+    async def classify(request: Request) -> ClassifyResponse:
+        engine = host.get()
+        end = deadline()
+        parsed = decode_body(await _read_json(request, end, timeout), ClassifyRequest)
+        return await _while_connected(request, engine.aclassify(parsed), end, timeout)
+
     @post("/tokenize", status_code=200, operation_class=TokenizeOperation,
           summary="Tokenize a prompt as the embeddings route does", tags=["tokenizer"],
           responses=_errors(400, 401, 404, 413, 415, 503))
@@ -377,8 +419,8 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
     async def prometheus_metrics() -> str:
         return metrics.render(host.engine, host.ready)
 
-    return [create_embeddings, create_completion, create_chat_completion, tokenize, detokenize,
-            list_models, info, health, prometheus_metrics]
+    return [create_embeddings, create_completion, create_chat_completion, rerank, score,
+            classify, tokenize, detokenize, list_models, info, health, prometheus_metrics]
 
 
 def _event_stream(events: Any) -> Stream:

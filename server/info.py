@@ -39,6 +39,17 @@ class GenerationInfo(msgspec.Struct, kw_only=True):
     max_num_seqs: int
 
 
+class ScoringInfo(msgspec.Struct, kw_only=True):
+    """How /v1/rerank, /v1/score and /classify score: the model's classifier, or (none) the
+    cosine of embeddings."""
+
+    classifier: bool
+    num_labels: int  # 0 without a classifier
+    labels: list[str]
+    activation: str | None  # of a one-label score
+    source: str
+
+
 class ServerInfo(msgspec.Struct, kw_only=True):
     """What the playground (and operators) need to know about the served model."""
 
@@ -53,6 +64,7 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     attention: str
     embeddings: EmbeddingInfo
     generation: GenerationInfo
+    scoring: ScoringInfo
     version: str
 
 
@@ -70,7 +82,16 @@ def server_info(engine: Engine) -> ServerInfo:
             prompts=list(info.prompts)),
         generation=GenerationInfo(chat_template=info.chat_template,
                                   max_num_seqs=info.max_num_seqs),
-        version=version())
+        scoring=_scoring(engine), version=version())
+
+
+def _scoring(engine: Engine) -> ScoringInfo:
+    c = engine.classifier
+    if c is None:
+        return ScoringInfo(classifier=False, num_labels=0, labels=[], activation=None,
+                           source="the cosine similarity of embeddings")
+    return ScoringInfo(classifier=True, num_labels=c.num_labels, labels=list(c.labels),
+                       activation=c.activation if c.num_labels == 1 else None, source=c.source)
 
 
 def version() -> str:

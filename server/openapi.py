@@ -28,7 +28,15 @@ from litestar.openapi.spec import (
     Schema,
 )
 
-from jaxembed.protocol import MAX_INPUTS, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+from jaxembed.protocol import (
+    MAX_INPUTS,
+    ClassifyRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
+    TokenizeRequest,
+)
 
 STRING, INTEGER, NUMBER = OpenAPIType.STRING, OpenAPIType.INTEGER, OpenAPIType.NUMBER
 BOOLEAN, ARRAY, OBJECT, NULL = (OpenAPIType.BOOLEAN, OpenAPIType.ARRAY, OpenAPIType.OBJECT,
@@ -209,6 +217,63 @@ def detokenize_request_schema() -> Schema:
     return request_object(DetokenizeRequest, properties)
 
 
+def _text_or_texts(description: str) -> Schema:
+    return Schema(description=description, one_of=[
+        Schema(type=STRING, title="Text", min_length=1),
+        Schema(type=ARRAY, title="Texts", min_items=1, max_items=MAX_INPUTS,
+               items=Schema(type=STRING, min_length=1))])
+
+
+def _pair_instruction() -> Schema:
+    return optional(Schema(type=STRING, min_length=1, pattern=r"\S"),
+                    "Fills the {instruction} of the model's rerank prompt (Qwen3-Reranker's); "
+                    "a model without one answers 400. Unset: the prompt's default.")
+
+
+def rerank_request_schema() -> Schema:
+    document = Schema(one_of=[
+        Schema(type=STRING, title="Text", min_length=1),
+        Schema(type=OBJECT, title="Document", required=["text"], additional_properties=False,
+               properties={"text": Schema(type=STRING, min_length=1)})])
+    properties = {
+        "query": Schema(type=STRING, min_length=1, description="The query."),
+        "documents": Schema(type=ARRAY, min_items=1, max_items=MAX_INPUTS, items=document,
+                            description="The texts to score against the query, each a pair "
+                                        "with it (a document past the model's limit is cut "
+                                        "from its end, unless the server refuses them)."),
+        "model": model_schema(),
+        "top_n": optional(Schema(type=INTEGER, minimum=1),
+                          "Return the best this many. Unset: all, best first."),
+        "return_documents": Schema(type=BOOLEAN, description="Return each document's text "
+                                                            "beside its score (default true)."),
+        "instruction": _pair_instruction(),
+        "user": optional(Schema(type=STRING), "Accepted for compatibility; unused."),
+    }
+    return request_object(RerankRequest, properties)
+
+
+def score_request_schema() -> Schema:
+    properties = {
+        "text_1": _text_or_texts("One text, scored against each text_2; or a list as long as "
+                                 "text_2, scored pairwise."),
+        "text_2": _text_or_texts("The texts to score against text_1."),
+        "model": model_schema(),
+        "instruction": _pair_instruction(),
+        "user": optional(Schema(type=STRING), "Accepted for compatibility; unused."),
+    }
+    return request_object(ScoreRequest, properties)
+
+
+def classify_request_schema() -> Schema:
+    properties = {
+        "input": _text_or_texts("The texts to classify (a text past the model's limit is cut "
+                                "from its end, unless the server refuses them)."),
+        "model": model_schema(),
+        "user": optional(Schema(type=STRING), "Accepted for compatibility; unused."),
+    }
+    return request_object(ClassifyRequest, properties)
+
+
 # ---- operations ----------------------------------------------------------------------------------
 
 
@@ -236,3 +301,6 @@ def operation_with_body(schema: Callable[[], Schema], name: str,
 EmbeddingsOperation = operation_with_body(embedding_request_schema, "EmbeddingsOperation")
 TokenizeOperation = operation_with_body(tokenize_request_schema, "TokenizeOperation")
 DetokenizeOperation = operation_with_body(detokenize_request_schema, "DetokenizeOperation")
+RerankOperation = operation_with_body(rerank_request_schema, "RerankOperation")
+ScoreOperation = operation_with_body(score_request_schema, "ScoreOperation")
+ClassifyOperation = operation_with_body(classify_request_schema, "ClassifyOperation")

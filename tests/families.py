@@ -433,6 +433,9 @@ def gguf_tensors(family: str, cfg: dict[str, Any], tensors: dict[str, np.ndarray
                 arr = llama_permute(arr, cfg["num_attention_heads"])
             elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 arr = llama_permute(arr, cfg["num_key_value_heads"])
+        if hf_name == "score.weight":  # a sequence classifier's head: a rank model's
+            yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.CLS_OUT] + ".weight", arr
+            continue
         parts = hf_name.split(".")
         if family == "qwen3_moe" and "experts" in parts:
             # model.layers.{b}.mlp.experts.{e}.{w}.weight: stacked per layer into [E, out, in].
@@ -507,12 +510,13 @@ def _keeps_f32(name: str, arr: np.ndarray) -> bool:
 
 
 def write_family_gguf(hf_folder: Path, out: Path, qtype: Q = Q.F32,
-                      transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Path:
+                      transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                      extra: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
     """Write the HF folder's weights, config and tokenizer as llama.cpp's converter would.
 
     Matrices become `qtype` (F16 where a row does not fit the quant blocks, as the converter falls
     back); 1-D tensors, norms and routers stay F32. `transform(name, array)` may alter a tensor
-    (to build deliberately broken files).
+    (to build deliberately broken files); `extra(writer)` may add keys and tensors.
     """
     from safetensors.numpy import load_file
 
@@ -540,6 +544,8 @@ def write_family_gguf(hf_folder: Path, out: Path, qtype: Q = Q.F32,
         except gguf.QuantError:
             data, raw = gguf.quants.quantize(arr, Q.F16), Q.F16
         w.add_tensor(name, data, raw_dtype=raw)
+    if extra is not None:
+        extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

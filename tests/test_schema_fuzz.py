@@ -45,7 +45,10 @@ CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conform
           "negative_data_rejection", "unsupported_method"]
 ROUTES = {("POST", "/v1/embeddings"), ("POST", "/v1/completions"),
           ("POST", "/v1/chat/completions"), ("POST", "/tokenize"), ("POST", "/detokenize"),
-          ("GET", "/v1/models"), ("GET", "/info"), ("GET", "/health"), ("GET", "/metrics")}
+          ("GET", "/v1/models"), ("GET", "/info"), ("GET", "/health"), ("GET", "/metrics"),
+          ("POST", "/v1/rerank"), ("POST", "/rerank"), ("POST", "/v2/rerank"),
+          ("POST", "/v1/score"), ("POST", "/score"), ("POST", "/classify"),
+          ("POST", "/v1/classify")}
 # A context this short keeps every generation the schema allows quick.
 MAX_MODEL_LEN = 64
 TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -141,9 +144,12 @@ BASES = {
     "/v1/chat/completions": {"messages": CHAT, "max_tokens": 1},
     "/v1/embeddings": {"input": "hi"},
     "/tokenize": {"prompt": "hi"},
+    "/v1/rerank": {"query": "hi", "documents": ["a", "b"]},
+    "/v1/score": {"text_1": "hi", "text_2": ["a", "b"]},
 }
 # Fields that need another to be set before their own value is looked at.
-NEEDS = {"top_logprobs": {"logprobs": True}, "stream_options": {"stream": True}}
+NEEDS = {"top_logprobs": {"logprobs": True}, "stream_options": {"stream": True},
+         ("/v1/completions", "max_tokens"): {"echo": True}}  # 0 scores an echoed prompt
 # Errors that name another field than the one sent: the chat route's top_logprobs is checked as
 # the engine's logprobs.
 PARAMS = {"top_logprobs": "logprobs"}
@@ -190,14 +196,16 @@ def _edges(s: dict[str, Any]) -> list[tuple[float, bool]]:
     return out
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/embeddings"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+                                  "/v1/rerank"])
 def test_numeric_bounds_are_the_validation(client: TestClient, spec: dict[str, Any],
                                            path: str) -> None:
     cases = [(name, value, ok) for name, schema in _body_schema(spec, path)["properties"].items()
              if (s := _bounded(schema)) is not None for value, ok in _edges(s)]
     assert cases
     for name, value, ok in cases:
-        body = {**BASES[path], **NEEDS.get(name, {}), name: value}
+        needs = NEEDS.get((path, name), NEEDS.get(name, {}))
+        body = {**BASES[path], **needs, name: value}
         _expect(client, spec, path, body, None if ok else PARAMS.get(name, name))
 
 
@@ -228,6 +236,13 @@ FORMS = [
     ("/v1/completions", {"seed": 2**63 - 1}, None),
     ("/v1/completions", {"seed": 2**63}, "seed"),
     ("/v1/embeddings", {"embedding_type": "none"}, None),
+    ("/v1/rerank", {"documents": [{"text": "a"}, "b"]}, None),
+    ("/v1/rerank", {"documents": []}, "documents"),
+    ("/v1/rerank", {"query": ""}, "query"),
+    ("/v1/rerank", {"top_n": 0}, "top_n"),
+    ("/v1/rerank", {"top_n": 5, "return_documents": False}, None),
+    ("/v1/score", {"text_1": ["a", "b"], "text_2": ["c", "d"]}, None),
+    ("/v1/score", {"text_2": []}, "text_2"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant"}, *CHAT]}, None),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None}, *CHAT]},
      None),

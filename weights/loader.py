@@ -58,6 +58,12 @@ class Checkpoint:
     load_seconds: float
     # The GGML types of the weights kept quantized (int8 for --quantize int8); empty: all float.
     quantized: tuple[str, ...] = ()
+    # Heads outside the decoder (`names.HF_HEADS`, `names.GGUF_HEADS`), float32 on the host:
+    # "score" [labels, hidden] (and "score_bias" [labels]) for a sequence classifier.
+    heads: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # The checkpoint's own config (config.json, or the GGUF metadata) for what the model
+    # config leaves out (a classifier's labels).
+    raw_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -137,11 +143,12 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", progress: bool = T
         quantize = "none"
     start = time.perf_counter()
     if path.is_file() and path.suffix == ".gguf":
-        cfg, params, tok = _load_gguf(path, NUMPY_DTYPES[dtype], progress, placement, quantize)
+        cfg, params, tok, heads, raw = _load_gguf(path, NUMPY_DTYPES[dtype], progress,
+                                                  placement, quantize)
         fmt = "gguf"
     elif path.is_dir():
-        cfg, params, tok = _load_hf_folder(path, NUMPY_DTYPES[dtype], progress, placement,
-                                           quantize)
+        cfg, params, tok, heads, raw = _load_hf_folder(path, NUMPY_DTYPES[dtype], progress,
+                                                       placement, quantize)
         fmt = "safetensors"
     elif path.exists():
         raise WeightLoadError(path, "expected a .gguf file or a folder with config.json")
@@ -150,7 +157,7 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", progress: bool = T
     kinds = sorted({w.layout.source for w in jax.tree.leaves(
         params, is_leaf=lambda x: isinstance(x, wq.QArrays)) if isinstance(w, wq.QArrays)})
     return Checkpoint(cfg, params, tok, path, fmt, dtype, time.perf_counter() - start,
-                      tuple(kinds))
+                      tuple(kinds), heads, raw)
 
 
 def _quantized_targets(rules: Sequence[names.Rule], tensor_types: dict[str, str],
@@ -175,7 +182,7 @@ def _quantized_targets(rules: Sequence[names.Rule], tensor_types: dict[str, str]
 
 def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool,
                     placement: Placement | None = None, quantize: str | None = None
-                    ) -> tuple[ModelConfig, Params, TokenizerBundle]:
+                    ) -> tuple[ModelConfig, Params, TokenizerBundle, Heads, dict[str, Any]]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightLoadError(folder, "no config.json in the model folder")
@@ -201,12 +208,43 @@ def _load_hf_folder(folder: Path, dtype: np.dtype, progress: bool,
         (f.path, (_hf_text_name(name), lambda f=f, name=name: f.get(name)))
         for f in files for name in f.names()
     ]
+    sources, heads = _heads(cfg, sources, names.HF_HEADS)
     rules = names.HF_TABLES[cfg.family]
     # Every tensor of a folder is float: only --quantize int8 quantizes.
     quantized = _quantized_targets(rules, {name: "F32" for _, (name, _) in sources}, quantize)
     params = _fill_params(cfg, sources, rules, names.HF_IGNORED, dtype, progress, folder,
                           placement, quantized)
-    return cfg, params, tokenizer_from_hf_folder(folder)
+    return cfg, params, tokenizer_from_hf_folder(folder), heads, hf_cfg
+
+
+Heads = dict[str, np.ndarray]
+
+
+def _heads(cfg: ModelConfig, sources: list[tuple[Path, SourceTensor]], table: dict[str, str]
+           ) -> tuple[list[tuple[Path, SourceTensor]], Heads]:
+    """Split the heads outside the decoder (`table`: tensor name -> head) from the decoder's
+    tensors; read them as float32 and check their shapes ([labels, hidden] and [labels])."""
+    heads: Heads = {}
+    rest = []
+    for file, (name, read) in sources:
+        if name not in table:
+            rest.append((file, (name, read)))
+            continue
+        value = read()
+        if isinstance(value, wq.QArrays):
+            raise WeightLoadError(file, "a classifier head in quantized blocks is not supported",
+                                  name)
+        heads[table[name]] = np.asarray(value, np.float32)
+    score, bias = heads.get("score"), heads.get("score_bias")
+    names_of = {v: k for k, v in table.items()}
+    if score is not None and (score.ndim != 2 or score.shape[1] != cfg.hidden_size
+                              or score.shape[0] < 1):
+        raise WeightLoadError(sources[0][0], f"shape {list(score.shape)}; a classifier head is "
+                              f"[labels, {cfg.hidden_size}]", names_of["score"])
+    if bias is not None and (score is None or bias.shape != score.shape[:1]):
+        raise WeightLoadError(sources[0][0], f"shape {list(bias.shape)} does not fit the "
+                              "classifier head's labels", names_of["score_bias"])
+    return rest, heads
 
 
 def _hf_text_name(name: str) -> str:
@@ -247,7 +285,8 @@ def _gguf_parts(path: Path, first: GGUFFile) -> list[GGUFFile]:
 
 
 def _load_gguf(path: Path, dtype: np.dtype, progress: bool, placement: Placement | None = None,
-               quantize: str | None = None) -> tuple[ModelConfig, Params, TokenizerBundle]:
+               quantize: str | None = None
+               ) -> tuple[ModelConfig, Params, TokenizerBundle, Heads, dict[str, Any]]:
     f = GGUFFile(path)
     parts = _gguf_parts(path, f)
     meta, tensors, owner = f.metadata, {}, {}
@@ -292,9 +331,10 @@ def _load_gguf(path: Path, dtype: np.dtype, progress: bool, placement: Placement
         return out
 
     sources = [(owner[name].path, (name, lambda t=t: read(t))) for name, t in tensors.items()]
+    sources, heads = _heads(cfg, sources, names.GGUF_HEADS)
     params = _fill_params(cfg, sources, rules, names.GGUF_IGNORED, dtype, progress, path,
                           placement, quantized)
-    return cfg, params, tok
+    return cfg, params, tok, heads, meta
 
 
 def _repack_tensor(path: Path, t: GGUFTensor) -> np.ndarray | wq.QArrays:

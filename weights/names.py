@@ -219,3 +219,10 @@ GGUF_TABLES = {
     "qwen3_moe": GGUF_QWEN3_MOE, "phi3": GGUF_PHI3, "gemma": GGUF_GEMMA, "gemma2": GGUF_GEMMA,
     "gemma3": GGUF_GEMMA, "glm4": GGUF_GLM4,
 }
+
+# Heads over the final hidden states that are not the decoder's: a sequence classifier's, as
+# transformers' *ForSequenceClassification saves it (`score`, [labels, hidden], no bias) and as
+# llama.cpp's converter writes a rank model's (`cls.output`). Read as float32 into
+# `Checkpoint.heads` by these names, outside the params pytree.
+HF_HEADS = {"score.weight": "score", "score.bias": "score_bias"}
+GGUF_HEADS = {"cls.output.weight": "score", "cls.output.bias": "score_bias"}
