@@ -47,7 +47,8 @@ def serve(args: argparse.Namespace) -> int:
             normalize=args.default_normalize,
             truncate_prompt_tokens=args.default_truncate_prompt_tokens,
             prompt_name=args.default_prompt_name,
-            input_type=InputType(args.default_input_type) if args.default_input_type else None))
+            input_type=InputType(args.default_input_type) if args.default_input_type else None,
+            chunked=args.default_chunked))
     if args.process_id != 0:
         return follow(builder)
     # Loading starts before the web stack is imported and the port bound, which overlap it.
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-truncate-prompt-tokens", type=int, default=None,
                    help="keep the last N tokens of over-long inputs (-1: the model's limit) "
                         "unless a request says otherwise (default: refuse them)")
+    p.add_argument("--default-chunked", action=argparse.BooleanOptionalAction, default=None,
+                   help="embed inputs past the model's limit in windows, combined into one "
+                        "vector (vLLM's chunked processing), unless a request says otherwise "
+                        "(default: refuse them)")
     p.set_defaults(func=serve)
 
     p = sub.add_parser("embed", help="embed texts and print their dimension and first values")

@@ -65,10 +65,32 @@ class PreparedInput:
 
     sequences: list[np.ndarray]
     skip: list[int] | None = None  # prompt tokens to leave out of each sequence's pooling
+    # Per input, how many consecutive sequences (windows) hold it; None: one each.
+    windows: list[int] | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
+
+    def combine(self, vectors: np.ndarray, pooling: EmbeddingType) -> np.ndarray:
+        """One pooled vector an input from one a sequence [S, D] -> [inputs, D]: an input's
+        windows combine as vLLM's chunked processing does; the mean is weighted by each
+        window's pooled tokens (each token is pooled in one window only), so it is the mean
+        of every token's state; 'last' takes the last window's, 'cls' the first's."""
+        if self.windows is None:
+            return vectors
+        out, at = [], 0
+        skip = self.skip or [0] * len(self.sequences)
+        for n in self.windows:
+            part = vectors[at : at + n]
+            if pooling == EmbeddingType.Mean:
+                w = np.array([max(len(self.sequences[j]) - skip[j], 0)
+                              for j in range(at, at + n)], np.float64)
+                out.append((part * w[:, None]).sum(0) / max(w.sum(), 1.0))
+            else:
+                out.append(part[0] if pooling == EmbeddingType.Cls else part[-1])
+            at += n
+        return np.stack(out).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +104,7 @@ class EmbeddingOptions:
     dimensions: int | None
     encoding_format: EncodingFormat
     prompt: str | None = None  # prepended to each text input
+    chunked: bool = False  # inputs past the limit in windows, not refused
 
 
 class EmbeddingFrontend:
@@ -90,7 +113,7 @@ class EmbeddingFrontend:
                  sentence_transformers: SentenceTransformersConfig | None = None,
                  defaults: EmbeddingDefaults | None = None,
                  instruction_template: str | None = None,
-                 max_request_tokens: int | None = None) -> None:
+                 max_request_tokens: int | None = None, chunk_overlap: int = 0) -> None:
         """sentence_transformers: the folder's configuration, which says how the model is meant
         to be used; its settings are the model's defaults (a plain causal LM has none: mean
         pooling, no normalization)."""
@@ -114,6 +137,10 @@ class EmbeddingFrontend:
         self.instruction_template = template
         self.max_model_len = max_model_len
         self.max_request_tokens = max_request_tokens
+        if not 0 <= chunk_overlap < max_model_len // 2:
+            raise ValueError(f"a chunk overlap must be between 0 and half the context "
+                             f"({max_model_len // 2 - 1}); got {chunk_overlap}")
+        self.chunk_overlap = chunk_overlap
         self.served_model_names = list(served_model_names or [model_name])
         self.defaults = defaults or EmbeddingDefaults()
         self._prompt_lengths: dict[str, int] = {}
@@ -219,8 +246,18 @@ class EmbeddingFrontend:
                 f"'{asked}' adds a prompt to text, but 'input' is token ids, which are fed as "
                 f"they are; send the input as text, or tokenize the prompt into the ids yourself "
                 f"and leave '{asked}' out", param=asked, code="unsupported_value")
+        chunked = first(request.chunked, d.chunked, False)
+        if not isinstance(chunked, bool):
+            raise InvalidRequestError(f"'chunked' must be true or false; got {chunked!r}",
+                                      param="chunked", code="invalid_type")
+        if chunked and pooling == EmbeddingType.None_ and request.chunked:
+            raise InvalidRequestError(
+                "'chunked' combines the windows of a long input into one vector; "
+                "'embedding_type' 'none' returns no pooled vector: leave one of them out",
+                param="chunked", code="unsupported_value")
         return EmbeddingOptions(name, pooling, normalize, truncate,
-                                None if dims is None else int(dims), fmt, prompt)
+                                None if dims is None else int(dims), fmt, prompt,
+                                chunked and pooling != EmbeddingType.None_)
 
     @property
     def supported_dimensions(self) -> tuple[int, ...]:
@@ -357,8 +394,8 @@ class EmbeddingFrontend:
         self.inputs.check_vocab(ids, "tokens")
         return DetokenizeResponse(prompt=self.inputs.detokenize(ids))
 
-    def prepare(self, raw: object, truncate: int | None = None, prompt: str | None = None
-                ) -> PreparedInput:
+    def prepare(self, raw: object, truncate: int | None = None, prompt: str | None = None,
+                chunked: bool = False) -> PreparedInput:
         """Validate an `input` value and turn it into token-id sequences, each cut to its last
         `truncate` tokens when given (keeping the special tokens the tokenizer adds).
 
@@ -366,7 +403,11 @@ class EmbeddingFrontend:
         token-id inputs are fed as they are. Where the model leaves prompts out of its pooling
         (text in front of the input only: sentence-transformers pools a system message's tokens),
         the prompt's tokens still kept after truncation are marked to be skipped. A rendered
-        input is cut inside its text, the chat template's tokens around it kept."""
+        input is cut inside its text, the chat template's tokens around it kept.
+
+        `chunked`: an input still past the model's limit becomes windows of the limit's length,
+        each after the first starting `chunk_overlap` tokens early, those tokens attending as
+        context but left out of its pooling (`PreparedInput.combine` joins them)."""
         texts, seqs = split_input(raw)
         prompt_tokens = 0
         if texts is not None:
@@ -383,7 +424,7 @@ class EmbeddingFrontend:
         rendered = texts is not None and self.message is not None
         st = self.sentence_transformers
         exclude = bool(prompt_tokens) and st is not None and not st.include_prompt
-        out, skip = [], []
+        out, skip, windows = [], [], []
         for i, ids in enumerate(seqs):
             if not ids:
                 raise InvalidRequestError(f"input[{i}] has no tokens; send at least one",
@@ -398,7 +439,15 @@ class EmbeddingFrontend:
                 ids = self.inputs.truncate(ids, truncate)
                 # The cut takes the tokens right after the kept special prefix: the prompt's.
                 left_out = head + max(0, prompt_tokens - head - removed) if prompt_tokens else 0
-            skip.append(left_out)
+            if len(ids) > self.max_model_len and chunked:
+                parts = self._windows(ids)
+                windows.append(len(parts))
+                for k, (part, head) in enumerate(parts):
+                    out.append(np.asarray(part, dtype=np.int32))
+                    skip.append((left_out if exclude else 0) if k == 0 else head)
+                continue
+            windows.append(1)
+            skip.append(left_out if exclude else 0)
             if len(ids) > self.max_model_len:
                 raise InvalidRequestError(
                     f"input[{i}] has {len(ids)} tokens, more than this model's limit of "
@@ -406,13 +455,26 @@ class EmbeddingFrontend:
                     "'truncate_prompt_tokens' to keep its end", param="input",
                     code="context_length_exceeded")
             out.append(np.asarray(ids, dtype=np.int32))
-        prepared = PreparedInput(out, skip if exclude else None)
+        prepared = PreparedInput(out, skip if any(skip) else None,
+                                 windows if len(windows) < len(out) else None)
         if self.max_request_tokens is not None and prepared.prompt_tokens > self.max_request_tokens:
             raise InvalidRequestError(
                 f"the input has {prepared.prompt_tokens} tokens in all, more than this server's "
                 f"limit of {self.max_request_tokens} per request; split it into several requests",
                 param="input", code="request_too_large")
         return prepared
+
+    def _windows(self, ids: list[int]) -> list[tuple[list[int], int]]:
+        """An over-long input as (window, its leading tokens already pooled in the window
+        before): windows of the context's length, each after the first starting `overlap`
+        tokens before the previous one's end."""
+        size, overlap = self.max_model_len, self.chunk_overlap
+        out, end = [(list(ids[:size]), 0)], size
+        while end < len(ids):
+            start = end - overlap
+            out.append((list(ids[start : start + size]), overlap))
+            end = start + size
+        return out
 
     def finish(self, options: EmbeddingOptions, vectors: np.ndarray | list[np.ndarray]
                ) -> np.ndarray | list[np.ndarray]:
@@ -429,6 +491,10 @@ class EmbeddingFrontend:
 
     def response(self, options: EmbeddingOptions, prepared: PreparedInput,
                  vectors: np.ndarray | list[np.ndarray]) -> EmbeddingResponse:
+        """The response of one vector a sequence (windows combined first); usage counts every
+        token run, a window's overlap included."""
+        if options.pooling != EmbeddingType.None_:
+            vectors = prepared.combine(np.asarray(vectors), options.pooling)
         vectors = self.finish(options, vectors)
         data = [EmbeddingData(embedding=v.tolist() if v.ndim == 2 else
                               encode_vector(v, options.encoding_format), index=i)

@@ -118,7 +118,7 @@ class Engine:
             max_model_len=plan.max_model_len, served_model_names=options.served_model_names,
             sentence_transformers=st, defaults=options.defaults,
             instruction_template=options.instruction_template,
-            max_request_tokens=options.max_request_tokens)
+            max_request_tokens=options.max_request_tokens, chunk_overlap=options.chunk_overlap)
         self.generation = GenerationFrontend(
             self.inputs, checkpoint.tokenizer, self.config.eos_token_id,
             model_name=self.embedding.model_name, max_model_len=plan.max_model_len,
@@ -274,10 +274,10 @@ class Engine:
         """Validate a request's settings (not its input) and fill in the defaults."""
         return self.embedding.resolve(request)
 
-    def prepare(self, raw: object, truncate: int | None = None, prompt: str | None = None
-                ) -> PreparedInput:
+    def prepare(self, raw: object, truncate: int | None = None, prompt: str | None = None,
+                chunked: bool = False) -> PreparedInput:
         """Validate an `input` value and turn it into token-id sequences."""
-        return self.embedding.prepare(raw, truncate, prompt)
+        return self.embedding.prepare(raw, truncate, prompt, chunked)
 
     def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids exactly as the embedding path feeds them (special tokens per the model; a
@@ -333,7 +333,7 @@ class Engine:
         """Embed synchronously."""
         request = _as_request(request, fields)
         options = self.resolve(request)
-        prepared = self.prepare(request.input, options.truncate, options.prompt)
+        prepared = self.prepare(request.input, options.truncate, options.prompt, options.chunked)
         vectors = self.submit(prepared.sequences, options.pooling, prepared.skip).result()
         return self.embedding.response(options, prepared, vectors)
 
@@ -352,7 +352,7 @@ class Engine:
         if not self.ready:  # refuse before tokenizing: the work could not be queued anyway
             raise unavailable()
         prepared = await asyncio.to_thread(self.prepare, request.input, options.truncate,
-                                           options.prompt)
+                                           options.prompt, options.chunked)
         future = self.submit(prepared.sequences, options.pooling, prepared.skip)
         vectors = await asyncio.wrap_future(future)
         response = await asyncio.to_thread(self.embedding.response, options, prepared, vectors)
@@ -380,9 +380,9 @@ class Engine:
                                    instruction=instruction,
                                    input_type=input_type)  # type: ignore[arg-type]
         options = self.resolve(request)
-        prepared = self.prepare(request.input, options.truncate, options.prompt)
+        prepared = self.prepare(request.input, options.truncate, options.prompt, options.chunked)
         vectors = self.submit(prepared.sequences, options.pooling, prepared.skip).result()
-        out = self.embedding.finish(options, vectors)
+        out = self.embedding.finish(options, prepared.combine(vectors, options.pooling))
         return out[0] if single else out
 
     # ---- rerank, score, classify ---------------------------------------------------------

@@ -80,6 +80,11 @@ class EngineOptions:
         "how a request's 'instruction' is placed before the input, ending with '{text}', e.g. "
         "'Instruct: {instruction}\\nQuery:{text}' (default: the model family's known template, "
         "if any)"))
+    chunk_overlap: int = dataclasses.field(default=0, metadata=_flag(
+        "with chunked processing (a request's 'chunked', or --default-chunked), each window of "
+        "an over-long input after the first starts N tokens before the previous one ends, "
+        "those tokens attending as context but pooled once only (default: 0, vLLM's)",
+        type=int, metavar="N"))
     classifier_from_tokens: Sequence[str] | None = dataclasses.field(default=None, metadata=_flag(
         "score (query, document) pairs with the LM head's logits of these tokens at the last "
         "position, 'false,true' (the true token's log-odds: Qwen3-Reranker's 'no,yes') or one "
@@ -147,7 +152,8 @@ class EngineOptions:
 MODEL_FLAGS = ("model", "dtype", "quantize", "max_model_len", "max_batch_tokens",
                "max_num_seqs", "kv_cache_dtype", "memory_utilization", "embed_matmul_dtype",
                "decode_matmul_dtype", "attention", "instruction_template",
-               "classifier_from_tokens", "score_refuse_long", "tensor_parallel", "data_parallel")
+               "chunk_overlap", "classifier_from_tokens", "score_refuse_long", "tensor_parallel",
+               "data_parallel")
 SERVE_FLAGS = ("served_model_names", "max_queued_requests", "max_request_tokens")
 _FIELDS = {f.name: f for f in dataclasses.fields(EngineOptions)}
 

@@ -94,6 +94,9 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     prompt_name: str | None = None
     instruction: str | None = None
     input_type: InputType | None = None
+    # Embed an input past the model's limit in windows and combine them (vLLM's chunked
+    # processing); None: the server's default, else such inputs are refused.
+    chunked: bool | None = None
     user: str | None = None
 
 
@@ -109,6 +112,7 @@ class EmbeddingDefaults:
     truncate_prompt_tokens: int | None = None
     prompt_name: str | None = None
     input_type: InputType | None = None
+    chunked: bool | None = None
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):

@@ -184,6 +184,13 @@ def embedding_request_schema() -> Schema:
             "usage counts what was kept. Unset: the server's default, else over-long inputs are "
             "refused."),
         **_prompt_fields(),
+        "chunked": optional(
+            Schema(type=BOOLEAN),
+            "Embed an input past the model's limit in windows of the limit's length and combine "
+            "them (vLLM's chunked processing): 'mean' weights each window's mean by its tokens, "
+            "each token pooled once (--chunk-overlap gives later windows context they do not "
+            "pool); 'last' takes the last window's, 'cls' the first's. usage counts every token "
+            "run. Unset: the server's default, else such inputs are refused (400)."),
         "user": optional(Schema(type=STRING),
                          "Accepted for compatibility with OpenAI's API; unused."),
     }

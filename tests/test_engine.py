@@ -623,3 +623,54 @@ def test_a_step_returns_one_vector_per_sequence_pooled_as_asked(tiny_engine):
     for slot, sid in enumerate(step.sequences):
         want = tiny_engine.encode(texts[sid], kinds[sid].value)
         np.testing.assert_allclose(got[slot], want, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_processing_embeds_long_inputs_in_windows(tiny_engine: Engine,
+                                                          tiny_llama_dir) -> None:
+    """An input past the limit, with 'chunked': windows of the limit's length, combined as
+    vLLM does (mean: weighted by each window's tokens; last: the last window's), each window
+    the vector it gets alone; usage counts every token run. With an overlap, later windows
+    start early and leave the overlap out of their pooling: every token is pooled once."""
+    limit = tiny_engine.max_model_len
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, tiny_engine.config.vocab_size, 2 * limit + 37).tolist()
+    windows = [ids[:limit], ids[limit : 2 * limit], ids[2 * limit :]]
+
+    def vectors(**fields: object) -> np.ndarray:
+        r = tiny_engine.embed(EmbeddingRequest(input=[ids], chunked=True, **fields))
+        assert r.usage.prompt_tokens == len(ids)
+        return np.asarray(r.data[0].embedding)
+
+    alone = np.asarray([d.embedding for d in tiny_engine.embed(windows).data])
+    weights = np.array([len(w) for w in windows], float)
+    np.testing.assert_allclose(vectors(), weights @ alone / weights.sum(), atol=1e-5)
+    last = tiny_engine.embed(EmbeddingRequest(input=[windows[-1]], embedding_type="last"))
+    np.testing.assert_allclose(vectors(embedding_type="last"), last.data[0].embedding,
+                               atol=1e-5)
+    normalized = vectors(normalize=True)
+    assert abs(np.linalg.norm(normalized) - 1) < 1e-5
+    with pytest.raises(InvalidRequestError) as e:  # unasked, it is refused as before
+        tiny_engine.embed(EmbeddingRequest(input=[ids]))
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequestError) as e:
+        tiny_engine.embed(EmbeddingRequest(input=[ids], chunked=True, embedding_type="none"))
+    assert e.value.param == "chunked"
+
+    overlap = 16
+    engine = EngineBuilder(model=tiny_llama_dir, dtype="float32", warmup=False, progress=False,
+                           compilation_cache=False, chunk_overlap=overlap).build()
+    try:
+        r = engine.embed(EmbeddingRequest(input=[ids], chunked=True))
+        starts = [0, limit - overlap, 2 * limit - 2 * overlap]
+        parts = [ids[a : a + limit] for a in starts]
+        assert sum(len(p) for p in parts) - 2 * overlap == len(ids)  # each token pooled once
+        assert r.usage.prompt_tokens == sum(len(p) for p in parts)
+        pooled = engine.submit([np.asarray(p, np.int32) for p in parts],
+                               skip=[0, overlap, overlap]).result()
+        counts = np.array([len(parts[0]), limit - overlap, len(parts[2]) - overlap], float)
+        np.testing.assert_allclose(r.data[0].embedding, counts @ pooled / counts.sum(),
+                                   atol=1e-5)
+        # The overlap is context: the windows' vectors differ from the plain split's.
+        assert not np.allclose(r.data[0].embedding, vectors(), atol=1e-4)
+    finally:
+        engine.shutdown()

@@ -236,6 +236,8 @@ FORMS = [
     ("/v1/completions", {"seed": 2**63 - 1}, None),
     ("/v1/completions", {"seed": 2**63}, "seed"),
     ("/v1/embeddings", {"embedding_type": "none"}, None),
+    ("/v1/embeddings", {"input": [1] * 2049, "chunked": True}, "input"),  # past MAX_INPUTS
+    ("/v1/embeddings", {"input": [[1] * 100], "chunked": True}, None),
     ("/v1/rerank", {"documents": [{"text": "a"}, "b"]}, None),
     ("/v1/rerank", {"documents": []}, "documents"),
     ("/v1/rerank", {"query": ""}, "query"),
