@@ -30,6 +30,7 @@ from jaxembed.classify import build_classifier
 from jaxembed.config import UnsupportedModelError
 from jaxembed.core import EngineCore, paused, unavailable
 from jaxembed.embed_front import DEFAULT_ALIAS, EmbeddingFrontend, EmbeddingOptions, PreparedInput
+from jaxembed.errors import InvalidRequestError
 from jaxembed.generate_front import GenerationFrontend
 from jaxembed.generation import GenerationResult, GenerationStream, TokenLogprob
 from jaxembed.inputs import InputProcessor
@@ -160,6 +161,27 @@ class Engine:
         return np.concatenate(cols).T  # [len(ids), hidden]
 
     # ---- what is served ------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What the served model can do, in vLLM's task names: embed (and token_embed) always;
+        generate where it has an LM head (a base checkpoint, as many embedding models are
+        saved, has none); score and rerank always (with no classifier: the cosine of
+        embeddings); classify with a classification head."""
+        out = ["embed", "token_embed"]
+        if self.config.tie_word_embeddings or "lm_head" in self.checkpoint.params:
+            out.append("generate")
+        out += ["score", "rerank"]
+        if self.classifier is not None:
+            out.append("classify")
+        return tuple(out)
+
+    def require(self, task: str, param: str = "model") -> None:
+        """A 400 naming the tasks the model supports, for a task it does not."""
+        if task not in self.tasks:
+            raise InvalidRequestError(
+                f"{self.model_name} does not support {task!r}; it supports "
+                f"{', '.join(self.tasks)}", param=param, code="unsupported_model")
 
     @property
     def model_name(self) -> str:
@@ -315,6 +337,7 @@ class Engine:
         future gives a `PromptScores` a sequence (each token's log-probability given those
         before it, and the likeliest tokens at its place). Prefill-only, in the embedding steps;
         raises as `submit` does."""
+        self.require("generate", "logprobs")  # the LM head scores a prompt
         fut = EmbeddingFuture()
         work = EmbeddingWork(list(sequences), EmbeddingType.Mean, fut, [None] * len(sequences),
                              len(sequences), scores=True)
@@ -486,6 +509,7 @@ class Engine:
                           loop: asyncio.AbstractEventLoop | None = None) -> GenerationStream:
         """Queue a validated prompt; the stream yields its deltas (from a thread, or on `loop`).
         Raises like `submit` when the queue is full or the engine is shutting down."""
+        self.require("generate")
         work = self.generation.request(prompt, params, loop)
         self._core().submit(work)
         return work.stream

@@ -114,9 +114,10 @@ class ScoringFrontend:
         c = self.classifier
         if c is None:
             raise InvalidRequestError(
-                f"{self.embedding.model_name} has no classification head, so it cannot "
-                "classify; serve a *ForSequenceClassification or CrossEncoder model",
-                param="model", code="unsupported_model")
+                f"{self.embedding.model_name} has no classification head, so it does not "
+                "support 'classify' (it supports embed, token_embed, score and rerank, and "
+                "generate where it has an LM head); serve a *ForSequenceClassification or "
+                "CrossEncoder model", param="model", code="unsupported_model")
         seqs = []
         for i, text in enumerate(texts):
             ids = self.inputs.tokenize([text])[0]

@@ -399,7 +399,7 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
     @get("/v1/models", summary="List models", tags=["models"], responses=_errors(401, 503))
     async def list_models() -> ModelList:
         engine = host.get()
-        return ModelList(data=[ModelCard(id=name, created=created)
+        return ModelList(data=[ModelCard(id=name, created=created, tasks=list(engine.tasks))
                                for name in engine.served_model_names])
 
     @get("/info", summary="The served model: family, dtype, context, pooling and generation "

@@ -155,6 +155,7 @@ class Completions:
     async def _start_completion(self, req: CompletionRequest) -> _Started:
         engine = self.engine
         model = engine.resolve_model(req.model)
+        engine.require("generate")
         if req.suffix:
             raise _unsupported("suffix", "'suffix' (insertion) is not supported; leave it out")
         if req.best_of is not None and req.best_of != req.n:
@@ -320,6 +321,7 @@ class Completions:
     async def _start_chat(self, req: ChatCompletionRequest) -> tuple[str, GenerationStream]:
         engine = self.engine
         model = engine.resolve_model(req.model)
+        engine.require("generate")
         if req.tools:
             raise _unsupported("tools", "tool calling is not supported; leave 'tools' out")
         fmt = (req.response_format or {}).get("type", "text")

@@ -15,6 +15,7 @@ class ModelCard(msgspec.Struct, kw_only=True):
     created: int
     object: str = "model"
     owned_by: str = "jaxembed"
+    tasks: list[str] = msgspec.field(default_factory=list)  # what the model supports
 
 
 class ModelList(msgspec.Struct, kw_only=True):
@@ -65,6 +66,7 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     embeddings: EmbeddingInfo
     generation: GenerationInfo
     scoring: ScoringInfo
+    tasks: list[str]  # vLLM's names: embed, token_embed, generate, score, rerank, classify
     version: str
 
 
@@ -82,7 +84,7 @@ def server_info(engine: Engine) -> ServerInfo:
             prompts=list(info.prompts)),
         generation=GenerationInfo(chat_template=info.chat_template,
                                   max_num_seqs=info.max_num_seqs),
-        scoring=_scoring(engine), version=version())
+        scoring=_scoring(engine), tasks=list(engine.tasks), version=version())
 
 
 def _scoring(engine: Engine) -> ScoringInfo:

@@ -252,6 +252,7 @@ def test_a_model_without_a_classifier_scores_by_cosine(tiny_engine: Engine) -> N
     vectors = tiny_engine.encode([QUERY, *DOCS])
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     np.testing.assert_allclose(tiny_engine.score(QUERY, DOCS), unit[1:] @ unit[0], atol=1e-5)
+    assert tiny_engine.tasks == ("embed", "token_embed", "generate", "score", "rerank")
     with TestClient(create_app(tiny_engine)) as client:
         assert client.get("/info").json()["scoring"]["classifier"] is False
         r = client.post("/classify", json={"input": "x"})
@@ -268,7 +269,18 @@ def reranker(root: Path) -> Iterator[Engine]:
 def test_the_rerank_and_score_routes(reranker: Engine) -> None:
     scores = reranker.score(QUERY, DOCS)
     best = list(np.argsort(-scores))
+    # A *ForSequenceClassification checkpoint has no LM head: it cannot generate.
+    assert reranker.tasks == ("embed", "token_embed", "score", "rerank", "classify")
     with TestClient(create_app(reranker)) as client:
+        assert client.get("/info").json()["tasks"] == list(reranker.tasks)
+        assert client.get("/v1/models").json()["data"][0]["tasks"] == list(reranker.tasks)
+        for path, body in [("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "hi"}]})]:
+            r = client.post(path, json=body)
+            assert r.status_code == 400, r.text
+            assert "supports embed, token_embed, score, rerank, classify" in \
+                r.json()["error"]["message"]
         assert client.get("/info").json()["scoring"] == {
             "classifier": True, "num_labels": 1, "labels": ["relevant"],
             "activation": "Sigmoid", "source": "the checkpoint's classifier head"}
