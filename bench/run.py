@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                         "1.7b, 8 at 7b)")
     parser.add_argument("--sizes-tokens", type=int, default=32,
                         help="sizes: tokens of each decode")
+    parser.add_argument("--corpus-rows", type=int, default=100_000,
+                        help="corpus: short texts embedded by embed-file and by the engine")
     parser.add_argument("--sizes-baseline", default=None,
                         help="sizes: an earlier run's results, to judge 135m against")
     args = parser.parse_args(argv)
@@ -161,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             [s for s in args.sizes.split(",") if s], texts=args.sizes_texts,
             tokens=args.sizes_tokens, streams=args.streams, threads=args.threads,
             baseline=Path(args.sizes_baseline) if args.sizes_baseline else None)
+    if "corpus" in workloads:
+        from bench.corpus import corpus_benchmark
+
+        r["corpus"] = corpus_benchmark(model, args.corpus_rows)
     for value in r.values():
         if isinstance(value, dict):
             for k in [k for k in value if k.startswith("_")]:
@@ -301,6 +307,14 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [""] * (lines[-1] != "") + generation.markdown(r["generation"])
     if "sizes" in r:
         lines += [""] * (lines[-1] != "") + sizes.markdown(r["sizes"])
+    if "corpus" in r:
+        c = r["corpus"]
+        lines += [""] * (lines[-1] != "") + [
+            f"embed-file, {c['rows']:,} short texts ({c['tokens']:,} tokens), batches of "
+            f"{c['batch']}: {c['embed_file_rows_per_s']:,.0f} rows/s, "
+            f"{c['embed_file_tokens_per_s']:,.0f} tokens/s; the engine's own on the same "
+            f"batches: {c['engine_rows_per_s']:,.0f} rows/s "
+            f"(embed-file at {c['embed_file_vs_engine']:.2f}x)."]
     return "\n".join(lines) + "\n"
 
 

@@ -127,6 +127,24 @@ def follow(builder: EngineBuilder) -> int:
     return 0
 
 
+def embed_file(args: argparse.Namespace) -> int:
+    from jaxembed import corpus
+
+    engine = _builder(args, warmup=False).build()
+    try:
+        fields = {k: getattr(args, k) for k in (
+            "embedding_type", "normalize", "dimensions", "prompt_name", "instruction",
+            "input_type", "truncate_prompt_tokens", "chunked") if getattr(args, k) is not None}
+        done = corpus.embed_file(engine, args.input, args.out, column=args.column,
+                                 id_column=args.id_column, batch_size=args.batch_size, **fields)
+    finally:
+        engine.shutdown()
+    resumed = f" (resumed at row {done.resumed_from})" if done.resumed_from else ""
+    print(f"{done.rows} rows into {args.out}{resumed}: {done.tokens} tokens in "
+          f"{done.seconds:.1f} s, {done.tokens_per_second:,.0f} tokens/s")
+    return 0
+
+
 def embed(args: argparse.Namespace) -> int:
     engine = _builder(args, warmup=False).build()
     try:
@@ -231,6 +249,36 @@ def main(argv: list[str] | None = None) -> int:
                    help="an instruction, placed by the model's instruction template")
     p.add_argument("--show", type=int, default=6, help="how many values to print per text")
     p.set_defaults(func=embed)
+
+    p = sub.add_parser("embed-file", help="embed a column of a JSON lines, CSV or Parquet file "
+                                          "into Parquet or .npy, resuming where a killed run "
+                                          "stopped")
+    options.add_arguments(p)
+    p.add_argument("input", help="a .jsonl, .csv or .parquet file")
+    p.add_argument("--out", required=True,
+                   help=".parquet (an id and an embedding column) or .npy (the vectors in row "
+                        "order)")
+    p.add_argument("--column", default="text", help="the column holding the text (default: text)")
+    p.add_argument("--id-column", default=None,
+                   help="a column to write beside each vector (default: the row number)")
+    p.add_argument("--batch-size", type=int, default=256, help="rows a batch (default: 256)")
+    p.add_argument("--embedding-type", default=None,
+                   choices=[t.value for t in EmbeddingType if t != EmbeddingType.None_],
+                   help="pooling (default: the model's sentence-transformers config, else mean)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalize the vectors (default: the model's config, else off)")
+    p.add_argument("--dimensions", type=int, default=None,
+                   help="keep the first N values of each vector")
+    p.add_argument("--prompt-name", default=None, help="one of the model's prompts to prepend")
+    p.add_argument("--instruction", default=None,
+                   help="an instruction, placed by the model's instruction template")
+    p.add_argument("--input-type", choices=[t.value for t in InputType], default=None,
+                   help="use the model's prompt for this input type")
+    p.add_argument("--truncate-prompt-tokens", type=int, default=None,
+                   help="keep the last N tokens of an over-long text (-1: the model's limit)")
+    p.add_argument("--chunked", action=argparse.BooleanOptionalAction, default=None,
+                   help="embed an over-long text in windows, combined into one vector")
+    p.set_defaults(func=embed_file)
 
     p = sub.add_parser("generate", help="continue a prompt (or answer it, with --chat) and "
                                         "stream the text")
