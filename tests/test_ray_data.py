@@ -22,7 +22,9 @@ def test_two_actors_embed_a_parquet_dataset(tiny_engine: Engine, tiny_llama_dir:
     texts = [" ".join(rng.choice(words, rng.integers(1, 20))) for _ in range(60)]
     src = tmp_path / "corpus.parquet"
     pq.write_table(pa.table({"id": list(range(60)), "text": texts}), src)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # Four logical CPUs on this 2-core machine: the two actors take one each, and Ray Data's
+    # read and write tasks need their own, or the pipeline waits for a CPU forever.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
     try:
         ds = ray.data.read_parquet(str(src)).map_batches(
