@@ -268,6 +268,30 @@ def test_heatmap_equals_the_embeddings_route(page: tuple[Any, Console], root: st
     console.assert_clean()
 
 
+def test_the_rerank_tab_equals_the_rerank_route(page: tuple[Any, Console], root: str) -> None:
+    p, console = page
+    open_page(p, root + "/")
+    p.click("#tab-rerank")
+    assert "cosine" in p.text_content("#rerank-mode")  # SmolLM2 has no classifier
+    docs = ["The cat sleeps on a warm mat.", "Stocks fell.", "Kittens nap all day."]
+    p.fill("#query", "Where does the cat sleep?")
+    p.fill("#documents", "\n".join(docs))
+    p.fill("#top-n", "2")
+    p.click("#rerank-run")
+    p.wait_for_function("() => document.querySelectorAll('#ranking li').length === 2")
+    shown = p.eval_on_selector_all(
+        "#ranking li", "lis => lis.map(li => [Number(li.dataset.index), Number(li.dataset.score)])")
+    r = httpx.post(root + "/v1/rerank", json={"query": "Where does the cat sleep?",
+                                              "documents": docs, "top_n": 2}).json()
+    assert [i for i, _ in shown] == [x["index"] for x in r["results"]]
+    np.testing.assert_allclose([s for _, s in shown],
+                               [x["relevance_score"] for x in r["results"]], atol=1e-6)
+    widths = p.eval_on_selector_all("#ranking .bar", "bars => bars.map(b => b.style.width)")
+    assert widths[0] == "100%"  # the best fills its bar
+    screenshot(p, "rerank")
+    console.assert_clean()
+
+
 def test_invalid_input_shows_the_servers_message(page: tuple[Any, Console], root: str) -> None:
     p, console = page
     open_page(p, root + "/")

@@ -119,8 +119,13 @@ async function loadInfo() {
     ["prompts", pooling.prompts.length ? pooling.prompts.join(", ") : "none"],
     ["chat template", info.generation.chat_template ? "yes" : "no (chat is sent as a plain completion)"],
     ["sequences at once", String(info.generation.max_num_seqs)],
+    ["tasks", info.tasks.join(", ")],
+    ["scoring", info.scoring.source],
     ["version", info.version],
   ]);
+  $("rerank-mode").textContent = info.scoring.classifier
+    ? `Scores from ${info.scoring.source}, through /v1/rerank.`
+    : "This model has no classifier: /v1/rerank scores by the cosine similarity of embeddings.";
   $("chat-mode").textContent = info.generation.chat_template
     ? "Messages go to /v1/chat/completions through the model's chat template."
     : "This model has no chat template: each message is sent to /v1/completions as a plain prompt.";
@@ -317,6 +322,56 @@ async function runEmbeddings() {
 }
 
 $("embed-run").addEventListener("click", runEmbeddings);
+
+// ---- rerank ----------------------------------------------------------------------------------
+
+function rerankRequest() {
+  const request = {
+    model: "default",
+    query: $("query").value,
+    documents: $("documents").value.split("\n").map((t) => t.trim()).filter((t) => t.length > 0),
+  };
+  const n = $("top-n").value.trim();
+  if (n !== "") request.top_n = Number(n);
+  return request;
+}
+
+async function runRerank() {
+  const request = rerankRequest();
+  showError("rerank-error", null);
+  $("rerank-run").disabled = true;
+  const started = performance.now();
+  try {
+    const result = await (await api("/v1/rerank", request)).json();
+    const scores = result.results.map((r) => r.relevance_score);
+    // Bars from the lowest score shown (or 0) to the highest: cosines may be negative.
+    const lo = Math.min(0, ...scores);
+    const span = Math.max(...scores) - lo || 1;
+    const list = $("ranking");
+    list.replaceChildren();
+    for (const r of result.results) {
+      const li = document.createElement("li");
+      li.dataset.index = String(r.index);
+      li.dataset.score = String(r.relevance_score);
+      const score = document.createElement("span");
+      score.className = "score";
+      score.textContent = r.relevance_score.toFixed(4);
+      const bar = document.createElement("div");
+      bar.className = "bar";
+      bar.style.width = `${(100 * (r.relevance_score - lo)) / span}%`;
+      li.append(score, document.createTextNode(request.documents[r.index]), bar);
+      list.append(li);
+    }
+    $("rerank-summary").textContent = `${result.results.length} of ${request.documents.length} ` +
+      `documents, ${result.usage.total_tokens} tokens, ${(performance.now() - started).toFixed(0)} ms`;
+  } catch (error) {
+    showError("rerank-error", error);
+  } finally {
+    $("rerank-run").disabled = false;
+  }
+}
+
+$("rerank-run").addEventListener("click", runRerank);
 
 // ---- chat ------------------------------------------------------------------------------------
 
