@@ -6,8 +6,9 @@ it by a small head [labels, hidden] on the host, in float32, as the sentence-tra
 modules run: a head of a few rows costs nothing beside the forward pass. Its heads come from:
 
 - the checkpoint (`Checkpoint.heads["score"]`): transformers' *ForSequenceClassification `score`,
-  a sentence-transformers CrossEncoder's (the same folder, with its own settings), or a rank GGUF's
-  `cls.output` as llama.cpp's converter writes it;
+  a sentence-transformers CrossEncoder's (the same folder, with its own activation, max length and
+  default prompt, which goes before each query), or a rank GGUF's `cls.output` as llama.cpp's
+  converter writes it;
 - two rows of the LM head ("classifier from tokens", vLLM's `classifier_from_token`): the logit of
   a "yes" token minus that of a "no" token, as causal-LM rerankers such as Qwen3-Reranker score.
 
@@ -81,6 +82,9 @@ class Classifier:
     pair: PairFormat
     source: str  # where the head came from, for /info
     max_length: int | None = None  # the model's own limit on a pair (a CrossEncoder's)
+    # Prepended to each query (a CrossEncoder's default prompt, as sentence-transformers
+    # prepends it to a pair's first text).
+    query_prompt: str = ""
 
     @property
     def num_labels(self) -> int:
@@ -151,13 +155,14 @@ def build_classifier(heads: Mapping[str, np.ndarray], raw_config: Mapping[str, A
                           "the GGUF's rank head ('yes' minus 'no')")
     activation = "Sigmoid" if weight.shape[0] == 1 else "Identity"
     source = "the checkpoint's classifier head"
-    max_length = None
+    max_length, prompt = None, ""
     if cross is not None:
         activation = cross.get("activation") or activation
         max_length = cross.get("max_length")
+        prompt = cross.get("prompt") or ""
         source = "a sentence-transformers CrossEncoder"
     return Classifier(weight, heads.get("score_bias"), labels, activation, PairFormat(), source,
-                      max_length)
+                      max_length, prompt)
 
 
 def _labels(raw: Mapping[str, Any], n: int) -> tuple[str, ...]:
@@ -213,7 +218,14 @@ def read_cross_encoder(folder: Path) -> dict[str, Any] | None:
                 f"supported: {', '.join(f'torch.nn.{a}' for a in SCORE_ACTIVATIONS)}")
     bert = read("sentence_bert_config.json")
     limit = bert.get("max_seq_length") or hf.get("max_length")
-    return {"activation": activation, "max_length": int(limit) if limit else None}
+    prompts = st.get("prompts") if isinstance(st.get("prompts"), dict) else {}
+    default = st.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise WeightLoadError(folder / "config_sentence_transformers.json",
+                              f"default_prompt_name {default!r} is not one of its prompts "
+                              f"{sorted(prompts)}")
+    return {"activation": activation, "max_length": int(limit) if limit else None,
+            "prompt": str(prompts[default]) if default is not None else ""}
 
 
 def pair_ids(tokenizer: Tokenizer, fmt: PairFormat, query: str, document: str, limit: int,

@@ -82,8 +82,8 @@ class ScoringFrontend:
                 f"this model classifies into {c.num_labels} labels ({', '.join(c.labels)}), "
                 "not a relevance score; use /classify", param="model",
                 code="unsupported_model")
-        seqs = [np.asarray(pair_ids(self.inputs.tokenizer, c.pair, q, d, self.limit,
-                                    not self.refuse_long, instruction), np.int32)
+        seqs = [np.asarray(pair_ids(self.inputs.tokenizer, c.pair, c.query_prompt + q, d,
+                                    self.limit, not self.refuse_long, instruction), np.int32)
                 for q, d in pairs]
         for s in seqs:
             self.inputs.check_vocab(s.tolist(), "documents")

@@ -143,17 +143,22 @@ def test_a_cross_encoder_folder_is_served_as_sentence_transformers_runs_it(root:
     from sentence_transformers import CrossEncoder
 
     folder = build_classifier("llama", root, ["relevant"], seed=7)
-    # Tanh, not the default sigmoid: the folder's own setting must be the one applied.
-    ce = CrossEncoder(str(folder), activation_fn=torch.nn.Tanh())
+    # Tanh, not the default sigmoid, and a default prompt (sentence-transformers puts it before
+    # each query): the folder's own settings must be the ones applied.
+    ce = CrossEncoder(str(folder), activation_fn=torch.nn.Tanh(),
+                      prompts={"query": "Query says: "}, default_prompt_name="query")
     saved = root / "cross-encoder"
     ce.save(str(saved))
     ce = CrossEncoder(str(saved))
-    assert isinstance(ce.activation_fn, torch.nn.Tanh)
+    assert isinstance(ce.activation_fn, torch.nn.Tanh) and ce.default_prompt_name == "query"
     engine = _engine(saved)
     try:
         assert engine.classifier.activation == "Tanh"
         ref = ce.predict([(QUERY, d) for d in DOCS])
         np.testing.assert_allclose(engine.score(QUERY, DOCS), ref, atol=LOGIT_ATOL)
+        unprompted = CrossEncoder(str(folder), activation_fn=torch.nn.Tanh())
+        assert not np.allclose(ref, unprompted.predict([(QUERY, d) for d in DOCS]),
+                               atol=LOGIT_ATOL)  # the prompt matters
         ranked = ce.rank(QUERY, DOCS)
         assert [i for i, _ in engine.rerank(QUERY, DOCS)] == [r["corpus_id"] for r in ranked]
         # Its embeddings are not a sentence-transformers pipeline's: plain defaults.
