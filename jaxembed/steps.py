@@ -24,8 +24,28 @@ def _padding_rows(n: int) -> dict[str, np.ndarray]:
     return sampling.row_arrays([None] * n)
 
 
+class _Packed:
+    """What the packed steps (EmbedStep, TokenStep) share: rows of several sequences."""
+
+    INPUTS: ClassVar[tuple[str, ...]]
+    tokens: np.ndarray
+    segment_ids: np.ndarray
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segment_ids > 0).sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.tokens.size)
+
+    def inputs(self) -> tuple[np.ndarray, ...]:
+        """The arrays the compiled step takes, in its order."""
+        return tuple(getattr(self, k) for k in self.INPUTS)
+
+
 @dataclasses.dataclass(frozen=True)
-class EmbedStep:
+class EmbedStep(_Packed):
     """Packed sequences [B, T] run through the model and pooled; several may share a row. Each
     sequence is pooled as its request asks, on the device: one vector a sequence comes back."""
 
@@ -52,17 +72,6 @@ class EmbedStep:
         return cls(zeros, zeros, zeros, np.full((rows, length), slots, np.int32),
                    np.full(slots, -1, np.int32))
 
-    @property
-    def real_tokens(self) -> int:
-        return int((self.segment_ids > 0).sum())
-
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.tokens.size)
-
-    def inputs(self) -> tuple[np.ndarray, ...]:
-        """The arrays the compiled step takes, in its order."""
-        return tuple(getattr(self, k) for k in self.INPUTS)
 
     def message(self) -> Message:
         return self.KIND, {k: getattr(self, k) for k in self.INPUTS}, {}
@@ -73,7 +82,7 @@ class EmbedStep:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenStep:
+class TokenStep(_Packed):
     """Packed sequences [B, T] run through the model with every token's result coming back: its
     final hidden state, float32 [B, T, D] (`score` 0), or (`score` 1) the log-probability of
     `targets` (the token after it in its sequence) and the most likely next tokens: float32
@@ -96,16 +105,6 @@ class TokenStep:
         zeros = np.zeros((rows, length), np.int32)
         return cls(zeros, zeros, zeros, zeros, score)
 
-    @property
-    def real_tokens(self) -> int:
-        return int((self.segment_ids > 0).sum())
-
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.tokens.size)
-
-    def inputs(self) -> tuple[np.ndarray, ...]:
-        return tuple(getattr(self, k) for k in self.INPUTS)
 
     def message(self) -> Message:
         return self.KIND, {k: getattr(self, k) for k in self.INPUTS}, {"score": self.score}

@@ -349,32 +349,30 @@ def _route_handlers(host: EngineHost, metrics: ServerMetrics, created: int,
 
     # Rerank, score and classify: prefill-only work in the embedding steps, each pair (or
     # text) one sequence read at its last token.
+    async def scored(request: Request, kind: type, run: Callable[[Engine, Any], Awaitable[T]]
+                     ) -> T:
+        engine = host.get()
+        end = deadline()
+        parsed = decode_body(await _read_json(request, end, timeout), kind)
+        return await _while_connected(request, run(engine, parsed), end, timeout)
+
     @post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200,
           operation_class=RerankOperation, summary="Rerank documents against a query",
           tags=["scoring"], responses=_errors(400, 401, 404, 413, 415, 429, 503))
     async def rerank(request: Request) -> RerankResponse:
-        engine = host.get()
-        end = deadline()
-        parsed = decode_body(await _read_json(request, end, timeout), RerankRequest)
-        return await _while_connected(request, engine.arerank(parsed), end, timeout)
+        return await scored(request, RerankRequest, Engine.arerank)
 
     @post(["/v1/score", "/score"], status_code=200, operation_class=ScoreOperation,
           summary="Score text pairs", tags=["scoring"],
           responses=_errors(400, 401, 404, 413, 415, 429, 503))
     async def score(request: Request) -> ScoreResponse:
-        engine = host.get()
-        end = deadline()
-        parsed = decode_body(await _read_json(request, end, timeout), ScoreRequest)
-        return await _while_connected(request, engine.ascore(parsed), end, timeout)
+        return await scored(request, ScoreRequest, Engine.ascore)
 
     @post(["/classify", "/v1/classify"], status_code=200, operation_class=ClassifyOperation,
           summary="Classify texts with the model's classification head", tags=["scoring"],
           responses=_errors(400, 401, 404, 413, 415, 429, 503))
     async def classify(request: Request) -> ClassifyResponse:
-        engine = host.get()
-        end = deadline()
-        parsed = decode_body(await _read_json(request, end, timeout), ClassifyRequest)
-        return await _while_connected(request, engine.aclassify(parsed), end, timeout)
+        return await scored(request, ClassifyRequest, Engine.aclassify)
 
     @post("/tokenize", status_code=200, operation_class=TokenizeOperation,
           summary="Tokenize a prompt as the embeddings route does", tags=["tokenizer"],
