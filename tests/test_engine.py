@@ -674,3 +674,17 @@ def test_chunked_processing_embeds_long_inputs_in_windows(tiny_engine: Engine,
         assert not np.allclose(r.data[0].embedding, vectors(), atol=1e-4)
     finally:
         engine.shutdown()
+
+
+def test_a_token_step_crosses_hosts_as_a_message():
+    from jaxembed.steps import TokenStep, from_message
+
+    buckets = Buckets.build(256, 256)
+    pending = [(0, np.arange(3, 20, dtype=np.int32)), (1, np.arange(5, 9, dtype=np.int32))]
+    for score in (False, True):
+        step, _ = plan_token_step(pending, buckets, score=score)
+        kind, arrays, static = step.message()
+        again = from_message(kind, arrays, static)
+        assert isinstance(again, TokenStep) and again.score == int(score)
+        for a, b in zip(again.inputs(), step.inputs(), strict=True):
+            np.testing.assert_array_equal(a, b)

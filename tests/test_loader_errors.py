@@ -431,3 +431,17 @@ def test_serve_on_a_broken_file_exits_with_one_line(tmp_path):
     assert [line for line in out.stderr.splitlines() if str(path) in line] == [
         f"jaxembed: error: the model failed to load: cannot load {path}: general.alignment must "
         "be a positive power of two; got 3"], out.stderr
+
+
+def test_a_misshaped_classifier_head_names_the_tensor(folder):
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    # A classifier head whose rows are not the hidden size (64).
+    save_file({**tensors, "score.weight": np.zeros((2, 7), np.float32)}, str(path))
+    with pytest.raises(WeightLoadError, match=r"tensor 'score\.weight'.*\[labels, 64\]"):
+        load_checkpoint(folder, progress=False)
+    save_file({**tensors, "score.weight": np.ones((2, 64), np.float32)}, str(path))
+    heads = load_checkpoint(folder, progress=False).heads
+    assert heads["score"].shape == (2, 64) and heads["score"].dtype == np.float32
