@@ -368,6 +368,7 @@ def test_token_id_beyond_int64(client: TestClient) -> None:
 
 class _Stub:
     served_model_names = ["stub"]
+    tasks = ("embed",)
     ready = True
 
     def __init__(self) -> None:
@@ -381,7 +382,8 @@ class _Stub:
 def test_shutdown_engine_only_when_owned(owned: bool) -> None:
     stub = _Stub()
     with TestClient(create_app(stub, shutdown_engine=owned)) as c:  # type: ignore[arg-type]
-        assert c.get("/v1/models").json()["data"][0]["id"] == "stub"
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["id"] == "stub" and card["tasks"] == ["embed"]
     assert stub.shutdowns == int(owned)
 
 
