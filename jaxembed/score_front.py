@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jaxembed.classify import Classifier, pair_ids
-from jaxembed.embed_front import EmbeddingFrontend, EmbeddingOptions, PreparedInput
+from jaxembed.embed_front import EmbeddingFrontend, EmbeddingOptions
 from jaxembed.errors import InvalidRequestError
 from jaxembed.inputs import InputProcessor, check_text, is_int
 from jaxembed.protocol import (
@@ -107,7 +107,7 @@ class ScoringFrontend:
             return (v[a] * v[b]).sum(1).astype(np.float32)
 
         return ScoringWork(prepared.sequences, options.pooling, prepared.skip, finish,
-                           PreparedInput(prepared.sequences).prompt_tokens)
+                           prepared.prompt_tokens)
 
     def texts(self, texts: Sequence[str]) -> ScoringWork:
         """Work classifying each text: label probabilities [N, labels]."""
