@@ -4,6 +4,7 @@ from jaxembed.builder import EngineBuilder
 from jaxembed.config import ModelConfig, UnsupportedModelError
 from jaxembed.engine import Engine, LLMEngine
 from jaxembed.errors import EngineError, InvalidRequestError, ModelNotFoundError
+from jaxembed.grammar import StructuredOutput
 from jaxembed.options import EngineOptions
 from jaxembed.protocol import (
     EmbeddingData,
@@ -14,6 +15,7 @@ from jaxembed.protocol import (
     EncodingFormat,
     Usage,
 )
+from jaxembed.sampling import SamplingParams
 
 __all__ = [
     "EmbeddingData",
@@ -30,6 +32,8 @@ __all__ = [
     "LLMEngine",
     "ModelConfig",
     "ModelNotFoundError",
+    "SamplingParams",
+    "StructuredOutput",
     "UnsupportedModelError",
     "Usage",
 ]

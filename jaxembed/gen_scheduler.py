@@ -5,6 +5,12 @@ prompt a row, its first token sampled), then gains a token in every decode step 
 a stop string or its length ends it. Decode steps run one ahead: the next step is dispatched,
 fed this one's tokens still on the device, before this one's are read back, detokenized and
 streamed (`may_run_ahead`). Step shapes come from a small set, all compiled by `warmup`.
+
+A sequence under a grammar (structured outputs) draws only the tokens its `Constraint` allows,
+which depend on the token before. A step with such rows runs as two programs: the forward is
+dispatched (fed the last step's tokens, still on the device), the host reads those tokens,
+advances the grammars and builds the masks while the forward runs, then the sampling program
+draws with them. Free and constrained sequences share the steps.
 Runs on the engine thread only.
 """
 
@@ -21,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxembed import sampling
+from jaxembed import grammar, sampling
 from jaxembed.errors import EngineUnavailableError
 from jaxembed.generation import (
     Delta,
@@ -30,7 +36,8 @@ from jaxembed.generation import (
     StopStrings,
     TokenLogprob,
 )
-from jaxembed.runner import ModelRunner
+from jaxembed.grammar import Constraint
+from jaxembed.runner import ModelRunner, Pending
 from jaxembed.scheduler import Buckets
 from jaxembed.stats import StatsRecorder
 from jaxembed.steps import DecodeStep, PrefillStep
@@ -57,6 +64,18 @@ class SeqState:
     pos: int = 0  # tokens in its cache rows; the next token is written here
     last: int = 0  # the last token drawn, fed to the next decode step
     out: list[int] = dataclasses.field(default_factory=list)
+    constraint: Constraint | None = None  # its grammar, if it has one
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ahead:
+    """A decode step dispatched before the last one's tokens were read: for these sequences (in
+    row order), either whole (`out`) or its forward only (`pending`, to sample once the masks
+    are built)."""
+
+    seqs: list[SeqState]
+    out: Any = None
+    pending: Pending | None = None
 
 
 def row_counts(max_num_seqs: int) -> tuple[int, ...]:
@@ -79,12 +98,11 @@ class GenerationScheduler:
         self.decode_rows = tuple(sorted({max(r, plan.min_decode_rows) for r in self.row_counts}))
         self.decode_lengths = tuple(n for n in buckets.lengths
                                     if n >= min(MIN_DECODE_LENGTH, self.max_model_len))
+        self.vocab_size = runner.config.vocab_size
         self.free_slots = list(range(self.max_num_seqs))
         self.active: dict[int, SeqState] = {}  # slot -> its sequence
         self.waiting: collections.deque[SeqState] = collections.deque()
-        # A decode step dispatched before the last one's tokens were read: (its sequences, in
-        # row order; its outputs).
-        self._ahead: tuple[list[SeqState], Any] | None = None
+        self._ahead: _Ahead | None = None
         self.run_ahead = True  # tests turn it off to compare
         self.ahead_steps = 0  # how many steps were dispatched ahead
 
@@ -105,7 +123,8 @@ class GenerationScheduler:
         for i, seed in enumerate(work.seeds):
             self.waiting.append(SeqState(
                 work, i, seed, IncrementalDetokenizer(self.tokenizer, work.prompt, skip),
-                StopStrings(work.params.stop)))
+                StopStrings(work.params.stop),
+                constraint=work.constraints[i] if work.constraints else None))
 
     def drop_cancelled(self) -> None:
         kept: collections.deque[SeqState] = collections.deque()
@@ -136,7 +155,7 @@ class GenerationScheduler:
             if length > WARM_PREFILL_LENGTH:
                 break
             for rows in sorted({self.prefill_rows(n, length) for n in self.row_counts}):
-                self.runner.run(PrefillStep.empty(rows, length, scratch))
+                self.runner.run(PrefillStep.empty(rows, length, scratch, self.vocab_size))
         self.runner.sync()
 
     # ---- steps -----------------------------------------------------------------------------
@@ -171,7 +190,7 @@ class GenerationScheduler:
     def _plan_prefill(self, batch: list[SeqState], length: int) -> PrefillStep:
         """The step for these sequences, each given a slot."""
         step = PrefillStep.empty(self.prefill_rows(len(batch), length), length,
-                                 self.runner.scratch_slot)
+                                 self.runner.scratch_slot, self.vocab_size)
         tokens, positions, segments, slots, last_col = (
             a.copy() for a in (step.tokens, step.positions, step.segment_ids, step.slots,
                                step.last_col))
@@ -186,7 +205,8 @@ class GenerationScheduler:
             slots[r] = seq.slot
             last_col[r] = n - 1
         rows = sampling.row_arrays([(s.work.params, s.seed, 0) for s in batch]
-                                   + [None] * (len(slots) - len(batch)))
+                                   + [None] * (len(slots) - len(batch)),
+                                   self._masks([*batch, *[None] * (len(slots) - len(batch))]))
         return PrefillStep(tokens, positions, segments, slots, last_col, rows)
 
     def decode_step(self) -> None:
@@ -199,16 +219,21 @@ class GenerationScheduler:
         try:
             # A step dispatched last time, for the sequences running then (unless all of them
             # have ended since).
-            if ahead is not None and any(self.active.get(s.slot) is s for s in ahead[0]):
-                rows, out = ahead
+            if ahead is not None and any(self.active.get(s.slot) is s for s in ahead.seqs):
+                rows = ahead.seqs
+                out = ahead.out if ahead.pending is None else self._sample(rows, ahead.pending)
+            elif self._split(seqs):
+                out = self._sample(seqs, self.runner.forward(self._plan_decode(seqs)))
             else:
-                out = self.runner.run(self._plan_decode(seqs))
+                out = self.runner.run(self._plan_decode(seqs, masks=self._constrained(seqs)))
             # The sequences each row is still for: one that stopped or was cancelled since this
             # step was dispatched gets nothing from it; one admitted since gets its token next.
             live = [s if self.active.get(s.slot) is s else None for s in rows]
             same = len(rows) == len(seqs) and all(map(operator.is_, rows, seqs))
             if same and self.may_run_ahead(seqs):
-                self._ahead = (seqs, self.runner.run(self._plan_decode(seqs, fed=out[0])))
+                step = self._plan_decode(seqs, fed=out[0])
+                self._ahead = _Ahead(seqs, pending=self.runner.forward(step)) \
+                    if self._split(seqs) else _Ahead(seqs, out=self.runner.run(step))
                 self.ahead_steps += 1
             for seq in live:
                 if seq is not None:
@@ -222,6 +247,37 @@ class GenerationScheduler:
             self._fail([s for s in rows if self.active.get(s.slot) is s], e)
             return
         self.stats.add(busy_seconds=time.perf_counter() - start)
+
+    @staticmethod
+    def _constrained(seqs: Sequence[SeqState | None]) -> bool:
+        return any(s is not None and s.constraint is not None for s in seqs)
+
+    def _split(self, seqs: Sequence[SeqState]) -> bool:
+        """Whether these sequences decode in two programs (some row is under a grammar; one
+        process only: a multi-host leader runs whole steps, masks in their rows)."""
+        return self._constrained(seqs) and self.runner.channel is None
+
+    def _masks(self, rows: Sequence[SeqState | None]) -> np.ndarray | None:
+        """The tokens each row may draw next (None: every row is free)."""
+        if not self._constrained(rows):
+            return None
+        mask = grammar.full_mask(len(rows), self.vocab_size)
+        for r, seq in enumerate(rows):
+            if seq is not None and seq.constraint is not None:
+                seq.constraint.fill(mask[r])
+        return mask
+
+    def _sample(self, rows: Sequence[SeqState], pending: Pending) -> Any:
+        """Draw a dispatched forward's tokens. Its masks are built now, from each grammar as
+        the tokens read so far left it, while the device still runs the forward."""
+        live = [s if self.active.get(s.slot) is s else None for s in rows]
+        n = next(b for b in self.decode_rows if b >= len(rows))
+        live += [None] * (n - len(live))
+        settings = sampling.row_arrays(
+            [None if s is None else (s.work.params, s.seed, len(s.out)) for s in live],
+            self._masks(live) if self._constrained(live) else grammar.full_mask(
+                n, self.vocab_size))
+        return self.runner.sample(pending, settings)
 
     def may_run_ahead(self, seqs: Sequence[SeqState]) -> bool:
         """Whether to dispatch the step after this one before this one's tokens are read.
@@ -239,11 +295,12 @@ class GenerationScheduler:
             len(s.out) + 1 < s.work.params.max_tokens and s.pos + 1 < self.max_model_len
             for s in seqs)
 
-    def _plan_decode(self, seqs: Sequence[SeqState], fed: jax.Array | None = None
-                     ) -> DecodeStep:
+    def _plan_decode(self, seqs: Sequence[SeqState], fed: jax.Array | None = None,
+                     masks: bool = False) -> DecodeStep:
         """A decode step for seqs (their rows in this order); fed: the tokens to feed, the
         output of the step before it that has not been read yet (each sequence then one
-        position further on)."""
+        position further on); masks: its rows carry their grammars' masks (a whole step
+        under a grammar, read after the step before)."""
         ahead = int(fed is not None)
         rows = next(b for b in self.decode_rows if b >= len(seqs))
         tokens = np.zeros(rows, np.int32)
@@ -252,9 +309,10 @@ class GenerationScheduler:
         for r, seq in enumerate(seqs):
             tokens[r], positions[r], slots[r] = seq.last, seq.pos + ahead, seq.slot
         kv_len = next(n for n in self.decode_lengths if n > int(positions.max()))
+        padded = [*seqs, *[None] * (rows - len(seqs))]
         sampling_rows = sampling.row_arrays(
-            [(s.work.params, s.seed, len(s.out) + ahead) for s in seqs]
-            + [None] * (rows - len(seqs)))
+            [None if s is None else (s.work.params, s.seed, len(s.out) + ahead)
+             for s in padded], self._masks(padded) if masks else None)
         return DecodeStep(tokens if fed is None else fed, positions, slots, sampling_rows,
                           kv_len)
 
@@ -283,7 +341,8 @@ class GenerationScheduler:
                 finish = FinishReason.STOP
             else:
                 text, hit = seq.stops.add(seq.detok.add(token))
-                if hit:
+                # A grammar's text ends where it is complete: no end token is drawn for it.
+                if hit or (seq.constraint is not None and self._grammar_done(seq, token)):
                     finish = FinishReason.STOP
             if finish is None and (len(seq.out) >= p.max_tokens or seq.pos >= self.max_model_len):
                 finish = FinishReason.LENGTH
@@ -297,6 +356,17 @@ class GenerationScheduler:
             seq.work.stream.push(Delta(seq.index, text, (token,), logprobs, finish))
             if finish is not None:
                 self._end(seq)
+
+    @staticmethod
+    def _grammar_done(seq: SeqState, token: int) -> bool:
+        """Advance the sequence's grammar by its token: True once the text is complete (nothing
+        may follow it), so the sequence ends without drawing an end token."""
+        c = seq.constraint
+        assert c is not None
+        if not c.advance(token):  # the mask allowed only what the grammar accepts
+            log.error("the grammar refused token %d it allowed: %s", token, c.error)
+            return True
+        return c.done
 
     def _end(self, seq: SeqState, cancelled: bool = False) -> None:
         """A choice is done: free its slot; the request is done with its last choice."""

@@ -18,6 +18,7 @@ import numpy as np
 from jaxembed import sampling
 from jaxembed.errors import InvalidRequestError
 from jaxembed.generation import ChatTemplate, GenerationStream, normalize_messages
+from jaxembed.grammar import Grammars
 from jaxembed.inputs import InputProcessor, is_int, is_number
 from jaxembed.sampling import SamplingParams
 from jaxembed.weights.tokenizer import TokenizerBundle
@@ -36,6 +37,9 @@ class GenerationFrontend:
         self.stop_token_ids = frozenset(i for i in ids if i is not None)
         self.eos_token_ids = frozenset(
             i for i in (bundle.eos_token_id, eos_token_id) if i is not None)
+        # Structured outputs: any of the stop tokens may end a text the grammar has completed.
+        self.grammars = Grammars(inputs.tokenizer, inputs.vocab_size,
+                                 sorted(self.stop_token_ids))
         self.chat_template: ChatTemplate | None = None
         if bundle.chat_template:
             def text(i: int | None) -> str:
@@ -85,6 +89,8 @@ class GenerationFrontend:
                                       "of them", param="stop")
         self.inputs.check_vocab(list(p.stop_token_ids), "stop_token_ids")
         logit_bias = self._logit_bias(p.logit_bias)
+        if p.structured is not None and not p.structured.compiled:
+            p = dataclasses.replace(p, structured=self.grammars.compile(p.structured))
         # A k past the vocabulary keeps every token, as 0 does; capped so it fits the step's
         # int32 row (a larger one failed the engine's thread, and with it every later request).
         top_k = min(max(p.top_k, 0), np.iinfo(np.int32).max)
@@ -170,4 +176,10 @@ class GenerationFrontend:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.stop_token_ids
-        return GenerationWork(prompt, params, stream, seeds, frozenset(stop_ids), params.n)
+        constraints = None
+        if params.structured is not None:
+            spec = params.structured if params.structured.compiled else \
+                self.grammars.compile(params.structured)
+            constraints = [self.grammars.constraint(spec) for _ in range(params.n)]
+        return GenerationWork(prompt, params, stream, seeds, frozenset(stop_ids), params.n,
+                              constraints)

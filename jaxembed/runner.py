@@ -59,6 +59,15 @@ class DecodeWeights:
 
 
 
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A decode step's forward, dispatched and not yet sampled: device arrays [B, V]."""
+
+    logits: jax.Array
+    counts: jax.Array
+    seen: jax.Array
+
+
 def _nbytes(tree: Any) -> int:
     return sum(int(a.nbytes) for a in jax.tree.leaves(tree))
 
@@ -121,6 +130,11 @@ class ModelRunner:
         # The state is donated: XLA updates the cache in place instead of copying it each step.
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(3,), static_argnames=("kv_len",))
+        # A decode step in two programs, for steps under a grammar: the host builds the masks
+        # while the device runs the forward (`forward`, `sample`).
+        self._forward = jax.jit(self._forward_fn, donate_argnums=(3,),
+                                static_argnames=("kv_len",))
+        self._sample = jax.jit(self._sample_fn)
         self._apply: dict[type, Callable[[Any], Any]] = {
             EmbedStep: self._run_embed, TokenStep: self._run_tokens,
             PrefillStep: self._run_prefill,
@@ -146,6 +160,26 @@ class ModelRunner:
                 kind, arrays, static = step.message()
                 self.channel.send(kind, multihost.flatten(arrays), static)  # type: ignore
             return self._apply[type(step)](step)
+
+    def forward(self, step: DecodeStep) -> Pending:
+        """The first half of a decode step: its forward, dispatched; `sample` draws the tokens
+        from what it returns, with rows (and masks) the host may build meanwhile. One process
+        only: a multi-host leader runs whole steps, masks in their rows."""
+        assert self.channel is None, "a multi-host run decodes in whole steps"
+        weights = self.decode_weights
+        tokens = step.tokens if isinstance(step.tokens, jax.Array) else self._put(step.tokens)
+        positions, slots = self._put((step.positions, step.slots))
+        with self._lock:
+            self.state, *out = self._forward(weights.params, weights.layers, weights.head,
+                                             self._ensure_state(), tokens, positions, slots,
+                                             kv_len=step.kv_len)
+        return Pending(*out)
+
+    def sample(self, pending: Pending, rows: dict[str, Any]) -> Any:
+        """The second half: the tokens drawn from a dispatched forward, as `run` gives a decode
+        step's (token, its logprob, top ids, top logprobs)."""
+        with self._lock:
+            return self._sample(pending.logits, pending.counts, pending.seen, self._put(rows))
 
     def compile_embed(self, rows: int, length: int, slots: int) -> None:
         """Compile an embedding step's shape ahead of traffic, without running it: the compiled
@@ -248,10 +282,11 @@ class ModelRunner:
         out = sampling.sample(decoder.logits(hidden), counts[slots], seen[slots], rows)
         return self._new_state(kv, counts, seen), *self._replicate(out)
 
-    def _decode_fn(self, params: Any, layers: Any, head: Any, state: GenerationState,
-                   tokens: jax.Array, positions: jax.Array, slots: jax.Array,
-                   rows: dict[str, jax.Array], kv_len: int) -> tuple[Any, ...]:
-        self._on_compile()
+    def _forward_body(self, params: Any, layers: Any, head: Any, state: GenerationState,
+                      tokens: jax.Array, positions: jax.Array, slots: jax.Array, kv_len: int
+                      ) -> tuple[Any, ...]:
+        """A decode step's forward: the new state, and the rows' logits [B, V] with their
+        slots' counts and seen flags [B, V], what sampling reads."""
         decoder = modules.bind(self._graph, params)
         kv, hidden = decoder.decode(state.kv, tokens, positions, slots, kv_len, layers)
         # The fed token is the one drawn last step: it now counts for the penalties. The scratch
@@ -262,8 +297,27 @@ class ModelRunner:
         real = jnp.arange(len(slots) + 1) < len(slots)
         counts = state.counts.at[at].add(real.astype(jnp.int32))
         seen = state.seen.at[at].max(real)
-        out = sampling.sample(decoder.logits(hidden, head), counts[slots], seen[slots], rows)
-        return self._new_state(kv, counts, seen), *self._replicate(out)
+        return (self._new_state(kv, counts, seen), decoder.logits(hidden, head), counts[slots],
+                seen[slots])
+
+    def _decode_fn(self, params: Any, layers: Any, head: Any, state: GenerationState,
+                   tokens: jax.Array, positions: jax.Array, slots: jax.Array,
+                   rows: dict[str, jax.Array], kv_len: int) -> tuple[Any, ...]:
+        self._on_compile()
+        state, logits, counts, seen = self._forward_body(params, layers, head, state, tokens,
+                                                         positions, slots, kv_len)
+        return state, *self._replicate(sampling.sample(logits, counts, seen, rows))
+
+    def _forward_fn(self, params: Any, layers: Any, head: Any, state: GenerationState,
+                    tokens: jax.Array, positions: jax.Array, slots: jax.Array, kv_len: int
+                    ) -> tuple[Any, ...]:
+        self._on_compile()
+        return self._forward_body(params, layers, head, state, tokens, positions, slots, kv_len)
+
+    def _sample_fn(self, logits: jax.Array, counts: jax.Array, seen: jax.Array,
+                   rows: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+        self._on_compile()
+        return self._replicate(sampling.sample(logits, counts, seen, rows))
 
     # ---- running steps -----------------------------------------------------------------------
 

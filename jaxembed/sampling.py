@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxembed.grammar import StructuredOutput
+
 BLOCK = 256  # tokens per block of the two-level draw
 TOP_LOGPROBS = 20  # the most alternatives a response may ask for (OpenAI's limit)
 BISECTION_STEPS = 40  # threshold search: resolution (range) * 2**-40
@@ -49,15 +51,20 @@ class SamplingParams:
     # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the model's logits
     # before anything else looks at them (-100 bans a token, 100 forces it under greedy).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # What the text must be (a JSON schema, a regex, ...): the tokens each step may draw are
+    # those that keep it valid.
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def row_arrays(rows: list[tuple[SamplingParams, int, int] | None]) -> dict[str, np.ndarray]:
+def row_arrays(rows: list[tuple[SamplingParams, int, int] | None],
+               mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The per-row settings of a step as arrays: for each row (params, seed, tokens drawn so
-    far), or None for a padding row (greedy, no penalties)."""
+    far), or None for a padding row (greedy, no penalties). mask: the tokens each row may draw,
+    a bitmask int32 [B, ceil(V / 32)] (`grammar.full_mask` allows all)."""
     n = len(rows)
     out = {
         "temperature": np.zeros(n, np.float32), "top_k": np.zeros(n, np.int32),
@@ -87,7 +94,16 @@ def row_arrays(rows: list[tuple[SamplingParams, int, int] | None]) -> dict[str, 
             ids, values = zip(*p.logit_bias, strict=True)
             out["bias_ids"][i, : len(ids)] = ids
             out["bias"][i, : len(ids)] = values
+    if mask is not None:
+        out["mask"] = mask
     return out
+
+
+def allowed(mask: jax.Array, v: int) -> jax.Array:
+    """bool [B, V] from a token bitmask int32 [B, W] (bit t % 32 of word t // 32): a shift and
+    an and over [B, W, 32], no gather."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(mask.shape[0], -1)[:, :v] > 0
 
 
 def add_bias(logits: jax.Array, rows: dict[str, jax.Array]) -> jax.Array:
@@ -120,7 +136,8 @@ def _bisect(lo: jax.Array, hi: jax.Array, ok: Any) -> jax.Array:
 
 def thresholds(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """The lowest logit kept by top-k, then top-p over what top-k kept, per row [B]."""
-    lo, hi = z.min(-1), z.max(-1)
+    # Tokens a grammar ruled out are -inf: the search starts at the lowest allowed one.
+    lo, hi = jnp.where(z > -jnp.inf, z, jnp.inf).min(-1), z.max(-1)
     v = z.shape[-1]
     k = jnp.where((top_k > 0) & (top_k < v), top_k, v)[:, None]
     # Top-k: the largest t with at least k logits at or above it.
@@ -167,12 +184,16 @@ def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str
     """Next tokens [B], their logprobs [B], and the top alternatives (ids, logprobs)
     [B, TOP_LOGPROBS]. Logprobs are those of the model's logits with the row's logit_bias added,
     as OpenAI's are (a banned token's falls with it), before penalties and temperature; zero
-    unless some row asked for them."""
+    unless some row asked for them. A grammar's mask (rows["mask"], when the step has one)
+    rules tokens out of the draw but not out of the logprobs: they stay the model's, as vLLM's
+    are by default."""
     b, v = logits.shape
     logits = add_bias(logits, rows)
     any_penalty = jnp.any((rows["repetition"] != 1) | (rows["frequency"] != 0)
                           | (rows["presence"] != 0))
     z = jax.lax.cond(any_penalty, lambda: penalize(logits, counts, seen, rows), lambda: logits)
+    if "mask" in rows:
+        z = jnp.where(allowed(rows["mask"], v), z, -jnp.inf)
     greedy = argmax(z)
     temp = rows["temperature"]
     sampled_rows = temp > 0

@@ -14,14 +14,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from jaxembed import sampling
+from jaxembed import grammar, sampling
 
 Message = tuple[str, dict[str, Any], dict[str, int]]
 
 
-def _padding_rows(n: int) -> dict[str, np.ndarray]:
-    """Sampling settings of padding rows (greedy, no penalties)."""
-    return sampling.row_arrays([None] * n)
+def _padding_rows(n: int, vocab_size: int | None = None) -> dict[str, np.ndarray]:
+    """Sampling settings of padding rows (greedy, no penalties); with a vocabulary size, a mask
+    allowing every token too."""
+    mask = None if vocab_size is None else grammar.full_mask(n, vocab_size)
+    return sampling.row_arrays([None] * n, mask)
 
 
 class _Packed:
@@ -117,7 +119,9 @@ class TokenStep(_Packed):
 @dataclasses.dataclass(frozen=True)
 class PrefillStep:
     """One prompt per row [B, T], its keys and values written to cache slot `slots[r]` from
-    position 0, and a first token sampled for each row."""
+    position 0, and a first token sampled for each row. Its rows always carry a token mask
+    (`sampling.row_arrays`): a prompt under a grammar draws its first token here, and one
+    compiled program serves both kinds (the mask costs little beside a prompt's forward)."""
 
     KIND: ClassVar[str] = "prefill"
     tokens: np.ndarray
@@ -128,10 +132,10 @@ class PrefillStep:
     rows: dict[str, np.ndarray]  # per-row sampling settings (`sampling.row_arrays`)
 
     @classmethod
-    def empty(cls, rows: int, length: int, scratch_slot: int) -> PrefillStep:
+    def empty(cls, rows: int, length: int, scratch_slot: int, vocab_size: int) -> PrefillStep:
         z = np.zeros((rows, length), np.int32)
         return cls(z, z, z, np.full(rows, scratch_slot, np.int32), np.zeros(rows, np.int32),
-                   _padding_rows(rows))
+                   _padding_rows(rows, vocab_size))
 
     def message(self) -> Message:
         return self.KIND, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {}

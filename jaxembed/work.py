@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from jaxembed.generation import GenerationStream, TokenLogprob
+from jaxembed.grammar import Constraint
 from jaxembed.protocol import EmbeddingType
 from jaxembed.sampling import SamplingParams
 from jaxembed.stats import RequestTiming
@@ -87,6 +88,8 @@ class GenerationWork:
     seeds: list[int]  # one per choice
     stop_ids: frozenset[int]
     open: int  # choices not finished yet
+    # Under a grammar (params.structured): each choice's place in it; None: free text.
+    constraints: list[Constraint] | None = None
 
     @property
     def cancelled(self) -> bool:

@@ -121,6 +121,50 @@ def _sampling_properties(max_tokens: str, least: int = 1) -> dict[str, Schema]:
             "the model's vocabulary."),
         "ignore_eos": _flag("Go on past the model's end tokens, up to the length limit."),
         "skip_special_tokens": _flag("Leave special tokens out of the text."),
+        **_structured_properties(),
+    }
+
+
+def _structured_properties() -> dict[str, Schema]:
+    """Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    guided_* fields. At most one of them may constrain a request (else 400)."""
+    json_schema = Schema(one_of=[Schema(type=OBJECT, title="JSON schema"),
+                                 Schema(type=STRING, title="JSON schema as a string")])
+    regex = Schema(type=STRING, min_length=1)
+    choice = Schema(type=ARRAY, min_items=1, items=Schema(type=STRING, min_length=1))
+    grammar = Schema(type=STRING, min_length=1)
+    formats = [
+        Schema(type=OBJECT, title="Text", required=["type"],
+               properties={"type": Schema(type=STRING, enum=["text"])}),
+        Schema(type=OBJECT, title="JSON object", required=["type"],
+               properties={"type": Schema(type=STRING, enum=["json_object"])}),
+        Schema(type=OBJECT, title="JSON schema", required=["type", "json_schema"], properties={
+            "type": Schema(type=STRING, enum=["json_schema"]),
+            "json_schema": Schema(type=OBJECT, required=["schema"], properties={
+                "name": Schema(type=STRING), "description": Schema(type=STRING),
+                "schema": Schema(type=OBJECT), "strict": optional(
+                    Schema(type=BOOLEAN), "Accepted: the schema is always followed.")})}),
+    ]
+    how = (" The text then always follows it (unless 'max_tokens' or a stop string cuts it "
+           "short): each token is drawn among those that keep it valid. A constraint the "
+           "grammar engine cannot compile is a 400 saying why.")
+    return {
+        "response_format": optional(Schema(one_of=formats), (
+            "OpenAI's: plain text, any JSON object, or JSON that follows a schema "
+            "({'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}). JSON "
+            "is written compactly (no whitespace between tokens of its syntax)." + how)),
+        "structured_outputs": optional(
+            Schema(type=OBJECT, title="StructuredOutputs", additional_properties=False,
+                   min_properties=1, max_properties=1, properties={
+                       "json": json_schema, "regex": regex, "choice": choice,
+                       "grammar": grammar, "json_object": Schema(type=BOOLEAN, enum=[True])}),
+            "vLLM's: exactly one of a JSON schema, a regular expression, a list of strings to "
+            "choose from, a grammar (Lark as llguidance reads it, or GBNF as llama.cpp "
+            "writes it) or any JSON object." + how),
+        "guided_json": optional(json_schema, "vLLM's older name of structured_outputs.json."),
+        "guided_regex": optional(regex, "vLLM's older name of structured_outputs.regex."),
+        "guided_choice": optional(choice, "vLLM's older name of structured_outputs.choice."),
+        "guided_grammar": optional(grammar, "vLLM's older name of structured_outputs.grammar."),
     }
 
 
@@ -188,10 +232,6 @@ def chat_completion_request_schema() -> Schema:
             _integer(minimum=0, maximum=TOP_LOGPROBS),
             f"With 'logprobs': true, return this many likeliest alternatives of each token "
             f"too (at most {TOP_LOGPROBS})."),
-        "response_format": optional(
-            Schema(type=OBJECT, properties={"type": Schema(type=STRING, enum=["text"],
-                                                           default="text")}),
-            "Only plain text ({'type': 'text'}) is supported."),
         "tools": optional(Schema(type=ARRAY, max_items=0),
                           "Not supported (no tool calling): only an empty list (or null) is "
                           "accepted."),
