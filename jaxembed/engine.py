@@ -501,9 +501,12 @@ class Engine:
                                            {**(template_kwargs or {}), **more})
 
     def chat_prompt(self, messages: object, add_generation_prompt: bool = True,
-                    template_kwargs: Mapping[str, Any] | None = None, **more: Any) -> np.ndarray:
+                    template_kwargs: Mapping[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None, **more: Any) -> np.ndarray:
+        """Token ids of a conversation; tools: OpenAI's function tools, rendered by the
+        template (`tools.check_tools` checks them)."""
         return self.generation.chat_prompt(messages, add_generation_prompt,
-                                           {**(template_kwargs or {}), **more})
+                                           {**(template_kwargs or {}), **more}, tools)
 
     def submit_generation(self, prompt: np.ndarray, params: SamplingParams,
                           loop: asyncio.AbstractEventLoop | None = None) -> GenerationStream:

@@ -204,9 +204,11 @@ class GenerationScheduler:
             seq.pos = n
             slots[r] = seq.slot
             last_col[r] = n - 1
-        rows = sampling.row_arrays([(s.work.params, s.seed, 0) for s in batch]
-                                   + [None] * (len(slots) - len(batch)),
-                                   self._masks([*batch, *[None] * (len(slots) - len(batch))]))
+        padded = [*batch, *[None] * (len(slots) - len(batch))]
+        mask = self._masks(padded)  # a prefill always carries one: one program for both kinds
+        rows = sampling.row_arrays(
+            [None if s is None else (s.work.params, s.seed, 0) for s in padded],
+            grammar.full_mask(len(padded), self.vocab_size) if mask is None else mask)
         return PrefillStep(tokens, positions, segments, slots, last_col, rows)
 
     def decode_step(self) -> None:
@@ -273,10 +275,10 @@ class GenerationScheduler:
         live = [s if self.active.get(s.slot) is s else None for s in rows]
         n = next(b for b in self.decode_rows if b >= len(rows))
         live += [None] * (n - len(live))
+        mask = self._masks(live)
         settings = sampling.row_arrays(
             [None if s is None else (s.work.params, s.seed, len(s.out)) for s in live],
-            self._masks(live) if self._constrained(live) else grammar.full_mask(
-                n, self.vocab_size))
+            grammar.full_mask(n, self.vocab_size) if mask is None else mask)
         return self.runner.sample(pending, settings)
 
     def may_run_ahead(self, seqs: Sequence[SeqState]) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxembed import sampling
+from jaxembed import sampling, tools
 from jaxembed.errors import InvalidRequestError
 from jaxembed.generation import ChatTemplate, GenerationStream, normalize_messages
 from jaxembed.grammar import Grammars
@@ -134,22 +134,37 @@ class GenerationFrontend:
                 f"[0, {vocab - 1}]", param="logit_bias", code="invalid_token_id")
         return tuple(sorted(out.items()))
 
+    @property
+    def tool_format(self) -> str | None:
+        """The tool-call form the chat template teaches (None: it renders no tools)."""
+        return tools.template_format(self.chat_template.source if self.chat_template else None)
+
     def render_chat(self, messages: object, add_generation_prompt: bool = True,
-                    template_kwargs: Mapping[str, Any] | None = None) -> str:
-        """The prompt text of a conversation, by the model's own chat template."""
+                    template_kwargs: Mapping[str, Any] | None = None,
+                    tool_list: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text of a conversation, by the model's own chat template; tool_list:
+        the tools offered, rendered as the template renders them."""
         if self.chat_template is None:
             raise InvalidRequestError(
                 f"{self.model_name} has no chat template (its files carry none), so it cannot "
                 "serve chat; send the text to /v1/completions instead", param="messages",
                 code="no_chat_template")
-        return self.chat_template.render(normalize_messages(messages), add_generation_prompt,
-                                         template_kwargs)
+        if tool_list and self.tool_format is None:
+            raise InvalidRequestError(
+                f"{self.model_name}'s chat template renders no tools (it teaches neither "
+                "<tool_call> nor Llama 3's JSON calls), so it cannot take 'tools'; leave them "
+                "out", param="tools", code="unsupported_parameter")
+        return self.chat_template.render(
+            tools.template_messages(normalize_messages(messages)), add_generation_prompt,
+            template_kwargs, tool_list)
 
     def chat_prompt(self, messages: object, add_generation_prompt: bool = True,
-                    template_kwargs: Mapping[str, Any] | None = None) -> np.ndarray:
+                    template_kwargs: Mapping[str, Any] | None = None,
+                    tool_list: list[dict[str, Any]] | None = None) -> np.ndarray:
         """Token ids of a conversation. The template writes the special tokens itself (BOS
         included), so they are not added again."""
-        return self.prompt(self.render_chat(messages, add_generation_prompt, template_kwargs),
+        return self.prompt(self.render_chat(messages, add_generation_prompt, template_kwargs,
+                                            tool_list),
                            add_special_tokens=False, param="messages")
 
     def check_length(self, prompt: np.ndarray, max_tokens: int) -> None:

@@ -280,14 +280,17 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         env.filters["tojson"] = _tojson
         self.template = env.from_string(source)
+        self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               variables: Mapping[str, Any] | None = None) -> str:
+               variables: Mapping[str, Any] | None = None,
+               tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text. variables: more names for the template (a request's
         `chat_template_kwargs`, such as `enable_thinking`); those the renderer sets itself are
-        refused, since a value of the caller's would replace the conversation or a helper."""
+        refused, since a value of the caller's would replace the conversation or a helper.
+        tools: OpenAI's function tools, passed as `tools` (as transformers passes them)."""
         variables = dict(variables or {})
         taken = sorted(RESERVED_TEMPLATE_NAMES & variables.keys())
         if taken:
@@ -296,6 +299,8 @@ class ChatTemplate:
                 f"{sorted(RESERVED_TEMPLATE_NAMES)} itself; leave it out (send the messages as "
                 "'messages', and 'add_generation_prompt' as a field of its own)",
                 param="chat_template_kwargs", code="invalid_value")
+        if tools:
+            variables["tools"] = tools
         try:
             return self.template.render(messages=messages, bos_token=self.bos_token,
                                         eos_token=self.eos_token,

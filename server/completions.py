@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from jaxembed import tools
 from jaxembed.engine import Engine
 from jaxembed.errors import EngineError, InvalidRequestError
 from jaxembed.generation import Delta, GenerationResult, GenerationStream, TokenLogprob
@@ -42,6 +43,9 @@ from .wire import (
     CompletionRequest,
     CompletionResponse,
     CompletionUsage,
+    FunctionCall,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
 )
 
@@ -130,8 +134,29 @@ def _structured(req: CompletionRequest | ChatCompletionRequest) -> StructuredOut
     return found[0] if found else None
 
 
+@dataclasses.dataclass(frozen=True)
+class _ToolUse:
+    """A chat request's tools: the form calls are read in (None: no calls are read), and the
+    grammar tool_choice 'required' or a named function generates under."""
+
+    tools: list[dict[str, Any]]
+    fmt: str | None
+    grammar: StructuredOutput | None
+
+
+def _tool_use(engine: Engine, req: ChatCompletionRequest) -> _ToolUse:
+    offered = tools.check_tools(req.tools) if req.tools else []
+    mode, callable_ = tools.chosen_tools(offered, req.tool_choice)
+    fmt = engine.generation.tool_format if offered else None
+    grammar = None
+    if mode == "required" and fmt is not None:
+        grammar = tools.call_grammar(callable_, fmt, req.parallel_tool_calls is not False)
+    return _ToolUse(offered, fmt if mode != "none" else None, grammar)
+
+
 def _sampling(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
-              max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+              max_tokens: int | None, logprobs: int | None,
+              tool_use: _ToolUse | None = None) -> SamplingParams:
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError("'stream_options' is only allowed with 'stream': true",
                                   param="stream_options")
@@ -144,18 +169,33 @@ def _sampling(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
         logit_bias=req.logit_bias, structured=_structured(req))
+    if tool_use is not None and tool_use.grammar is not None:
+        if fields["structured"] is not None:
+            raise InvalidRequestError(
+                f"'tool_choice' and '{fields['structured'].param}' both constrain the output; "
+                "send one", param=fields["structured"].param)
+        fields["structured"] = tool_use.grammar
+    if tool_use is not None and tool_use.fmt is not None:
+        # A call's markers may be special tokens: they stay in the text the calls are read from.
+        fields["skip_special_tokens"] = False
     if max_tokens is not None:
         fields["max_tokens"] = max_tokens
     return engine.sampling_params(**fields)
 
 
 async def _sampling_off_loop(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
-                             max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+                             max_tokens: int | None, logprobs: int | None,
+                             tool_use: _ToolUse | None = None) -> SamplingParams:
     """`_sampling`, in a thread when a grammar is compiled (the first builds the grammar
     engine's view of the vocabulary: 0.4 s for 49k tokens)."""
-    if _structured(req) is None:
-        return _sampling(engine, req, max_tokens, logprobs)
-    return await asyncio.to_thread(_sampling, engine, req, max_tokens, logprobs)
+    if _structured(req) is None and (tool_use is None or tool_use.grammar is None):
+        return _sampling(engine, req, max_tokens, logprobs, tool_use)
+    return await asyncio.to_thread(_sampling, engine, req, max_tokens, logprobs, tool_use)
+
+
+def _tool_finish(reason: str | None, calls: Sequence[tools.ToolCall]) -> str | None:
+    """OpenAI's finish reason: 'tool_calls' where the answer ended with calls."""
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def _room(engine: Engine, prompt: np.ndarray) -> int:
@@ -385,12 +425,13 @@ class Completions:
 
     # ---- /v1/chat/completions ----
 
-    async def _start_chat(self, req: ChatCompletionRequest) -> tuple[str, GenerationStream]:
+    async def _start_chat(self, req: ChatCompletionRequest
+                          ) -> tuple[str, GenerationStream, str | None]:
+        """(model, stream, the form tool calls are read in, or None)."""
         engine = self.engine
         model = engine.resolve_model(req.model)
         engine.require("generate")
-        if req.tools:
-            raise _unsupported("tools", "tool calling is not supported; leave 'tools' out")
+        tool_use = _tool_use(engine, req)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         # The older name is checked even where the newer one wins: a value sent is never ignored.
@@ -400,26 +441,34 @@ class Completions:
                                       f"{req.max_tokens}", param="max_tokens")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         ids = await asyncio.to_thread(engine.chat_prompt, req.messages,
-                                      req.add_generation_prompt, req.chat_template_kwargs or {})
+                                      req.add_generation_prompt, req.chat_template_kwargs or {},
+                                      tool_use.tools or None)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         try:
             params = await _sampling_off_loop(
-                engine, req, _room(engine, ids) if limit is None else limit, logprobs)
+                engine, req, _room(engine, ids) if limit is None else limit, logprobs, tool_use)
         except InvalidRequestError as e:
             if e.param == "max_tokens":
                 e.param = param
                 e.message = e.message.replace("'max_tokens'", f"'{param}'")
             raise
-        return model, self._submit(ids, params)
+        return model, self._submit(ids, params), tool_use.fmt
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        model, stream = await self._start_chat(req)
+        model, stream, fmt = await self._start_chat(req)
         result = stream.collect([d async for d in stream])
-        choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
-                              logprobs=self._chat_logprobs(c.logprobs) if req.logprobs else None,
-                              finish_reason=c.finish_reason) for c in result.choices]
+        choices = []
+        for c in result.choices:
+            content, calls = tools.parse(c.text, fmt) if fmt else (c.text, [])
+            message = ChatMessageOut(content=content, tool_calls=[
+                ToolCallOut(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
+                for t in calls] or None)
+            choices.append(ChatChoice(
+                index=c.index, message=message,
+                logprobs=self._chat_logprobs(c.logprobs) if req.logprobs else None,
+                finish_reason=_tool_finish(c.finish_reason, calls)))
         return ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
             choices=choices, usage=_usage(result.prompt_tokens, result.completion_tokens))
@@ -434,12 +483,14 @@ class Completions:
                              top_logprobs=[top(t, lp) for t, lp in e.top]) for e in entries])
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
-        model, stream = await self._start_chat(req)
-        return self._chat_events(req, model, stream)
+        model, stream, fmt = await self._start_chat(req)
+        return self._chat_events(req, model, stream, fmt)
 
     async def _chat_events(self, req: ChatCompletionRequest, model: str,
-                           stream: GenerationStream) -> AsyncIterator[bytes]:
+                           stream: GenerationStream, fmt: str | None) -> AsyncIterator[bytes]:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        # Each choice's text split into content and tool calls as they complete.
+        splitters = [tools.ToolStream(fmt) for _ in range(req.n)] if fmt else None
 
         def chunk(choice: ChatChunkChoice) -> bytes:
             return sse(ChatCompletionChunk(id=rid, created=created, model=model,
@@ -449,12 +500,25 @@ class Completions:
                 yield chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant",
                                                                     content="")))
             async for d in stream:
-                if not (d.text or d.finish_reason or d.logprobs):
+                text, calls, finish = d.text, [], d.finish_reason
+                if splitters is not None:
+                    split = splitters[d.index]
+                    text, calls = split.add(d.text)
+                    if finish is not None:
+                        more, last = split.finish()
+                        text, calls = text + more, calls + last
+                        finish = _tool_finish(finish, split.calls)
+                if not (text or calls or finish or d.logprobs):
                     continue
+                first = len(splitters[d.index].calls) - len(calls) if splitters else 0
+                delta = ChatDelta(content=text or None, tool_calls=[
+                    ToolCallDelta(index=first + k, id=t.id,
+                                  function=FunctionCall(name=t.name, arguments=t.arguments))
+                    for k, t in enumerate(calls)] or None)
                 yield chunk(ChatChunkChoice(
-                    index=d.index, delta=ChatDelta(content=d.text) if d.text else ChatDelta(),
+                    index=d.index, delta=delta,
                     logprobs=self._chat_logprobs(d.logprobs) if req.logprobs else None,
-                    finish_reason=d.finish_reason))
+                    finish_reason=finish))
             if req.stream_options and req.stream_options.include_usage:
                 yield sse(ChatCompletionChunk(
                     id=rid, created=created, model=model, choices=[],

@@ -38,6 +38,9 @@ class EmbeddingInfo(msgspec.Struct, kw_only=True):
 class GenerationInfo(msgspec.Struct, kw_only=True):
     chat_template: bool
     max_num_seqs: int
+    # The form the chat template teaches tool calls in ('hermes', 'llama3_json'); null: the
+    # template renders no tools, and a chat request with 'tools' is a 400.
+    tool_calls: str | None = None
 
 
 class ScoringInfo(msgspec.Struct, kw_only=True):
@@ -83,7 +86,8 @@ def server_info(engine: Engine) -> ServerInfo:
             normalize=info.normalize, dimensions=list(info.dimensions),
             prompts=list(info.prompts)),
         generation=GenerationInfo(chat_template=info.chat_template,
-                                  max_num_seqs=info.max_num_seqs),
+                                  max_num_seqs=info.max_num_seqs,
+                                  tool_calls=engine.generation.tool_format),
         scoring=_scoring(engine), tasks=list(engine.tasks), version=version())
 
 

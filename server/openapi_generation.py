@@ -217,6 +217,17 @@ def _message_schema() -> Schema:
         ])
 
 
+def _tool_schema() -> Schema:
+    return Schema(type=OBJECT, title="Tool", required=["type", "function"], properties={
+        "type": Schema(type=STRING, enum=["function"]),
+        "function": Schema(type=OBJECT, required=["name"], properties={
+            "name": Schema(type=STRING, pattern=r"^[A-Za-z0-9_.-]{1,64}$"),
+            "description": Schema(type=STRING),
+            "parameters": Schema(type=OBJECT, description="A JSON schema of the arguments."),
+            "strict": optional(Schema(type=BOOLEAN), "Accepted: required calls always follow "
+                                                     "the schema.")})})
+
+
 def chat_completion_request_schema() -> Schema:
     limit = ("The most tokens to generate for each choice; with the prompt, at most the model's "
              "context (GET /info: max_model_len). Unset: the rest of the context.")
@@ -232,14 +243,22 @@ def chat_completion_request_schema() -> Schema:
             _integer(minimum=0, maximum=TOP_LOGPROBS),
             f"With 'logprobs': true, return this many likeliest alternatives of each token "
             f"too (at most {TOP_LOGPROBS})."),
-        "tools": optional(Schema(type=ARRAY, max_items=0),
-                          "Not supported (no tool calling): only an empty list (or null) is "
-                          "accepted."),
-        "tool_choice": Schema(one_of=[Schema(type=STRING), Schema(type=OBJECT),
-                                      Schema(type=NULL)],
-                              description="Accepted for compatibility with OpenAI's API; unused "
-                                          "(no tools are supported)."),
-        "parallel_tool_calls": optional(Schema(type=BOOLEAN), UNUSED),
+        "tools": optional(Schema(type=ARRAY, items=_tool_schema()), (
+            "Functions the model may call, rendered into the prompt by its chat template (GET "
+            "/info: generation.tool_calls says in which form it writes calls; a template that "
+            "renders no tools answers 400). Calls come back in the message's 'tool_calls', "
+            "streamed as one delta each, with finish_reason 'tool_calls'.")),
+        "tool_choice": optional(Schema(one_of=[
+            Schema(type=STRING, enum=["none", "auto", "required"]),
+            Schema(type=OBJECT, title="Named function", required=["type", "function"],
+                   properties={"type": Schema(type=STRING, enum=["function"]),
+                               "function": Schema(type=OBJECT, required=["name"], properties={
+                                   "name": Schema(type=STRING)})})]), (
+            "'auto' (with tools, the default): the model may answer or call; 'none': calls are "
+            "not read; 'required' or a named function: the answer is a call, generated under a "
+            "grammar of the tools' parameter schemas, so it always parses.")),
+        "parallel_tool_calls": optional(Schema(type=BOOLEAN), (
+            "With 'required': false allows exactly one call. Unset: true.")),
         "add_generation_prompt": _flag("End the prompt with the template's opening of an "
                                        "assistant message; false leaves it out (to continue the "
                                        "last message)."),
@@ -278,7 +297,13 @@ def _chat_chunk_schema() -> Schema:
     delta = _exactly(ChatDelta, Schema(
         type=OBJECT, title="ChatDelta", description="What the choice added; empty on its last "
                                                     "chunk.",
-        properties={"role": Schema(type=STRING), "content": Schema(type=STRING)}))
+        properties={"role": Schema(type=STRING), "content": Schema(type=STRING),
+                    "tool_calls": Schema(type=ARRAY, items=Schema(
+                        type=OBJECT, title="ToolCallDelta",
+                        required=["index", "id", "type", "function"], properties={
+                            "index": Schema(type=INTEGER), "id": Schema(type=STRING),
+                            "type": Schema(type=STRING, enum=["function"]),
+                            "function": _ref("FunctionCall")}))}))
     choice = _exactly(ChatChunkChoice, Schema(
         type=OBJECT, title="ChatChunkChoice", required=["index", "delta"], properties={
             "index": Schema(type=INTEGER), "delta": delta,

@@ -127,9 +127,30 @@ class ChatLogprobs(msgspec.Struct, kw_only=True):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(msgspec.Struct, kw_only=True):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True):
+    """A whole call in one chunk: `index` is its place among the choice's calls."""
+
+    index: int
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(msgspec.Struct, kw_only=True):
     role: str = "assistant"
-    content: str = ""
+    content: str | None = ""  # null when the answer is tool calls alone
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -151,6 +172,7 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):

@@ -73,8 +73,10 @@ def test_info_describes_the_served_model(client: TestClient, smollm2_engine: Eng
     assert info["attention"] == "causal"
     assert info["embeddings"] == {"embedding_size": 576, "embedding_type": "mean",
                                   "normalize": False, "dimensions": [], "prompts": []}
+    # SmolLM2-135M's template renders no tools.
     assert info["generation"] == {"chat_template": True,
-                                  "max_num_seqs": smollm2_engine.max_num_seqs}
+                                  "max_num_seqs": smollm2_engine.max_num_seqs,
+                                  "tool_calls": None}
     # The Q4_1 file's matrices stay in their blocks by default.
     assert "Q4_1" in info["quantized"]
     assert info["quantized"] == list(smollm2_engine.checkpoint.quantized)
