@@ -15,7 +15,8 @@ cache warm; and, when asked for (`--workloads generation`), (e) generation: sing
 tokens/s against llama.cpp on the same GGUF, each as a fraction of its memory-bandwidth bound, and
 the aggregate tokens/s of `--streams` concurrent requests (bench/generation.py); and with
 `--workloads sizes`, memory, load, embedding and decode against llama.cpp at three model sizes
-(bench/sizes.py). Peers run in the same run: transformers (torch CPU, fp32, the same weights
+(bench/sizes.py); with `--workloads structured`, what a JSON-schema constraint costs a stream
+against free ones, and how often its text validates (bench/structured.py). Peers run in the same run: transformers (torch CPU, fp32, the same weights
 dequantized from the same GGUF, length-sorted batches at its best batch size), llama.cpp through
 llama-cpp-python (the same GGUF), and a roofline (the FLOP/s of a large fp32 matrix product in the
 same process, best of numpy and JAX). Figures are reported as ratios to peers from this run.
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             [s for s in args.sizes.split(",") if s], texts=args.sizes_texts,
             tokens=args.sizes_tokens, streams=args.streams, threads=args.threads,
             baseline=Path(args.sizes_baseline) if args.sizes_baseline else None)
+    if "structured" in workloads:
+        from bench.structured import structured_benchmark
+
+        r["structured"] = structured_benchmark(model, streams=args.streams, tokens=args.tokens)
     if "corpus" in workloads:
         from bench.corpus import corpus_benchmark
 
@@ -315,6 +320,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"{c['embed_file_tokens_per_s']:,.0f} tokens/s; the engine's own on the same "
             f"batches: {c['engine_rows_per_s']:,.0f} rows/s "
             f"(embed-file at {c['embed_file_vs_engine']:.2f}x)."]
+    if "structured" in r:
+        from bench.structured import markdown as structured_markdown
+
+        lines += [""] * (lines[-1] != "") + structured_markdown(r["structured"])
     return "\n".join(lines) + "\n"
 
 
