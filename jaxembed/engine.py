@@ -553,11 +553,12 @@ class Engine:
         stream = await self.agenerate_stream(prompt, params, **fields)
         return stream.collect([d async for d in stream])
 
-    def warmup_generation(self) -> None:
+    def warmup_generation(self, structured: bool = False) -> None:
         """Compile every decode shape and the prefills of short prompts, on every replica, so
-        that steady generation never waits for the compiler."""
+        that steady generation never waits for the compiler; structured: the decode programs
+        of steps under a grammar (structured outputs, required tool calls) too."""
         for core in self.cores:
-            core.scheduler.warmup()
+            core.scheduler.warmup(structured)
 
     # ---- control ---------------------------------------------------------------------------
 

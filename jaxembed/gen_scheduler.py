@@ -144,13 +144,18 @@ class GenerationScheduler:
         cap = self.buckets.max_rows(length)
         return min(next((b for b in self.row_counts if b >= prompts), cap), cap)
 
-    def warmup(self) -> None:
+    def warmup(self, structured: bool = False) -> None:
         """Compile every decode shape (slots x KV length) and the prefills of prompts up to 128
-        tokens in any group size, so that steady generation never waits for the compiler."""
+        tokens in any group size, so that steady generation never waits for the compiler;
+        structured: the two programs of steps under a grammar too (as many shapes again)."""
         scratch = self.runner.scratch_slot
         for rows in self.decode_rows:
             for kv_len in self.decode_lengths:
                 self.runner.run(DecodeStep.empty(rows, kv_len, scratch))
+                if structured and self.runner.channel is None:
+                    pending = self.runner.forward(DecodeStep.empty(rows, kv_len, scratch))
+                    self.runner.sample(pending, sampling.row_arrays(
+                        [None] * rows, grammar.full_mask(rows, self.vocab_size)))
         for length in self.buckets.lengths:
             if length > WARM_PREFILL_LENGTH:
                 break

@@ -138,13 +138,10 @@ class ToolCallOut(msgspec.Struct, kw_only=True):
     function: FunctionCall
 
 
-class ToolCallDelta(msgspec.Struct, kw_only=True):
+class ToolCallDelta(ToolCallOut, kw_only=True):
     """A whole call in one chunk: `index` is its place among the choice's calls."""
 
     index: int
-    id: str
-    type: str = "function"
-    function: FunctionCall
 
 
 class ChatMessageOut(msgspec.Struct, kw_only=True):

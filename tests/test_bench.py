@@ -263,3 +263,23 @@ def test_sizes_child_that_fails_is_reported_not_raised() -> None:
     failed = sizes.run_child({"engine": "no-such-engine"})["failed"]
     assert failed["returncode"] == 1 and "KeyError: 'no-such-engine'" in failed["tail"][-1]
     assert sizes.run_child({"engine": "jaxembed"}, timeout=0.01)["failed"]["timeout_s"] == 0.01
+
+
+def test_structured_report_compares_each_kind_with_the_free_streams() -> None:
+    from bench import structured
+
+    agg = {"free": {"free_stream_decode_tokens_per_s": 20.0, "tokens_per_s": 60.0},
+           "constrained": {"constrained_stream_decode_tokens_per_s": 19.0, "tokens_per_s": 57.0},
+           "mixed": {"free_stream_decode_tokens_per_s": 18.0,
+                     "constrained_stream_decode_tokens_per_s": 17.1},
+           "constrained_vs_free": 0.95, "mixed_free_vs_all_free": 0.9,
+           "mixed_constrained_vs_all_constrained": 0.9}
+    text = "\n".join(structured.markdown({
+        "model": "m.gguf", "streams": 16, "repeat": 3, "aggregate": agg,
+        "single": {"free": {"decode_tokens_per_s": 45.0},
+                   "constrained": {"decode_tokens_per_s": 40.5}, "constrained_vs_free": 0.9},
+        "mask_us": {"median": 40.0, "p99": 800.0, "first": 600.0, "tokens": 2000},
+        "validity": {"valid": 17, "outputs": 17}}))
+    assert "| 1 stream, greedy: decode tokens/s | 45.0 | 40.5 | 0.90x |" in text
+    assert "| 18.0 (0.90x) | 17.1 (0.90x) |" in text
+    assert "17 of 17 outputs" in text and "median 40 us" in text

@@ -272,3 +272,27 @@ def test_bad_constraints_are_400s_and_the_server_serves_on(
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
                                              "guided_choice": ["ok"]})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
+
+
+def test_generation_warm_up_can_compile_the_constrained_programs(tiny_llama_dir) -> None:
+    """After warm-up with structured=True, neither a free nor a constrained generation (nor
+    the two together) compiles anything."""
+    from jaxembed import EngineBuilder
+
+    e = EngineBuilder(model=tiny_llama_dir, warmup=False, progress=False,
+                      compilation_cache=False, max_num_seqs=2, max_model_len=256).build()
+    try:
+        e.warmup_generation(structured=True)
+        before = e.stats_snapshot().compilations
+        spec = StructuredOutput(json={"type": "object", "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+            "additionalProperties": False})
+        r = e.generate("hello", temperature=1.0, seed=0, max_tokens=40, structured=spec)
+        assert json.loads(r.text)["n"] in range(10)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(e.generate, "a", temperature=0, max_tokens=8, ignore_eos=True),
+                       pool.submit(e.generate, "b", max_tokens=40, structured=spec)]
+            [f.result() for f in futures]
+        assert e.stats_snapshot().compilations == before
+    finally:
+        e.shutdown()
