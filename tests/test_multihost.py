@@ -6,6 +6,7 @@ same step; the embeddings and greedy completions equal one process's on one devi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from jaxembed import EngineBuilder
 TEXTS = ["the quick brown fox", "jumps over the lazy dog and runs far away"]
 PROMPT = "hello world"
 NEW_TOKENS = 8
+BOUND = "[a-c]{3}-[0-9]{2}"  # what the constrained completions must be
 TIE_GAP = 1e-3  # as in test_generation_parity.py
 
 
@@ -75,6 +77,10 @@ def test_two_processes_serve_one_sharded_model(tmp_path: Path):
             r.raise_for_status()
             ours = np.asarray([d["embedding"] for d in r.json()["data"]], np.float32)
             choice = completion(client, url)
+            # Under a grammar: the leader sends each decode step whole, its masks in its rows.
+            bound = [client.post(url + "/v1/completions", json={
+                "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": seed,
+                "guided_regex": BOUND}).json() for seed in range(2)]
             again = client.post(url + "/v1/embeddings", json={"input": TEXTS[:1]}).json()
         procs[0].send_signal(signal.SIGTERM)  # process 0 drains, then tells process 1 to stop
         codes = [p.wait(timeout=120) for p in procs]
@@ -85,6 +91,8 @@ def test_two_processes_serve_one_sharded_model(tmp_path: Path):
         for f in logs:
             f.close()
     log0 = (tmp_path / "process0.log").read_text()
+    for r in bound:
+        assert re.fullmatch(BOUND, r["choices"][0]["text"]), r
     assert codes == [0, 0], (codes, log0[-3000:], (tmp_path / "process1.log").read_text()[-3000:])
     assert "1 replica(s) of 2 device(s)" in log0, log0[-3000:]
 
