@@ -166,7 +166,7 @@ def _mask_cost(engine: Any, spec: Any, outputs: list[list[int]]) -> dict[str, fl
     from jaxembed.grammar import full_mask
 
     grammars = engine.generation.grammars
-    compiled = grammars.compile(spec)
+    compiled = grammars.compile(spec)  # each constraint copies its matcher
     row = full_mask(1, grammars.vocab_size)[0]
     times = []
     for ids in outputs:

@@ -210,10 +210,10 @@ class GenerationScheduler:
             slots[r] = seq.slot
             last_col[r] = n - 1
         padded = [*batch, *[None] * (len(slots) - len(batch))]
-        mask = self._masks(padded)  # a prefill always carries one: one program for both kinds
+        # A prefill always carries masks: one program for free and constrained prompts.
         rows = sampling.row_arrays(
             [None if s is None else (s.work.params, s.seed, 0) for s in padded],
-            grammar.full_mask(len(padded), self.vocab_size) if mask is None else mask)
+            self._masks(padded))
         return PrefillStep(tokens, positions, segments, slots, last_col, rows)
 
     def decode_step(self) -> None:
@@ -264,10 +264,8 @@ class GenerationScheduler:
         process only: a multi-host leader runs whole steps, masks in their rows)."""
         return self._constrained(seqs) and self.runner.channel is None
 
-    def _masks(self, rows: Sequence[SeqState | None]) -> np.ndarray | None:
-        """The tokens each row may draw next (None: every row is free)."""
-        if not self._constrained(rows):
-            return None
+    def _masks(self, rows: Sequence[SeqState | None]) -> np.ndarray:
+        """The tokens each row may draw next: all of them for a free or padding row."""
         mask = grammar.full_mask(len(rows), self.vocab_size)
         for r, seq in enumerate(rows):
             if seq is not None and seq.constraint is not None:
@@ -280,10 +278,9 @@ class GenerationScheduler:
         live = [s if self.active.get(s.slot) is s else None for s in rows]
         n = next(b for b in self.decode_rows if b >= len(rows))
         live += [None] * (n - len(live))
-        mask = self._masks(live)
         settings = sampling.row_arrays(
             [None if s is None else (s.work.params, s.seed, len(s.out)) for s in live],
-            grammar.full_mask(n, self.vocab_size) if mask is None else mask)
+            self._masks(live))
         return self.runner.sample(pending, settings)
 
     def may_run_ahead(self, seqs: Sequence[SeqState]) -> bool:

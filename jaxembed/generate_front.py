@@ -40,6 +40,8 @@ class GenerationFrontend:
         # Structured outputs: any of the stop tokens may end a text the grammar has completed.
         self.grammars = Grammars(inputs.tokenizer, inputs.vocab_size,
                                  sorted(self.stop_token_ids))
+        # The tool-call form the chat template teaches (None: it renders no tools).
+        self.tool_format = tools.template_format(bundle.chat_template)
         self.chat_template: ChatTemplate | None = None
         if bundle.chat_template:
             def text(i: int | None) -> str:
@@ -89,7 +91,7 @@ class GenerationFrontend:
                                       "of them", param="stop")
         self.inputs.check_vocab(list(p.stop_token_ids), "stop_token_ids")
         logit_bias = self._logit_bias(p.logit_bias)
-        if p.structured is not None and not p.structured.compiled:
+        if p.structured is not None and p.structured.compiled is None:
             p = dataclasses.replace(p, structured=self.grammars.compile(p.structured))
         # A k past the vocabulary keeps every token, as 0 does; capped so it fits the step's
         # int32 row (a larger one failed the engine's thread, and with it every later request).
@@ -133,11 +135,6 @@ class GenerationFrontend:
                 f"'logit_bias' names token id {bad[0]}, outside this model's vocabulary "
                 f"[0, {vocab - 1}]", param="logit_bias", code="invalid_token_id")
         return tuple(sorted(out.items()))
-
-    @property
-    def tool_format(self) -> str | None:
-        """The tool-call form the chat template teaches (None: it renders no tools)."""
-        return tools.template_format(self.chat_template.source if self.chat_template else None)
 
     def render_chat(self, messages: object, add_generation_prompt: bool = True,
                     template_kwargs: Mapping[str, Any] | None = None,
@@ -193,8 +190,6 @@ class GenerationFrontend:
             stop_ids |= self.stop_token_ids
         constraints = None
         if params.structured is not None:
-            spec = params.structured if params.structured.compiled else \
-                self.grammars.compile(params.structured)
-            constraints = [self.grammars.constraint(spec) for _ in range(params.n)]
+            constraints = [self.grammars.constraint(params.structured) for _ in range(params.n)]
         return GenerationWork(prompt, params, stream, seeds, frozenset(stop_ids), params.n,
                               constraints)

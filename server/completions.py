@@ -154,9 +154,23 @@ def _tool_use(engine: Engine, req: ChatCompletionRequest) -> _ToolUse:
     return _ToolUse(offered, fmt if mode != "none" else None, grammar)
 
 
+def _constraint(req: CompletionRequest | ChatCompletionRequest,
+                tool_use: _ToolUse | None) -> StructuredOutput | None:
+    """The request's one constraint: its structured-output field's, or its required call's."""
+    structured = _structured(req)
+    if tool_use is None or tool_use.grammar is None:
+        return structured
+    if structured is not None:
+        raise InvalidRequestError(f"'tool_choice' and '{structured.param}' both constrain the "
+                                  "output; send one", param=structured.param)
+    return tool_use.grammar
+
+
 def _sampling(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
               max_tokens: int | None, logprobs: int | None,
-              tool_use: _ToolUse | None = None) -> SamplingParams:
+              structured: StructuredOutput | None = None, reads_calls: bool = False
+              ) -> SamplingParams:
+    """reads_calls: tool calls are read from the text."""
     if req.stream_options is not None and not req.stream:
         raise InvalidRequestError("'stream_options' is only allowed with 'stream': true",
                                   param="stream_options")
@@ -168,14 +182,8 @@ def _sampling(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
         repetition_penalty=req.repetition_penalty, seed=req.seed, n=req.n, stop=tuple(stop),
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-        logit_bias=req.logit_bias, structured=_structured(req))
-    if tool_use is not None and tool_use.grammar is not None:
-        if fields["structured"] is not None:
-            raise InvalidRequestError(
-                f"'tool_choice' and '{fields['structured'].param}' both constrain the output; "
-                "send one", param=fields["structured"].param)
-        fields["structured"] = tool_use.grammar
-    if tool_use is not None and tool_use.fmt is not None:
+        logit_bias=req.logit_bias, structured=structured)
+    if reads_calls:
         # A call's markers may be special tokens: they stay in the text the calls are read from.
         fields["skip_special_tokens"] = False
     if max_tokens is not None:
@@ -186,11 +194,14 @@ def _sampling(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
 async def _sampling_off_loop(engine: Engine, req: CompletionRequest | ChatCompletionRequest,
                              max_tokens: int | None, logprobs: int | None,
                              tool_use: _ToolUse | None = None) -> SamplingParams:
-    """`_sampling`, in a thread when a grammar is compiled (the first builds the grammar
-    engine's view of the vocabulary: 0.4 s for 49k tokens)."""
-    if _structured(req) is None and (tool_use is None or tool_use.grammar is None):
-        return _sampling(engine, req, max_tokens, logprobs, tool_use)
-    return await asyncio.to_thread(_sampling, engine, req, max_tokens, logprobs, tool_use)
+    """`_sampling`, in a thread when a grammar is compiled (1-2 ms; the first also builds the
+    grammar engine's view of the vocabulary: 0.4 s for 49k tokens)."""
+    structured = _constraint(req, tool_use)
+    args = (engine, req, max_tokens, logprobs, structured,
+            tool_use is not None and tool_use.fmt is not None)
+    if structured is None:
+        return _sampling(*args)
+    return await asyncio.to_thread(_sampling, *args)
 
 
 def _tool_finish(reason: str | None, calls: Sequence[tools.ToolCall]) -> str | None:
