@@ -110,6 +110,12 @@ class ExecutionPlan:
         return self.backend != "cpu"
 
     @property
+    def branchless_sampling(self) -> bool:
+        """Sampling computes every filter for every row (`sampling.sample`): an accelerator's
+        conditionals read their predicate back to the host, a CPU's cost nothing."""
+        return self.accelerated
+
+    @property
     def kv_per_layer(self) -> bool:
         """A cache buffer per layer, to go with per-layer decode weights."""
         return self.decode_layers == PER_LAYER

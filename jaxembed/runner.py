@@ -279,7 +279,8 @@ class ModelRunner:
         counts = state.counts.at[slots].set(0)
         seen = state.seen.at[slots].set(False)
         seen = seen.at[jnp.where(segment_ids > 0, slots[:, None], scratch), tokens].set(True)
-        out = sampling.sample(decoder.logits(hidden), counts[slots], seen[slots], rows)
+        out = sampling.sample(decoder.logits(hidden), counts[slots], seen[slots], rows,
+                              self.plan.branchless_sampling)
         return self._new_state(kv, counts, seen), *self._replicate(out)
 
     def _forward_body(self, params: Any, layers: Any, head: Any, state: GenerationState,
@@ -306,7 +307,8 @@ class ModelRunner:
         self._on_compile()
         state, logits, counts, seen = self._forward_body(params, layers, head, state, tokens,
                                                          positions, slots, kv_len)
-        return state, *self._replicate(sampling.sample(logits, counts, seen, rows))
+        return state, *self._replicate(sampling.sample(logits, counts, seen, rows,
+                                                      self.plan.branchless_sampling))
 
     def _forward_fn(self, params: Any, layers: Any, head: Any, state: GenerationState,
                     tokens: jax.Array, positions: jax.Array, slots: jax.Array, kv_len: int
@@ -317,7 +319,8 @@ class ModelRunner:
     def _sample_fn(self, logits: jax.Array, counts: jax.Array, seen: jax.Array,
                    rows: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
         self._on_compile()
-        return self._replicate(sampling.sample(logits, counts, seen, rows))
+        return self._replicate(sampling.sample(logits, counts, seen, rows,
+                                               self.plan.branchless_sampling))
 
     # ---- running steps -----------------------------------------------------------------------
 

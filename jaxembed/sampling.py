@@ -179,19 +179,32 @@ def _draw(p: jax.Array, u: jax.Array) -> jax.Array:
     return block * BLOCK + idx
 
 
-def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str, jax.Array]
-           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _when(pred: jax.Array, yes: Any, no: Any, branchless: bool) -> Any:
+    """yes() where pred holds, else no(): a `lax.cond`, or, branchless, yes() always (its
+    result is the same per row; `no` is only the shortcut for a step no row needs it in)."""
+    return yes() if branchless else jax.lax.cond(pred, yes, no)
+
+
+def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str, jax.Array],
+           branchless: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Next tokens [B], their logprobs [B], and the top alternatives (ids, logprobs)
     [B, TOP_LOGPROBS]. Logprobs are those of the model's logits with the row's logit_bias added,
     as OpenAI's are (a banned token's falls with it), before penalties and temperature; zero
     unless some row asked for them. A grammar's mask (rows["mask"], when the step has one)
     rules tokens out of the draw but not out of the logprobs: they stay the model's, as vLLM's
-    are by default."""
+    are by default.
+
+    branchless: compute every part for every row rather than skip the parts no row asked for.
+    The skips are `lax.cond`s on values the step computed, and a GPU's conditional copies its
+    predicate to the host before it launches either branch: a sync in every decode step, which
+    stops the host from running ahead. On a CPU the skips are free and save real work (the
+    penalties' and top-k/top-p's passes over [B, V])."""
     b, v = logits.shape
     logits = add_bias(logits, rows)
     any_penalty = jnp.any((rows["repetition"] != 1) | (rows["frequency"] != 0)
                           | (rows["presence"] != 0))
-    z = jax.lax.cond(any_penalty, lambda: penalize(logits, counts, seen, rows), lambda: logits)
+    z = _when(any_penalty, lambda: penalize(logits, counts, seen, rows), lambda: logits,
+              branchless)
     if "mask" in rows:
         z = jnp.where(allowed(rows["mask"], v), z, -jnp.inf)
     greedy = argmax(z)
@@ -202,10 +215,10 @@ def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str
         zs = z / jnp.where(sampled_rows, temp, 1.0)[:, None]
         filtered = sampled_rows & (((rows["top_k"] > 0) & (rows["top_k"] < v))
                                    | (rows["top_p"] < 1))
-        thr = jax.lax.cond(jnp.any(filtered),
-                           lambda: jnp.where(filtered, thresholds(zs, rows["top_k"],
-                                                                  rows["top_p"]), -jnp.inf),
-                           lambda: jnp.full((b,), -jnp.inf))
+        thr = _when(jnp.any(filtered),
+                    lambda: jnp.where(filtered, thresholds(zs, rows["top_k"], rows["top_p"]),
+                                      -jnp.inf),
+                    lambda: jnp.full((b,), -jnp.inf), branchless)
         top = zs.max(-1)
         thr = jnp.maximum(thr, jnp.where(rows["min_p"] > 0, top + jnp.log(rows["min_p"]),
                                          -jnp.inf))
@@ -215,7 +228,7 @@ def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str
         u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys)
         return jnp.where(sampled_rows, _draw(p, u), greedy)
 
-    tokens = jax.lax.cond(jnp.any(sampled_rows), draw, lambda: greedy).astype(jnp.int32)
+    tokens = _when(jnp.any(sampled_rows), draw, lambda: greedy, branchless).astype(jnp.int32)
 
     def with_logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
         lp = jax.nn.log_softmax(logits, -1)
@@ -227,5 +240,6 @@ def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str
         return (jnp.zeros(b, jnp.float32), jnp.zeros((b, n), jnp.int32),
                 jnp.zeros((b, n), jnp.float32))
 
-    chosen, top_ids, top_lp = jax.lax.cond(jnp.any(rows["logprobs"]), with_logprobs, without)
+    chosen, top_ids, top_lp = _when(jnp.any(rows["logprobs"]), with_logprobs, without,
+                                    branchless)
     return tokens, chosen, top_ids, top_lp

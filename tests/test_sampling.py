@@ -4,6 +4,7 @@ and the host side of streaming: incremental detokenization and stop strings."""
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -137,6 +138,47 @@ def test_logprobs_are_the_models_own() -> None:
         np.testing.assert_array_equal(np.asarray(top_ids[r, :3]), np.argsort(-lp[r])[:3])
         np.testing.assert_allclose(np.asarray(top_lp[r, :3]), np.sort(lp[r])[::-1][:3],
                                    rtol=1e-5)
+
+
+BATCHES = {
+    "greedy": [SamplingParams(temperature=0)] * 3,
+    "plain draws": [SamplingParams(temperature=0.7)] * 3,
+    "every filter": [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=20),
+                     SamplingParams(temperature=0.8, top_p=0.7, min_p=0.05, logprobs=2,
+                                    repetition_penalty=1.3, frequency_penalty=0.5)],
+    "logprobs only": [SamplingParams(temperature=0, logprobs=4), SamplingParams(temperature=0),
+                      SamplingParams(temperature=0, presence_penalty=1.0)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHES))
+def test_branchless_sampling_draws_what_the_skipping_one_draws(name: str) -> None:
+    """An accelerator's sampling computes every filter for every row (no conditionals, whose
+    predicate a GPU reads back to the host); it must choose the same tokens, with the same
+    logprobs for the rows that asked, as the CPU's, which skips what no row needs."""
+    rng = np.random.default_rng(4)
+    z = jnp.asarray(rng.standard_normal((3, 400)).astype(np.float32) * 3)
+    counts = jnp.asarray(rng.integers(0, 3, (3, 400)).astype(np.int32))
+    table = rows(BATCHES[name], seed=9, counter=2)
+    skipping = sampling.sample(z, counts, counts > 0, table)
+    branchless = jax.jit(sampling.sample, static_argnums=4)(z, counts, counts > 0, table, True)
+    np.testing.assert_array_equal(np.asarray(branchless[0]), np.asarray(skipping[0]))
+    asked = np.asarray(table["logprobs"])
+    for got, want in zip(branchless[1:], skipping[1:], strict=True):
+        np.testing.assert_allclose(np.asarray(got)[asked], np.asarray(want)[asked], rtol=1e-6)
+    traced = jax.make_jaxpr(sampling.sample, static_argnums=4)
+    assert "cond" not in primitives(traced(z, counts, counts > 0, table, True).jaxpr)
+    assert "cond" in primitives(traced(z, counts, counts > 0, table, False).jaxpr)
+
+
+def primitives(jaxpr: jax.extend.core.Jaxpr) -> set[str]:
+    """The names of every primitive in a jaxpr and the jaxprs nested in it."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out |= primitives(sub)
+    return out
 
 
 # ---- text --------------------------------------------------------------------------------
