@@ -44,7 +44,7 @@ from jaxembed.layers import (  # noqa: F401 (with_layout, head_with_layout: the 
     rope_tables,
     with_layout,
 )
-from jaxembed.plan import CPU_KERNELS, XLA, ExecutionPlan, WeightLayout
+from jaxembed.plan import CPU_KERNELS, GPU_KERNELS, XLA, ExecutionPlan, WeightLayout
 
 Params = dict[str, Any]
 
@@ -308,6 +308,7 @@ def decode(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Arr
     per_layer = layers is not None
     assert cache.per_layer == per_layer, "per-layer weights go with a per-layer cache"
     cpu_attention = per_layer and kernel_attention(plan, decode=True)
+    gpu_attention = plan is not None and plan.decode_attention == GPU_KERNELS
     x = _embed(params, tokens[:, None], cfg)  # [B, 1, D]
     pos = positions[:, None]  # [B, 1]
     (gcos, gsin), (lcos, lsin) = _rope(pos, pos + 1, cfg)
@@ -354,6 +355,10 @@ def decode(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Arr
                 ck = kv_cache.write(kv[0], w_slots, w_pos, k, lead=lead)
                 cv = kv_cache.write(kv[1], w_slots, w_pos, v, lead=lead)
                 out_kv = (ck, cv)
+            if gpu_attention:
+                out = _gpu_decode_attention(q, ck, cv, slots, positions, lead, sliding, kv_len,
+                                            cfg, plan)
+                return linear(out.reshape(b, 1, cfg.q_size), layer["wo"]), out_kv
             keys = kv_cache.read(ck, slots, kv_len, lead)  # [B, K, S, Dh]
             values = kv_cache.read(cv, slots, kv_len, lead)
             # Only the cache in use is read: its first kv_len positions.
@@ -374,6 +379,26 @@ def decode(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Arr
         hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k, v = carry
     return KVCache(k, v, per_layer), hidden[:, 0]
+
+
+def _gpu_decode_attention(q: jax.Array, ck: jax.Array, cv: jax.Array, slots: jax.Array,
+                          positions: jax.Array, lead: tuple, sliding: Any, kv_len: int,
+                          cfg: ModelConfig, plan: ExecutionPlan) -> jax.Array:
+    """`gpu.decode.decode_attention` of q [B, 1, K, G, Dh] over the cache buffers ck, cv, their
+    rows' keys read in place: [B, H, Dh]. lead: (), or (layer,) of a stacked cache, whose layers
+    the kernel sees as rows of one [L * (S + 1), ...] buffer (a reshape: no copy)."""
+    from jaxembed.gpu import decode as gpu_decode  # Pallas: only where it runs
+
+    rows = slots
+    if lead:
+        rows = lead[0] * ck.shape[1] + slots
+        ck, cv = (c.reshape(-1, *c.shape[2:]) for c in (ck, cv))
+    b = q.shape[0]
+    window = jnp.where(sliding, cfg.sliding_window or 0, 0)
+    return gpu_decode.decode_attention(
+        q.reshape(b, cfg.num_heads, cfg.head_dim), ck, cv, rows, positions, window,
+        scale=cfg.query_scale, softcap=cfg.attn_softcap,
+        splits=gpu_decode.splits_for(b, cfg.num_kv_heads, kv_len), interpret=plan.interpret)
 
 
 def logits(params: Params, hidden: jax.Array, cfg: ModelConfig, head: jax.Array | None = None

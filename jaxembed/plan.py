@@ -68,7 +68,7 @@ class ExecutionPlan:
     backend: str  # jax.default_backend(): "cpu", "gpu", "tpu"
     devices: int  # devices one model runs on (its mesh; 1 without one)
     attention: str  # embedding and prefill steps' attention: XLA, CPU_KERNELS or GPU_KERNELS
-    decode_attention: str  # decode steps' attention over the cache: XLA or CPU_KERNELS
+    decode_attention: str  # decode steps' attention over the cache: XLA, CPU_KERNELS or GPU_KERNELS
     embed_weights: WeightLayout  # prefills read the loaded params
     decode_weights: WeightLayout
     decode_layers: str  # STACKED or PER_LAYER
@@ -162,9 +162,10 @@ class ExecutionPlan:
         quant_matmul = CPU_KERNELS if quant_kernels else GPU_KERNELS if one_gpu else XLA
         return cls(
             backend=backend, devices=devices, attention=attention,
-            # The CPU decode kernel writes and reads the per-layer cache buffers in place; a GPU
-            # decodes with XLA's ops.
-            decode_attention=attention if attention == CPU_KERNELS else XLA,
+            # The CPU decode kernel writes and reads the per-layer cache buffers in place; the
+            # GPU one (`gpu.decode`) reads the rows' keys where they lie, where XLA's ops gather
+            # a copy of each row's cache every layer.
+            decode_attention=attention if attention in (CPU_KERNELS, GPU_KERNELS) else XLA,
             # With the kernels, bf16 embedding products run in `kernels.matmul`: around XLA's
             # own bf16 products it spends as long again converting activations and slicing the
             # stacked weights in bfloat16. Float32 embedding steps have hundreds of rows, where

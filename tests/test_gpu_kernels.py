@@ -13,6 +13,7 @@ import itertools
 import types
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from test_quant import F16_FIELDS, random_blocks
 from jaxembed import layers, quant
 from jaxembed.config import FULL, SLIDING
 from jaxembed.gpu import attention as ga
+from jaxembed.gpu import decode as gd
 from jaxembed.gpu import qmatmul as gq
 from jaxembed.weights import quant as wq
 
@@ -270,6 +272,144 @@ def test_qmatmul_lowers_to_triton(qtype):
         assert lowers_to_triton(gq.qmatmul, jax.ShapeDtypeStruct((m, 2304), jnp.bfloat16), w)
 
 
+# ---- decode attention over the cache in place -------------------------------------------------
+
+
+def decode_reference(q, k_cache, v_cache, rows, positions, window, scale, softcap):
+    """Each row's query against its cache row's positions up to its own, in float64 numpy: the
+    decode mask of `model.decode` (j <= position, within the window if any)."""
+    b, h, dh = q.shape
+    kv, m = k_cache.shape[1], k_cache.shape[2]
+    out = np.zeros((b, h, dh))
+    for r in range(b):
+        k, v = (np.asarray(c[int(rows[r])], np.float64) for c in (k_cache, v_cache))
+        qq = np.asarray(q[r], np.float64).reshape(kv, h // kv, dh)
+        s = np.einsum("kgd,ksd->kgs", qq, k) * scale
+        if softcap:
+            s = np.tanh(s / softcap) * softcap
+        j, p = np.arange(m), int(positions[r])
+        seen = (j <= p) & ((window == 0) | (p - j < window))
+        s = s[..., seen]
+        e = np.exp(s - s.max(-1, keepdims=True))
+        out[r] = np.einsum("kgs,ksd->kgd", e / e.sum(-1, keepdims=True),
+                           v[:, seen]).reshape(h, dh)
+    return out
+
+
+@pytest.mark.parametrize("h,kv,dh,window,softcap,splits", [
+    (8, 2, 64, 0, None, 1), (8, 2, 64, 0, None, 3), (4, 4, 128, 9, 30.0, 2),
+    (12, 2, 80, 0, 20.0, 1), (6, 1, 256, 70, None, 4), (16, 8, 96, 0, None, 2)])
+def test_decode_attention_equals_the_reference(h, kv, dh, window, softcap, splits):
+    """Rows reading slots in any order (one twice), at positions from the first to the cache's
+    last, past blocks and splits that see nothing; the cache's other positions hold values the
+    rows must not see, and NaN where nothing was ever written would poison a careless load."""
+    rng = np.random.default_rng(h * dh + splits)
+    n, m = 6, 200
+    kc = rng.standard_normal((n, kv, m, dh)).astype(np.float32)
+    vc = rng.standard_normal((n, kv, m, dh)).astype(np.float32)
+    rows = np.array([4, 0, 2, 4, 5])
+    positions = np.array([150, 0, 199, 63, 64])
+    for r, p in zip(rows, positions, strict=True):
+        if r != 4:
+            kc[r, :, p + 1:], vc[r, :, p + 1:] = np.nan, np.nan
+    q = rng.standard_normal((len(rows), h, dh)).astype(np.float32)
+    got = gd.decode_attention(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc),
+                              jnp.asarray(rows), jnp.asarray(positions), window, scale=0.11,
+                              softcap=softcap, splits=splits, interpret=True)
+    want = decode_reference(q, kc, vc, rows, positions, window, 0.11, softcap)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+def test_decode_attention_in_bfloat16_over_a_bfloat16_cache():
+    rng = np.random.default_rng(7)
+    kc, vc = (jnp.asarray(rng.standard_normal((3, 2, 300, 128)), jnp.bfloat16) for _ in "kv")
+    q = jnp.asarray(rng.standard_normal((2, 8, 128)), jnp.bfloat16)
+    rows, positions = np.array([2, 1]), np.array([299, 40])
+    got = gd.decode_attention(q, kc, vc, jnp.asarray(rows), jnp.asarray(positions), 0,
+                              scale=0.09, splits=2, interpret=True)
+    assert got.dtype == jnp.bfloat16
+    want = decode_reference(np.asarray(q, np.float32), np.asarray(kc, np.float32),
+                            np.asarray(vc, np.float32), rows, positions, 0, 0.09, None)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
+
+
+def test_decode_splits_fill_the_gpu_only_for_few_rows_of_long_contexts():
+    assert gd.splits_for(64, 8, 8192) == 1  # 512 programs already
+    assert gd.splits_for(1, 8, 8192) == 32
+    assert gd.splits_for(1, 8, 256) == 1  # too short to split
+    assert gd.splits_for(2, 8, 2048) == 8
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+def test_decode_attention_lowers_to_triton(dtype):
+    q = jax.ShapeDtypeStruct((4, 16, 128), dtype)
+    cache = jax.ShapeDtypeStruct((9 * 28, 8, 1000, 128), jnp.bfloat16)
+    ints = jax.ShapeDtypeStruct((4,), jnp.int32)
+    fn = functools.partial(gd.decode_attention, scale=0.1, softcap=30.0, splits=4)
+    assert lowers_to_triton(fn, q, cache, cache, ints, ints, jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def cache_reads(jaxpr) -> list[tuple]:
+    """The shapes of every gather and dynamic slice in a jaxpr (nested ones too): how XLA's decode
+    path reads rows of the cache."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("gather", "dynamic_slice"):
+            out.append(tuple(eqn.invars[0].aval.shape))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += cache_reads(sub)
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_the_gpu_plan_decodes_as_xla_does_reading_the_cache_in_place(family):
+    """model.decode under the GPU plan (its kernel in interpret mode) gives XLA's hidden states and
+    cache on the same weights and cache, a stacked cache read by layer index included; and it
+    gathers no copy of the cache's rows, where XLA's path gathers one per layer."""
+    from test_quant import _random_model
+
+    from jaxembed import model
+    from jaxembed.config import ModelConfig
+    from jaxembed.kv_cache import KVCache
+    from jaxembed.options import EngineOptions
+    from jaxembed.plan import GPU_KERNELS, ExecutionPlan
+
+    extra = dict(query_pre_attn_scalar=64, attn_logit_softcapping=5.0, sliding_window=8,
+                 final_logit_softcapping=3.0, hidden_activation="gelu_pytorch_tanh") \
+        if family == "gemma2" else {}
+    cfg = ModelConfig.from_hf(dict(
+        model_type=family, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=384,
+        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True, **extra))
+    plan = ExecutionPlan.decide(cfg, "float32", EngineOptions(), backend="gpu", interpret=True)
+    assert plan.decode_attention == GPU_KERNELS
+    params = _random_model(cfg, 5)
+    rng = np.random.default_rng(6)
+    slots, m = 5, 96
+    cache = KVCache.zeros(cfg, slots, m, jnp.float32)
+    cache = KVCache(*(jnp.asarray(rng.standard_normal(c.shape), jnp.float32) * 0.5
+                      for c in (cache.k, cache.v)))
+    tokens = jnp.asarray([3, 77, 301], jnp.int32)
+    positions = jnp.asarray([40, 0, 63], jnp.int32)
+    rows = jnp.asarray([4, 1, 0], jnp.int32)
+    args = (params, cache, tokens, positions, rows, 64, cfg)
+    want_cache, want = model.decode(*args)
+    got_cache, got = model.decode(*args, plan=plan)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+    # Later layers' keys carry the earlier layers' rounding.
+    for name in "kv":
+        np.testing.assert_allclose(np.asarray(getattr(got_cache, name)),
+                                   np.asarray(getattr(want_cache, name)), atol=1e-5)
+    assert family != "gemma2" or cfg.sliding_window == 8 and cfg.attn_softcap == 5.0
+
+    def reads(p):
+        return [s for s in cache_reads(jax.make_jaxpr(
+            functools.partial(model.decode, kv_len=64, cfg=cfg, plan=p))(
+                params, cache, tokens, positions, rows).jaxpr) if s[-2:] == (m, cfg.head_dim)]
+    assert reads(None), "the control: XLA's path gathers rows of the cache"
+    assert reads(plan) == []
+
+
 # ---- the plan's GPU branch, run on a CPU -------------------------------------------------------
 
 
@@ -282,15 +422,14 @@ def test_the_gpu_plan_runs_the_model_through_both_kernels():
     from jaxembed import model
     from jaxembed.config import ModelConfig
     from jaxembed.options import EngineOptions
-    from jaxembed.plan import GPU_KERNELS, XLA, ExecutionPlan
+    from jaxembed.plan import GPU_KERNELS, ExecutionPlan
 
     cfg = ModelConfig.from_hf(dict(
         model_type="qwen3", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=384,
         max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True))
     plan = ExecutionPlan.decide(cfg, "float32", EngineOptions(), backend="gpu", interpret=True)
-    assert (plan.attention, plan.quant_matmul, plan.decode_attention) == (GPU_KERNELS,
-                                                                           GPU_KERNELS, XLA)
+    assert (plan.attention, plan.quant_matmul, plan.decode_attention) == (GPU_KERNELS,) * 3
     assert plan.quant_op == "gpu_interpret"
     params = _random_model(cfg, 3)
     qp, ref = _quantized(params, [Q.Q4_K, Q.Q8_0], np.random.default_rng(4))
