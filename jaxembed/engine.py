@@ -35,6 +35,7 @@ from jaxembed.generate_front import GenerationFrontend
 from jaxembed.generation import GenerationResult, GenerationStream, TokenLogprob
 from jaxembed.inputs import InputProcessor
 from jaxembed.model import logits as model_logits
+from jaxembed.model import merge_projections
 from jaxembed.options import EngineOptions
 from jaxembed.plan import ExecutionPlan
 from jaxembed.protocol import (
@@ -110,6 +111,11 @@ class Engine:
         if devices == 1:  # a mesh's cache is split across its devices; sized by the flags
             plan = plan.sized(self.config, options, memory.budget(plan.backend),
                               extra=copies_bytes(checkpoint.params, self.config, plan))
+        if plan.merged_projections:  # in place of the loaded ones: one copy of the weights
+            checkpoint = dataclasses.replace(
+                checkpoint, params=merge_projections(checkpoint.params))
+            self.checkpoint = checkpoint
+            replicas = [(merge_projections(p), m) for p, m in replicas]
         self.plan = plan
         log.info("execution plan: %s", self.plan.summary)
         plan = self.plan

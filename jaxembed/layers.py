@@ -74,7 +74,35 @@ def attention_masks(segment_ids: jax.Array, cfg: ModelConfig) -> tuple[jax.Array
 LOADED = WeightLayout()  # the params as loaded
 
 # The weights `linear` multiplies (attention projections and dense MLPs), by params group.
-PROJECTIONS = {"layers": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_down")}
+PROJECTIONS = {"layers": ("wq", "wk", "wv", "wqkv", "wo"),
+               "mlp": ("w_gate", "w_up", "w_gate_up", "w_down")}
+
+# Products that read the same input, merged into one where the plan says
+# (`ExecutionPlan.merged_projections`): group -> {merged name: its parts, concatenated on the
+# output axis}. One product reads x once and launches once where three (two) did, and its wider
+# N fills a GPU's tiles better, which matters most for decode steps' few rows.
+MERGED = {"layers": {"wqkv": ("wq", "wk", "wv")}, "mlp": {"w_gate_up": ("w_gate", "w_up")}}
+MERGED_BIAS = {"wqkv": ("bqkv", ("bq", "bk", "bv"))}  # merged with their weights, if present
+
+
+def merge_projections(params: Params) -> Params:
+    """params with the projections of `MERGED` (and their biases) concatenated, their parts
+    dropped (so that only one copy is held). Weights kept quantized stay apart, biases with
+    them: their blocks are per tensor."""
+    out = dict(params)
+    for group, merges in MERGED.items():
+        if group not in params:
+            continue
+        tree = dict(params[group])
+        for name, parts in merges.items():
+            if not all(n in tree and not quant.is_quantized(tree[n]) for n in parts):
+                continue
+            tree[name] = jnp.concatenate([tree.pop(n) for n in parts], axis=-1)
+            bias, bias_parts = MERGED_BIAS.get(name, (None, ()))
+            if bias_parts and all(n in tree for n in bias_parts):
+                tree[bias] = jnp.concatenate([tree.pop(n) for n in bias_parts], axis=-1)
+        out[group] = tree
+    return out
 
 
 def group_with_layout(group: str, tree: Params, layout: WeightLayout) -> Params:
@@ -135,9 +163,15 @@ def project_qkv(p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: Mo
     b, t, _ = x.shape
     k_heads, dh = cfg.num_kv_heads, cfg.head_dim
     g = cfg.num_heads // k_heads
-    q, k, v = linear(x, p["wq"]), linear(x, p["wk"]), linear(x, p["wv"])  # [B,T,H*Dh], [B,T,K*Dh]
-    if cfg.qkv_bias:
-        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    if "wqkv" in p:  # merged (`merge_projections`)
+        qkv = linear(x, p["wqkv"])  # [B, T, (H + 2K) * Dh]
+        if cfg.qkv_bias:
+            qkv = qkv + p["bqkv"]
+        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    else:
+        q, k, v = linear(x, p["wq"]), linear(x, p["wk"]), linear(x, p["wv"])  # [B,T,H*Dh], [B,T,K*Dh]
+        if cfg.qkv_bias:
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = q.reshape(b, t, cfg.num_heads, dh)
     k = k.reshape(b, t, k_heads, dh)
     v = v.reshape(b, t, k_heads, dh)
@@ -230,7 +264,11 @@ def _act(x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Gated MLP: down(act(gate(x)) * up(x))."""
-    return linear(_act(linear(x, p["w_gate"]), cfg) * linear(x, p["w_up"]), p["w_down"])
+    if "w_gate_up" in p:  # merged (`merge_projections`)
+        gate, up = jnp.split(linear(x, p["w_gate_up"]), 2, axis=-1)
+    else:
+        gate, up = linear(x, p["w_gate"]), linear(x, p["w_up"])
+    return linear(_act(gate, cfg) * up, p["w_down"])
 
 
 def moe(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -29,7 +29,7 @@ import numpy as np
 from jaxembed import kernels, kv_cache, quant
 from jaxembed.config import DENSE, MOE, SLIDING, ModelConfig, rope_inv_freq
 from jaxembed.kv_cache import KVCache
-from jaxembed.layers import (  # noqa: F401 (with_layout, head_with_layout: the model's API too)
+from jaxembed.layers import (  # noqa: F401 (with_layout, head_with_layout, merge_projections: the model's API too)
     LOADED,
     attend_one,
     attention,
@@ -38,6 +38,7 @@ from jaxembed.layers import (  # noqa: F401 (with_layout, head_with_layout: the 
     group_with_layout,
     head_with_layout,
     linear,
+    merge_projections,
     output_head,
     project_qkv,
     rms_norm,

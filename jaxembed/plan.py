@@ -94,6 +94,10 @@ class ExecutionPlan:
     quant_kernel_rows: int = 128
     # GPU kernels in Pallas's interpret mode: the GPU branch of the plan run on a CPU (tests).
     interpret: bool = False
+    # q|k|v and gate|up held as one weight each (`layers.merge_projections`), on one GPU. Not
+    # on a CPU, whose kernels and packed layouts are per weight, nor on a mesh, whose
+    # partitioner shards each weight by its own axes.
+    merged_projections: bool = False
 
     @property
     def quant_op(self) -> str:
@@ -188,6 +192,7 @@ class ExecutionPlan:
             # step it reads 4-6 bits a weight where XLA would first write out 32.
             quant_matmul=quant_matmul,
             interpret=interpret,
+            merged_projections=one_gpu,
             min_decode_rows=2 if decode_dtype is not None and not use_kernels else 1)
 
     @property

@@ -454,3 +454,55 @@ def test_the_gpu_plan_runs_the_model_through_both_kernels():
     # The GPU's products round x and the weights to bfloat16, as its tensor cores take them.
     err = np.abs(np.asarray(got) - np.asarray(want))[real].max()
     assert err < 3e-2 * np.abs(np.asarray(want)).max(), err
+
+
+def test_merged_projections_on_one_gpu_give_the_separate_ones_results():
+    """On one GPU the plan merges q|k|v (with their biases) and gate|up into one weight each, held
+    instead of the parts; the model's prefill and decode over them equal the separate products.
+    Quantized weights stay apart. A CPU and a mesh keep them separate."""
+    from test_quant import _quantized, _random_model
+
+    from jaxembed import model
+    from jaxembed.config import ModelConfig
+    from jaxembed.kv_cache import KVCache
+    from jaxembed.options import EngineOptions
+    from jaxembed.plan import ExecutionPlan
+
+    cfg = ModelConfig.from_hf(dict(
+        model_type="qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+        max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False))
+    assert cfg.qkv_bias
+
+    def plan(**kw):
+        return ExecutionPlan.decide(cfg, "float32", EngineOptions(), **kw)
+    assert plan(backend="gpu", interpret=True).merged_projections
+    assert not plan(backend="cpu").merged_projections
+    assert not plan(backend="gpu", devices=2).merged_projections
+
+    params = _random_model(cfg, 8)
+    merged = model.merge_projections(params)
+    assert set(merged["layers"]) - set(params["layers"]) == {"wqkv", "bqkv"}
+    assert not {"wq", "wk", "wv", "bq", "bk", "bv"} & set(merged["layers"])
+    assert set(merged["mlp"]) == {"w_gate_up", "w_down"}
+    assert merged["layers"]["wqkv"].shape == (2, 128, cfg.q_size + 2 * cfg.kv_size)
+
+    rng = np.random.default_rng(9)
+    tokens = jnp.asarray(rng.integers(0, 300, (2, 24)), jnp.int32)
+    positions = jnp.tile(jnp.arange(24, dtype=jnp.int32), (2, 1))
+    seg = jnp.ones((2, 24), jnp.int32)
+    np.testing.assert_allclose(np.asarray(model.forward(merged, tokens, positions, seg, cfg)),
+                               np.asarray(model.forward(params, tokens, positions, seg, cfg)),
+                               atol=1e-5)
+    cache = KVCache.zeros(cfg, 3, 32, jnp.float32)
+    steps = [model.decode(p, cache, tokens[:, 0], jnp.asarray([0, 5]), jnp.asarray([2, 0]), 16,
+                          cfg) for p in (merged, params)]
+    np.testing.assert_allclose(np.asarray(steps[0][1]), np.asarray(steps[1][1]), atol=1e-5)
+
+    qp, _ = _quantized(params, [Q.Q8_0], np.random.default_rng(1))
+    kept = model.merge_projections(qp)
+    assert {"wq", "wk", "wv", "bq", "bk", "bv"} <= set(kept["layers"])
+    assert {"w_gate", "w_up"} <= set(kept["mlp"])
+    np.testing.assert_array_equal(
+        np.asarray(model.forward(kept, tokens, positions, seg, cfg)),
+        np.asarray(model.forward(qp, tokens, positions, seg, cfg)))
