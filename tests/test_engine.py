@@ -688,3 +688,40 @@ def test_a_token_step_crosses_hosts_as_a_message():
         assert isinstance(again, TokenStep) and again.score == int(score)
         for a, b in zip(again.inputs(), step.inputs(), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_embedding_steps_stall_a_decoding_stream_by_at_most_one_step(tiny_engine, monkeypatch):
+    """A burst of embeddings many steps long, queued while a stream decodes: the engine loop runs
+    at most one embedding step between two decode steps, so the stream keeps its pace, and the
+    embeddings still finish while it runs."""
+    core = tiny_engine.cores[0]
+    events: list[str] = []
+
+    def spy(name: str, method):
+        def run() -> None:
+            events.append(name)
+            method()
+        monkeypatch.setattr(core.scheduler if name == "decode" else core.batcher,
+                            "step" if name == "embed" else "decode_step", run)
+
+    spy("embed", core.batcher.step)
+    spy("decode", core.scheduler.decode_step)
+    rng = np.random.default_rng(0)
+    # 512-token steps here: 48 sequences of 200 tokens take 24 of them, at least.
+    burst = [rng.integers(5, 250, 200).astype(np.int32) for _ in range(48)]
+    stream = tiny_engine.generate_stream("hello there", max_tokens=60, temperature=0,
+                                         ignore_eos=True)
+    first = next(iter(stream))  # the stream is decoding
+    future = tiny_engine.submit(burst)
+    assert future.result(timeout=120).shape == (48, tiny_engine.hidden_size)
+    rest = list(stream)
+    assert first is not None and rest
+    monkeypatch.undo()
+    decodes = [i for i, e in enumerate(events) if e == "decode"]
+    embeds = [i for i, e in enumerate(events) if e == "embed"]
+    assert len(embeds) >= 24 and len(decodes) >= 24
+    # While the stream ran, no two embedding steps came without a decode step between them.
+    during = events[decodes[0]:decodes[-1]]
+    runs = "".join("E" if e == "embed" else "D" for e in during)
+    assert "EE" not in runs, runs
+    assert runs.count("E") >= 24, "the control: the burst ran while the stream decoded"
