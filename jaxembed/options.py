@@ -76,6 +76,10 @@ class EngineOptions:
     attention: str | None = dataclasses.field(default=None, metadata=_flag(
         "override the model's attention (default: what its config says)",
         choices=list(ATTENTION_MODES)))
+    kernels: bool = dataclasses.field(default=True, metadata=_flag(
+        "run every op in XLA: no CPU kernels, no GPU (Pallas) kernels; the reference the kernels "
+        "are tested against, and the way round a kernel a machine cannot compile",
+        flag="--no-kernels", action="store_false"))
     instruction_template: str | None = dataclasses.field(default=None, metadata=_flag(
         "how a request's 'instruction' is placed before the input, ending with '{text}', e.g. "
         "'Instruct: {instruction}\\nQuery:{text}' (default: the model family's known template, "
@@ -151,7 +155,7 @@ class EngineOptions:
 # The flags every command that loads a model takes, and those only `serve` adds.
 MODEL_FLAGS = ("model", "dtype", "quantize", "max_model_len", "max_batch_tokens",
                "max_num_seqs", "kv_cache_dtype", "memory_utilization", "embed_matmul_dtype",
-               "decode_matmul_dtype", "attention", "instruction_template",
+               "decode_matmul_dtype", "attention", "kernels", "instruction_template",
                "chunk_overlap", "classifier_from_tokens", "score_refuse_long", "tensor_parallel",
                "data_parallel")
 SERVE_FLAGS = ("served_model_names", "max_queued_requests", "max_request_tokens")

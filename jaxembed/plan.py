@@ -150,20 +150,22 @@ class ExecutionPlan:
         # mesh scans its stacked, sharded weights: copies would need layouts of their own, and
         # the trick is about one CPU's memory traffic, not about a mesh).
         one_cpu = backend == "cpu" and devices == 1
-        use_kernels = one_cpu and (kernels.available() if kernels_ok is None else kernels_ok)
+        use_kernels = one_cpu and options.kernels and (kernels.available() if kernels_ok is None
+                                                       else kernels_ok)
         # The kernels' attention computes only the scores a packed row's mask keeps (SmolLM2,
         # 1024-token rows of mixed lengths: attention was about half of an embedding step).
         attention = CPU_KERNELS if use_kernels and kernels_fit(cfg) else XLA
         # One GPU: the Pallas kernels (a mesh keeps XLA's ops, which its partitioner splits).
         one_gpu = backend in ("gpu", "cuda") and devices == 1
-        if one_gpu and gpu_attention_fits(cfg, weights_dtype):
+        gpu_kernels = one_gpu and options.kernels
+        if gpu_kernels and gpu_attention_fits(cfg, weights_dtype):
             attention = GPU_KERNELS
         limit = min(cfg.max_position_embeddings, MAX_MODEL_LEN[where],
                     model_len_cap or cfg.max_position_embeddings)
         max_num_seqs = int(options.max_num_seqs or MAX_NUM_SEQS[where])
-        quant_kernels = one_cpu and (kernels.quant_available() if quant_kernels_ok is None
-                                     else quant_kernels_ok)
-        quant_matmul = CPU_KERNELS if quant_kernels else GPU_KERNELS if one_gpu else XLA
+        quant_kernels = one_cpu and options.kernels and (
+            kernels.quant_available() if quant_kernels_ok is None else quant_kernels_ok)
+        quant_matmul = CPU_KERNELS if quant_kernels else GPU_KERNELS if gpu_kernels else XLA
         return cls(
             backend=backend, devices=devices, attention=attention,
             # The CPU decode kernel writes and reads the per-layer cache buffers in place; the

@@ -506,3 +506,30 @@ def test_merged_projections_on_one_gpu_give_the_separate_ones_results():
     np.testing.assert_array_equal(
         np.asarray(model.forward(kept, tokens, positions, seg, cfg)),
         np.asarray(model.forward(qp, tokens, positions, seg, cfg)))
+
+
+def test_no_kernels_plans_every_op_in_xla_on_either_machine():
+    """--no-kernels: the reference path, and the way round a kernel a machine cannot compile.
+    The flag parses to the option, and the plan then holds no kernel for a GPU or a CPU."""
+    import argparse
+
+    from jaxembed import options as opts
+    from jaxembed.config import ModelConfig
+    from jaxembed.plan import CPU_KERNELS, GPU_KERNELS, XLA, ExecutionPlan
+
+    parser = argparse.ArgumentParser()
+    opts.add_arguments(parser)
+    assert opts.from_args(parser.parse_args([]))["kernels"] is True
+    off = opts.EngineOptions(**opts.from_args(parser.parse_args(["--no-kernels"])))
+    assert off.kernels is False
+    cfg = ModelConfig.from_hf(dict(
+        model_type="qwen3", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=384,
+        max_position_embeddings=256, rms_norm_eps=1e-6))
+    for backend, kernel in (("gpu", GPU_KERNELS), ("cpu", CPU_KERNELS)):
+        kw = dict(backend=backend, kernels_ok=True, quant_kernels_ok=True)
+        on = ExecutionPlan.decide(cfg, "float32", opts.EngineOptions(), **kw)
+        assert (on.attention, on.decode_attention, on.quant_matmul) == (kernel,) * 3
+        plan = ExecutionPlan.decide(cfg, "float32", off, **kw)
+        assert (plan.attention, plan.decode_attention, plan.quant_matmul) == (XLA,) * 3
+        assert not plan.embed_weights.packed and not plan.decode_weights.packed
