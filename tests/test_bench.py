@@ -32,11 +32,43 @@ def test_gpu_smoke_runs_the_device_check_end_to_end(tmp_path: Path) -> None:
     # their per-token hidden states too.
     assert r["transformers"]["cosine_vs_jaxembed_min"] > 0.9999
     assert r["parity"]["passed"] and r["parity"]["jaxembed_error"] < 1e-4
+    # The API level: every text went through the HTTP server (the responses counted all the
+    # corpus's tokens) and came back as the engine level pooled it.
+    api = r["api"]
+    assert api["requests"] == 4 and api["clients"] == 2 and api["usage_tokens"] == r["tokens"]
+    assert api["tokens_per_s"] > 0 and 0 < api["p50_ms"] <= api["p99_ms"]
+    assert api["cosine_vs_jaxembed_min"] > 0.9999
+    # torch.compile (dynamo's capture alone, on the CPU) works here: a peer like the sdpa one.
+    compiled = r["transformers_compile"]
+    assert compiled["available"], compiled.get("reason")
+    assert compiled["backend"] == "eager" and compiled["cosine_vs_jaxembed_min"] > 0.9999
+    for peer in (r["transformers"], compiled):
+        assert peer["tokens_per_s"] > 0 and peer["best_batch"] in gpu.PEER_BATCHES
+        assert peer["api_speedup"] == pytest.approx(api["tokens_per_s"] / peer["tokens_per_s"])
+    assert {"api_at_least_2x_transformers", "api_at_least_1.2x_transformers_compile"} <= set(
+        r["targets"])
     gen = r["generation"]
     assert all(gen[f"{who}_{n}"] > 0 for who in ("jaxembed", "transformers") for n in (1, 4))
     text = gpu.markdown(r)
     assert text in done.stdout
     assert "| jaxembed (512-token steps) |" in text and "| 4 streams x 8 tokens |" in text
+    assert "| jaxembed API (POST /v1/embeddings, 2 clients x 4 texts) |" in text
+    assert "| transformers + torch.compile (eager, dynamic shapes), best batch" in text
+
+
+def test_torch_compile_that_fails_is_reported_unavailable(tmp_path: Path) -> None:
+    """Where torch.compile does not work, its peer is reported with the reason, and the target
+    against it is neither met nor missed."""
+    pytest.importorskip("torch")
+    from transformers import AutoModel
+
+    net = AutoModel.from_pretrained(gpu.build_model(tmp_path / "tiny", "tiny", "float32")).eval()
+    ids = gpu.make_ids(4, 512, hi=32)
+    r = gpu.compiled_run(net, ids, [0, 1, 2, 3], "cpu", backend="no-such-backend")
+    assert not r["available"] and "no-such-backend" in r["reason"]
+    assert gpu.peer_row("transformers + torch.compile", r) == (
+        f"| transformers + torch.compile | unavailable: {r['reason']} | |")
+    assert gpu.target(None) == "n/a" and gpu.target(False) == "NO"
 
 
 def test_a_failed_parity_gate_is_reported() -> None:
@@ -72,6 +104,7 @@ def test_the_wheel_list_names_what_the_engine_imports_beyond_a_gpu_host() -> Non
               for line in (ROOT / "bench" / "gpu-wheels.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")}
     assert {"msgspec", "gguf", "flax"} <= listed
+    assert {"litestar", "uvicorn", "multipart", "multidict"} <= listed  # the API level's server
     assert not listed & {"jax", "jaxlib", "torch", "transformers", "numpy"}
 
 
