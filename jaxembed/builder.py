@@ -15,6 +15,7 @@ from jaxembed.fetch import cache_dir, resolve_model, trusted_dir
 from jaxembed.multihost import StepChannel
 from jaxembed.options import EngineOptions
 from jaxembed.plan import default_dtype
+from jaxembed.scheduler import check_ladder
 from jaxembed.sharding import make_mesh, placement, plan, shard_params
 from jaxembed.weights.loader import load_checkpoint
 
@@ -32,7 +33,14 @@ class EngineBuilder(EngineOptions):
         `jax.distributed` it must be every device of all of them.
     data_parallel: replicas of the model, each on its own `tensor_parallel` devices, with each
         request sent to the least loaded.
+    buckets: the step shapes' ladder (`scheduler.Buckets`): "coarse", a few shapes, every one
+        compiled by the warm-up (embedding, prefill and decode steps); "fine", many shapes,
+        compiled as traffic first needs them (the warm-up compiles the short ones). None: coarse
+        on an accelerator, fine on a CPU. Either way `build()` returns (and a server says ready)
+        only once the warm-up is done.
     """
+
+    buckets: str | None = None
 
     @property
     def options(self) -> EngineOptions:
@@ -42,6 +50,7 @@ class EngineBuilder(EngineOptions):
 
     def build(self) -> Engine:
         self.validate()
+        check_ladder(self.buckets)
         if self.compilation_cache:
             enable_compilation_cache()
         path = resolve_model(self.model)
@@ -63,11 +72,14 @@ class EngineBuilder(EngineOptions):
         replicas = [(shard_params(checkpoint.params, checkpoint.config, sp), sp)
                     for sp in shardings[1:]]
         engine = Engine(checkpoint, self.options, sharding=shardings[0] if shardings else None,
-                        channel=channel, replicas=replicas)
+                        channel=channel, replicas=replicas, buckets=self.buckets)
         # A multi-host follower compiles and runs only the steps its leader sends, warm-up
         # included: a step run on its own would wait forever for the other processes.
         if self.warmup and (channel is None or channel.leader):
-            engine.warmup()
+            if engine.buckets.is_coarse:
+                engine.warmup_all()  # every shape: steady serving compiles nothing
+            else:
+                engine.warmup()
         if shardings:
             sp = shardings[0]
             log.info("%d replica(s) of %d device(s) each; axes replicated for not dividing: %s",

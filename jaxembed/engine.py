@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ from jaxembed.score_front import ScoringFrontend, ScoringWork
 from jaxembed.sharding import ShardingPlan
 from jaxembed.st_config import read_sentence_transformers
 from jaxembed.stats import EngineStats, RequestTiming, StatsRecorder, sum_stats
+from jaxembed.steps import TokenStep
 from jaxembed.weights.loader import Checkpoint
 from jaxembed.work import EmbeddingFuture, EmbeddingWork
 
@@ -95,12 +97,15 @@ class Engine:
     def __init__(self, checkpoint: Checkpoint, options: EngineOptions | None = None, *,
                  sharding: ShardingPlan | None = None,
                  channel: multihost.StepChannel | None = None,
-                 replicas: Sequence[tuple[Any, ShardingPlan]] = (), **fields: Any) -> None:
+                 replicas: Sequence[tuple[Any, ShardingPlan]] = (),
+                 buckets: str | None = None, **fields: Any) -> None:
         """options (or its fields as keywords): the settings; only those the engine reads
         matter here (the rest are `EngineBuilder`'s). sharding: the mesh the params were placed
         on (by that plan); None: everything on the default device. channel: on a multi-host
         run, where the leader sends each step. replicas: (params, sharding) of further replicas
-        of the model, each on its own devices (data parallelism)."""
+        of the model, each on its own devices (data parallelism). buckets: the step shapes'
+        ladder, "fine" or "coarse" (`Buckets`); None: coarse on an accelerator, fine on a
+        CPU."""
         options = dataclasses.replace(options or EngineOptions(), **fields)
         options.validate()
         self.options, self.checkpoint, self.config = options, checkpoint, checkpoint.config
@@ -137,7 +142,10 @@ class Engine:
         self.scoring = ScoringFrontend(self.inputs, self.embedding, self.classifier,
                                        max_model_len=plan.max_model_len,
                                        refuse_long=options.score_refuse_long)
-        self.buckets = Buckets.build(plan.max_model_len, plan.max_batch_tokens)
+        self.buckets = Buckets.for_plan(plan, buckets)
+        log.info("step shapes: %s ladder, %d embedding shapes (%s)",
+                 "coarse" if self.buckets.is_coarse else "fine", len(self.buckets.shapes()),
+                 "all compiled at start-up" if self.buckets.is_coarse else "compiled on use")
         self.cores: list[EngineCore] = []
         self._route_lock = threading.Lock()
         self._next = 0  # where the search for the least loaded replica starts
@@ -479,6 +487,30 @@ class Engine:
         for core in self.cores:
             for rows, length in shapes:
                 core.runner.compile_embed(rows, length, self.buckets.seq_slots(rows, length))
+
+    def warmup_all(self) -> None:
+        """Compile every program steady serving runs, in every shape its buckets allow, on
+        every replica: embedding steps (pooled; every token's state; a prompt's scores where
+        the model has an LM head), and where it can generate, every prefill and decode step,
+        those under a grammar too. For the coarse ladder (`Buckets.coarse`), whose shapes are
+        few: the fine one's are too many to compile ahead. Token and generation steps are run
+        on padding (there is no compile-only path for them), a forward pass each."""
+        start, before = time.perf_counter(), self.stats_snapshot().compilations
+        shapes = self.buckets.shapes()
+        self.warmup(shapes)
+        scores = "generate" in self.tasks
+        for core in self.cores:
+            out = []
+            for rows, length in shapes:
+                out.append(core.runner.run(TokenStep.empty(rows, length, 0)))
+                if scores:
+                    out.append(core.runner.run(TokenStep.empty(rows, length, 1)))
+                jax.block_until_ready(out)  # one step's output at a time in memory
+                out.clear()
+        if scores:
+            self.warmup_generation(structured=True)
+        log.info("warm-up compiled %d step programs in %.1fs",
+                 self.stats_snapshot().compilations - before, time.perf_counter() - start)
 
     # ---- generation ----------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from jaxembed.generation import (
     TokenLogprob,
 )
 from jaxembed.grammar import Constraint
+from jaxembed.plan import GPU_KERNELS
 from jaxembed.runner import ModelRunner, Pending
 from jaxembed.scheduler import Buckets
 from jaxembed.stats import StatsRecorder
@@ -98,6 +99,10 @@ class GenerationScheduler:
         self.decode_rows = tuple(sorted({max(r, plan.min_decode_rows) for r in self.row_counts}))
         self.decode_lengths = tuple(n for n in buckets.lengths
                                     if n >= min(MIN_DECODE_LENGTH, self.max_model_len))
+        if plan.decode_attention == GPU_KERNELS:
+            # The kernel reads each row's own positions whatever the step's KV length: one
+            # length serves every step, a third of the programs to compile at start-up.
+            self.decode_lengths = self.decode_lengths[-1:]
         self.vocab_size = runner.config.vocab_size
         self.free_slots = list(range(self.max_num_seqs))
         self.active: dict[int, SeqState] = {}  # slot -> its sequence
@@ -139,28 +144,43 @@ class GenerationScheduler:
                 self._end(seq, cancelled=True)
 
     def prefill_rows(self, prompts: int, length: int) -> int:
-        """Rows of a prefill step for that many prompts: powers of two, as decode steps, so a
-        burst of requests admitted in groups of any size meets shapes that warm-up compiled."""
+        """Rows of a prefill step for that many prompts: on the fine ladder powers of two, as
+        decode steps, so a burst of requests admitted in groups of any size meets shapes that
+        warm-up compiled; on the coarse one the embedding steps' row counts, all compiled."""
+        if self.buckets.is_coarse:
+            return self.buckets.rows_for(prompts, length)
         cap = self.buckets.max_rows(length)
         return min(next((b for b in self.row_counts if b >= prompts), cap), cap)
 
+    def prefill_shapes(self, max_length: int | None = None) -> list[tuple[int, int]]:
+        """Every (rows, length) a prefill step can take (of prompts up to max_length tokens): a
+        step admits at most one prompt a free slot and `max_rows` of its length."""
+        return sorted({(self.prefill_rows(n, length), length)
+                       for length in self.buckets.lengths
+                       if max_length is None or length <= max_length
+                       for n in range(1, min(self.max_num_seqs,
+                                             self.buckets.max_rows(length)) + 1)},
+                      key=lambda s: (s[1], s[0]))
+
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, KV length) a decode step can take."""
+        return [(rows, kv_len) for rows in self.decode_rows for kv_len in self.decode_lengths]
+
     def warmup(self, structured: bool = False) -> None:
-        """Compile every decode shape (slots x KV length) and the prefills of prompts up to 128
-        tokens in any group size, so that steady generation never waits for the compiler;
+        """Compile every decode shape (slots x KV length) and the prefills of prompts in any
+        group size, so that steady generation never waits for the compiler: on the coarse
+        ladder every prefill shape, on the fine one those of prompts up to 128 tokens;
         structured: the two programs of steps under a grammar too (as many shapes again)."""
         scratch = self.runner.scratch_slot
-        for rows in self.decode_rows:
-            for kv_len in self.decode_lengths:
-                self.runner.run(DecodeStep.empty(rows, kv_len, scratch))
-                if structured and self.runner.channel is None:
-                    pending = self.runner.forward(DecodeStep.empty(rows, kv_len, scratch))
-                    self.runner.sample(pending, sampling.row_arrays(
-                        [None] * rows, grammar.full_mask(rows, self.vocab_size)))
-        for length in self.buckets.lengths:
-            if length > WARM_PREFILL_LENGTH:
-                break
-            for rows in sorted({self.prefill_rows(n, length) for n in self.row_counts}):
-                self.runner.run(PrefillStep.empty(rows, length, scratch, self.vocab_size))
+        for rows, kv_len in self.decode_shapes():
+            self.runner.run(DecodeStep.empty(rows, kv_len, scratch))
+            if structured and self.runner.channel is None:
+                pending = self.runner.forward(DecodeStep.empty(rows, kv_len, scratch))
+                self.runner.sample(pending, sampling.row_arrays(
+                    [None] * rows, grammar.full_mask(rows, self.vocab_size)))
+        longest = None if self.buckets.is_coarse else WARM_PREFILL_LENGTH
+        for rows, length in self.prefill_shapes(longest):
+            self.runner.run(PrefillStep.empty(rows, length, scratch, self.vocab_size))
         self.runner.sync()
 
     # ---- steps -----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class EngineOptions:
         "context, at most 2048 on a CPU and 8192 on an accelerator)", type=int))
     max_batch_tokens: int | None = dataclasses.field(default=None, metadata=_flag(
         "token budget of one batched step (default: 1024 on a CPU, where smaller steps stay in "
-        "cache, and 8192 on an accelerator)", type=int))
+        "cache, and 16384 on an accelerator)", type=int))
     max_num_seqs: int | None = dataclasses.field(default=None, metadata=_flag(
         "sequences generated at once, each with KV cache rows of --max-model-len tokens, "
         "allocated on the first generation request (default: 16 on a CPU, 64 on an "

@@ -33,9 +33,10 @@ BF16_BITS = "bf16_bits"
 
 # Defaults by platform. On a CPU a step's activations should stay in cache: with SmolLM2 on two
 # cores, 1024-token steps embed about 20% more tokens/s than 8192-token ones (bench/, interleaved
-# runs), and 512 to 1536 are level; accelerators want large steps. Every KV cache slot costs host
+# runs), and 512 to 1536 are level; accelerators want large steps (a 16k budget: see
+# `scheduler.Buckets.coarse`, whose few shapes it spans). Every KV cache slot costs host
 # memory on a CPU, and long contexts are slow there anyway.
-MAX_BATCH_TOKENS = {"cpu": 1024, "accelerator": 8192}
+MAX_BATCH_TOKENS = {"cpu": 1024, "accelerator": 16384}
 MAX_MODEL_LEN = {"cpu": 2048, "accelerator": 8192}
 MAX_NUM_SEQS = {"cpu": 16, "accelerator": 64}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,17 +19,33 @@ from jaxembed.steps import EmbedStep, TokenStep
 # Sequences per row are capped so that the per-step pooling outputs have a static size.
 MAX_SEQS_PER_ROW = 64
 MIN_LENGTH_BUCKET = 16
+# The coarse ladder's shortest row, and its step: lengths 512, 2048, 8192, ..., and step sizes
+# (rows x length) of 512, 2048, 8192, ... tokens, up to the budget (see `Buckets.coarse`).
+COARSE_BASE = 512
+COARSE_STEP = 4
+FINE = "fine"
+COARSE = "coarse"
+LADDERS = (FINE, COARSE)
 
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """The shapes a step may take: row lengths, and row counts under a token budget."""
+    """The shapes a step may take: row lengths, and row counts under a token budget.
+
+    Two ladders. The fine one (`build`, a CPU's) has many shapes, each compiled when a step
+    first needs it: lengths double from 16, and rows take 1, 2, 3, 4, 6, 8, 12, ... under the
+    budget, so that little of a step is padding (a CPU pays for every padded token). The coarse
+    one (`coarse`, an accelerator's) has a few shapes, all compiled at start-up."""
 
     lengths: tuple[int, ...]
     max_batch_tokens: int
+    # The row counts each length takes, in `lengths`' order (the coarse ladder); empty: every
+    # `row_buckets` count under the budget (the fine ladder).
+    rows: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def build(cls, max_model_len: int, max_batch_tokens: int) -> Buckets:
+        """The fine ladder."""
         lengths = []
         n = MIN_LENGTH_BUCKET
         while n < max_model_len:
@@ -36,6 +53,57 @@ class Buckets:
             n *= 2
         lengths.append(max_model_len)
         return cls(tuple(lengths), max_batch_tokens)
+
+    @classmethod
+    def coarse(cls, max_model_len: int, max_batch_tokens: int) -> Buckets:
+        """The coarse ladder: rows of 512, 2048, 8192, ... tokens (4x apart, up to the context,
+        and the context itself), and at each length the row counts that make steps of 512,
+        2048, 8192, ... tokens (4x apart) and of the whole budget. With a 16k budget and an 8k
+        context that is 9 shapes: (1, 4, 16, 32) x 512, (1, 4, 8) x 2048, (1, 2) x 8192; 9 at
+        a 32k budget too, 6 at 8k.
+
+        Why so few: packing puts many short texts in one row (up to MAX_SEQS_PER_ROW), so a
+        row's length only bounds the longest text of a step, and under load the room a long
+        text leaves in its row is filled by short ones: few lengths waste little. And an
+        accelerator's step is bound by reading the weights, not by its arithmetic, up to a
+        few hundred tokens (an H100 does about 300 bf16 flops for each byte it reads, and a
+        step does one flop per byte of bf16 weights for each token): a 512-token step costs
+        about what a 16-token one does, so nothing shorter is worth a shape, and padding costs
+        only past that. Rows 4x apart bound a partly filled step at 4x its tokens, and under load
+        steps fill the largest. What a few shapes buy is that each is compiled (and
+        cached on disk) before the server says ready, so steady serving never waits on the
+        compiler, where the fine ladder's 91 shapes of an 8k budget and context can only be
+        compiled as traffic first meets them."""
+        lengths = []
+        n = COARSE_BASE
+        while n < max_model_len:
+            lengths.append(n)
+            n *= COARSE_STEP
+        lengths.append(max_model_len)
+        rows = []
+        for length in lengths:
+            top = max(1, max_batch_tokens // length)
+            counts = {1, top}
+            t = COARSE_BASE
+            while t < max_batch_tokens:
+                counts.add(min(max(1, t // length), top))
+                t *= COARSE_STEP
+            rows.append(tuple(sorted(counts)))
+        return cls(tuple(lengths), max_batch_tokens, tuple(rows))
+
+    @classmethod
+    def for_plan(cls, plan: Any, ladder: str | None = None) -> Buckets:
+        """The ladder named (FINE or COARSE), or by default the plan's: coarse on an
+        accelerator, fine on a CPU."""
+        check_ladder(ladder)
+        coarse = ladder == COARSE if ladder is not None else plan.accelerated
+        make = cls.coarse if coarse else cls.build
+        return make(plan.max_model_len, plan.max_batch_tokens)
+
+    @property
+    def is_coarse(self) -> bool:
+        """Whether every shape is few enough to be compiled at start-up."""
+        return bool(self.rows)
 
     def length_for(self, n_tokens: int) -> int:
         for length in self.lengths:
@@ -46,20 +114,30 @@ class Buckets:
     def max_rows(self, length: int) -> int:
         return max(1, self.max_batch_tokens // length)
 
+    def row_counts(self, length: int) -> tuple[int, ...]:
+        """The row counts a step of rows of `length` may take (one of `lengths`)."""
+        if self.rows:
+            return self.rows[self.lengths.index(length)]
+        return tuple(row_buckets(self.max_rows(length)))
+
     def rows_for(self, n_rows: int, length: int) -> int:
-        """The smallest row bucket (1, 2, 3, 4, 6, 8, 12, ...) holding n_rows, capped by budget."""
-        cap = self.max_rows(length)
-        for b in row_buckets(cap):
-            if b >= n_rows:
-                return b
-        return cap
+        """The smallest row count of that length holding n_rows (fine: 1, 2, 3, 4, 6, 8, 12,
+        ...), capped by budget."""
+        counts = self.row_counts(length)
+        return next((b for b in counts if b >= n_rows), counts[-1])
 
     def seq_slots(self, rows: int, length: int) -> int:
         return rows * min(length, MAX_SEQS_PER_ROW)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (rows, length) a step can take."""
-        return [(b, t) for t in self.lengths for b in row_buckets(self.max_rows(t))]
+        return [(b, t) for t in self.lengths for b in self.row_counts(t)]
+
+
+def check_ladder(ladder: str | None) -> None:
+    """Refuse a ladder name other than FINE, COARSE or None (the plan's)."""
+    if ladder not in (None, *LADDERS):
+        raise ValueError(f"buckets must be one of {LADDERS} (or unset); got {ladder!r}")
 
 
 def row_buckets(cap: int) -> list[int]:
