@@ -27,7 +27,14 @@ def test_gpu_smoke_runs_the_device_check_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     (path,) = tmp_path.glob("gpu-*.json")
     r = json.loads(path.read_text())
+    # The start-up compiled every program of the coarse ladder, and nothing after it did.
+    assert r["jaxembed"]["startup_compilations"] > 0
     assert r["jaxembed"]["recompilations_after_warmup"] == 0
+    # Every op in XLA (--no-kernels) pools what the kernels pool.
+    xla = r["xla_ops"]
+    assert xla["tokens_per_s"] > 0 and xla["cosine_vs_kernels_min"] > 0.9999
+    assert r["jaxembed"]["speedup_vs_xla_ops"] == pytest.approx(
+        xla["run_s"] / r["jaxembed"]["run_s"])
     # Same random weights, same token ids: the two engines' pooled vectors agree, and in float32
     # their per-token hidden states too.
     assert r["transformers"]["cosine_vs_jaxembed_min"] > 0.9999
