@@ -31,6 +31,8 @@ from jaxembed.config import DENSE, MOE, SLIDING, ModelConfig, rope_inv_freq
 from jaxembed.kv_cache import KVCache
 from jaxembed.layers import (  # noqa: F401 (with_layout, head_with_layout, merge_projections: the model's API too)
     LOADED,
+    MERGED,
+    MERGED_BIAS,
     attend_one,
     attention,
     attention_masks,
@@ -100,6 +102,26 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
         }
     if not cfg.tie_word_embeddings:
         tree["lm_head"] = ((d, v), ("embed", "vocab"))
+    return tree
+
+
+def param_shapes_of(cfg: ModelConfig, params: Params) -> dict[str, Any]:
+    """`param_shapes(cfg)` as `params` hold them: the projections `merge_projections` merged
+    there (one GPU's plan; quantized weights stay apart) as one spec, their last axes summed."""
+    tree = param_shapes(cfg)
+    merges = {name: parts for group in MERGED.values() for name, parts in group.items()}
+    merges.update(MERGED_BIAS.values())
+    for group, spec in tree.items():
+        held = params.get(group)
+        if not (isinstance(spec, dict) and isinstance(held, dict)):
+            continue
+        spec = dict(spec)
+        for name, parts in merges.items():
+            if name in held and all(p in spec for p in parts):
+                specs = [spec.pop(p) for p in parts]
+                shape, axes = specs[0]
+                spec[name] = ((*shape[:-1], sum(s[-1] for s, _ in specs)), axes)
+        tree[group] = spec
     return tree
 
 

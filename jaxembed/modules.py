@@ -46,12 +46,13 @@ class Decoder(nnx.Module):
     Shapes: B rows, T tokens a row, D hidden, V vocabulary (see `jaxembed.model`)."""
 
     def __init__(self, config: ModelConfig, plan: ExecutionPlan | None = None,
-                 dtype: Any = jnp.float32) -> None:
+                 dtype: Any = jnp.float32, shapes: dict[str, Any] | None = None) -> None:
         """Zeros of the config's shapes (`from_params` fills a decoder without making them).
-        plan: the ops the decoder runs with (None: XLA's own)."""
+        plan: the ops the decoder runs with (None: XLA's own). shapes: the params' own
+        (`model.param_shapes_of`, merged projections included), if not the config's."""
         self.config = config
         self.plan = plan
-        for name, spec in model.param_shapes(config).items():
+        for name, spec in (shapes or model.param_shapes(config)).items():
             if model.is_param_spec(spec):
                 shape, axes = spec
                 setattr(self, name, nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes))
@@ -62,7 +63,8 @@ class Decoder(nnx.Module):
     def from_params(cls, config: ModelConfig, params: Params,
                     plan: ExecutionPlan | None = None) -> Decoder:
         """The decoder holding a checkpoint's params (shared, not copied)."""
-        return bind(decoder_graph(config, plan, _dtype(params)), params)
+        return bind(decoder_graph(config, plan, _dtype(params),
+                                  model.param_shapes_of(config, params)), params)
 
     def params(self) -> Params:
         """The state as the plain params pytree (the arrays themselves)."""
@@ -118,9 +120,11 @@ def _dtype(params: Params) -> Any:
 
 
 def decoder_graph(config: ModelConfig, plan: ExecutionPlan | None = None,
-                  dtype: Any = jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
-    """The decoder's structure, and its abstract state, made once without allocating it."""
-    return nnx.split(nnx.eval_shape(lambda: Decoder(config, plan, dtype)))
+                  dtype: Any = jnp.float32, shapes: dict[str, Any] | None = None
+                  ) -> tuple[nnx.GraphDef, nnx.State]:
+    """The decoder's structure, and its abstract state, made once without allocating it.
+    shapes: as `Decoder`'s."""
+    return nnx.split(nnx.eval_shape(lambda: Decoder(config, plan, dtype, shapes)))
 
 
 def bind(graph: tuple[nnx.GraphDef, nnx.State], params: Params) -> Decoder:

@@ -117,7 +117,8 @@ class ModelRunner:
                                           plan.embed_passes, rows)
         params = self.params = quant.with_op(params, op, plan.generate_passes, rows)
         # The decoder module's structure, split once; each jitted step merges its params in.
-        self._graph = modules.decoder_graph(cfg, plan, model.compute_dtype(params))
+        self._graph = modules.decoder_graph(cfg, plan, model.compute_dtype(params),
+                                            model.param_shapes_of(cfg, params))
         self._decode_weights: DecodeWeights | None = None  # made when generation starts
         self.state: GenerationState | None = None  # allocated on the first generation step
         # Every device step (and, on a multi-host leader, the message announcing it) runs under

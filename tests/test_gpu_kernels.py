@@ -533,3 +533,48 @@ def test_no_kernels_plans_every_op_in_xla_on_either_machine():
         plan = ExecutionPlan.decide(cfg, "float32", off, **kw)
         assert (plan.attention, plan.decode_attention, plan.quant_matmul) == (XLA,) * 3
         assert not plan.embed_weights.packed and not plan.decode_weights.packed
+
+
+# ---- the whole engine on the plan's GPU branch, run on a CPU ------------------------------------
+
+
+def test_the_engine_on_the_gpu_branch_serves_what_the_cpu_plan_serves(tmp_path, monkeypatch):
+    """An engine whose plan is one GPU's (its kernels in interpret mode): its params hold the
+    merged projections, its decoder module takes them, its steps run the packed-row attention,
+    the decode kernel over the cache and sampling without conditionals, on the coarse ladder;
+    it embeds and generates (greedy, and seeded with top-p) what the CPU's plan does."""
+    from jaxembed import EngineBuilder
+    from jaxembed.plan import GPU_KERNELS, ExecutionPlan
+
+    from tiny_models import build_llama
+
+    folder = build_llama(tmp_path / "llama", seed=3, head_dim=64, hidden_size=128,
+                         num_attention_heads=2, num_key_value_heads=1)
+    kw = dict(model=folder, dtype="float32", max_model_len=256, max_batch_tokens=512,
+              max_num_seqs=4, warmup=False, progress=False, compilation_cache=False)
+    texts = ["hello world", "a somewhat longer text about nothing in particular", "x"]
+    asks = [dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=5)]
+
+    def serve(engine):
+        try:
+            return engine, engine.encode(texts), [
+                engine.generate("hello there", max_tokens=12, ignore_eos=True, **a
+                                ).choices[0].token_ids for a in asks]
+        finally:
+            engine.shutdown()
+
+    cpu, cpu_vectors, cpu_tokens = serve(EngineBuilder(**kw).build())
+    decide = ExecutionPlan.decide.__func__
+    monkeypatch.setattr(ExecutionPlan, "decide", classmethod(
+        lambda cls, *a, **k: decide(cls, *a, **{**k, "backend": "gpu", "interpret": True})))
+    gpu, vectors, tokens = serve(EngineBuilder(**kw).build())
+    plan = gpu.plan
+    assert (plan.attention, plan.decode_attention) == (GPU_KERNELS, GPU_KERNELS)
+    assert plan.merged_projections and plan.branchless_sampling and gpu.buckets.is_coarse
+    assert {"wqkv", "w_gate_up"} <= set(gpu.checkpoint.params["layers"]) | set(
+        gpu.checkpoint.params["mlp"])
+    assert not cpu.plan.merged_projections
+    cos = (vectors * cpu_vectors).sum(-1) / np.linalg.norm(vectors, axis=-1) / np.linalg.norm(
+        cpu_vectors, axis=-1)
+    assert cos.min() > 0.9999, cos
+    assert tokens == cpu_tokens
