@@ -170,18 +170,30 @@ class GenerationScheduler:
         """Compile every decode shape (slots x KV length) and the prefills of prompts in any
         group size, so that steady generation never waits for the compiler: on the coarse
         ladder every prefill shape, on the fine one those of prompts up to 128 tokens;
-        structured: the two programs of steps under a grammar too (as many shapes again)."""
+        structured: the two programs of steps under a grammar too (as many shapes again).
+        Where the plan compiles greedy steps apart (`sampling.greedy_only`), both kinds."""
         scratch = self.runner.scratch_slot
         for rows, kv_len in self.decode_shapes():
-            self.runner.run(DecodeStep.empty(rows, kv_len, scratch))
+            for step in self._kinds(DecodeStep.empty(rows, kv_len, scratch)):
+                self.runner.run(step)
             if structured and self.runner.channel is None:
-                pending = self.runner.forward(DecodeStep.empty(rows, kv_len, scratch))
-                self.runner.sample(pending, sampling.row_arrays(
-                    [None] * rows, grammar.full_mask(rows, self.vocab_size)))
+                for step in self._kinds(DecodeStep.empty(rows, kv_len, scratch)):
+                    pending = self.runner.forward(step)
+                    self.runner.sample(pending, {
+                        **step.rows, "mask": grammar.full_mask(rows, self.vocab_size)})
         longest = None if self.buckets.is_coarse else WARM_PREFILL_LENGTH
         for rows, length in self.prefill_shapes(longest):
-            self.runner.run(PrefillStep.empty(rows, length, scratch, self.vocab_size))
+            for step in self._kinds(PrefillStep.empty(rows, length, scratch, self.vocab_size)):
+                self.runner.run(step)
         self.runner.sync()
+
+    def _kinds(self, step: Any) -> list[Any]:
+        """A padding step (greedy rows), and where the plan compiles greedy steps apart, the
+        same step with sampled rows."""
+        if not self.runner.plan.branchless_sampling:
+            return [step]
+        sampled = {**step.rows, "temperature": np.ones_like(step.rows["temperature"])}
+        return [step, dataclasses.replace(step, rows=sampled)]
 
     # ---- steps -----------------------------------------------------------------------------
 

@@ -129,13 +129,17 @@ class ModelRunner:
         self._hidden = jax.jit(self._hidden_fn)
         self._scores = jax.jit(self._scores_fn)
         # The state is donated: XLA updates the cache in place instead of copying it each step.
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(3,), static_argnames=("kv_len",))
+        # greedy (static): every row of the step greedy, as the host finds it on a plan that
+        # samples without conditionals (`sampling.sample`); always False elsewhere.
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,),
+                                static_argnames=("greedy",))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(3,),
+                               static_argnames=("kv_len", "greedy"))
         # A decode step in two programs, for steps under a grammar: the host builds the masks
         # while the device runs the forward (`forward`, `sample`).
         self._forward = jax.jit(self._forward_fn, donate_argnums=(3,),
                                 static_argnames=("kv_len",))
-        self._sample = jax.jit(self._sample_fn)
+        self._sample = jax.jit(self._sample_fn, static_argnames=("greedy",))
         self._apply: dict[type, Callable[[Any], Any]] = {
             EmbedStep: self._run_embed, TokenStep: self._run_tokens,
             PrefillStep: self._run_prefill,
@@ -180,7 +184,8 @@ class ModelRunner:
         """The second half: the tokens drawn from a dispatched forward, as `run` gives a decode
         step's (token, its logprob, top ids, top logprobs)."""
         with self._lock:
-            return self._sample(pending.logits, pending.counts, pending.seen, self._put(rows))
+            return self._sample(pending.logits, pending.counts, pending.seen, self._put(rows),
+                                greedy=self._greedy(rows))
 
     def compile_embed(self, rows: int, length: int, slots: int) -> None:
         """Compile an embedding step's shape ahead of traffic, without running it: the compiled
@@ -272,7 +277,8 @@ class ModelRunner:
 
     def _prefill_fn(self, params: Any, state: GenerationState, tokens: jax.Array,
                     positions: jax.Array, segment_ids: jax.Array, slots: jax.Array,
-                    last_col: jax.Array, rows: dict[str, jax.Array]) -> tuple[Any, ...]:
+                    last_col: jax.Array, rows: dict[str, jax.Array], greedy: bool = False
+                    ) -> tuple[Any, ...]:
         self._on_compile()
         decoder = modules.bind(self._graph, params)
         kv, hidden = decoder.prefill(state.kv, tokens, positions, segment_ids, slots, last_col)
@@ -281,7 +287,7 @@ class ModelRunner:
         seen = state.seen.at[slots].set(False)
         seen = seen.at[jnp.where(segment_ids > 0, slots[:, None], scratch), tokens].set(True)
         out = sampling.sample(decoder.logits(hidden), counts[slots], seen[slots], rows,
-                              self.plan.branchless_sampling)
+                              self.plan.branchless_sampling, greedy)
         return self._new_state(kv, counts, seen), *self._replicate(out)
 
     def _forward_body(self, params: Any, layers: Any, head: Any, state: GenerationState,
@@ -304,12 +310,13 @@ class ModelRunner:
 
     def _decode_fn(self, params: Any, layers: Any, head: Any, state: GenerationState,
                    tokens: jax.Array, positions: jax.Array, slots: jax.Array,
-                   rows: dict[str, jax.Array], kv_len: int) -> tuple[Any, ...]:
+                   rows: dict[str, jax.Array], kv_len: int, greedy: bool = False
+                   ) -> tuple[Any, ...]:
         self._on_compile()
         state, logits, counts, seen = self._forward_body(params, layers, head, state, tokens,
                                                          positions, slots, kv_len)
         return state, *self._replicate(sampling.sample(logits, counts, seen, rows,
-                                                      self.plan.branchless_sampling))
+                                                      self.plan.branchless_sampling, greedy))
 
     def _forward_fn(self, params: Any, layers: Any, head: Any, state: GenerationState,
                     tokens: jax.Array, positions: jax.Array, slots: jax.Array, kv_len: int
@@ -318,10 +325,10 @@ class ModelRunner:
         return self._forward_body(params, layers, head, state, tokens, positions, slots, kv_len)
 
     def _sample_fn(self, logits: jax.Array, counts: jax.Array, seen: jax.Array,
-                   rows: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+                   rows: dict[str, jax.Array], greedy: bool = False) -> tuple[jax.Array, ...]:
         self._on_compile()
         return self._replicate(sampling.sample(logits, counts, seen, rows,
-                                               self.plan.branchless_sampling))
+                                               self.plan.branchless_sampling, greedy))
 
     # ---- running steps -----------------------------------------------------------------------
 
@@ -339,7 +346,8 @@ class ModelRunner:
     def _run_prefill(self, step: PrefillStep) -> Any:
         a = self._put((step.tokens, step.positions, step.segment_ids, step.slots, step.last_col,
                        step.rows))
-        self.state, *out = self._prefill(self.params, self._ensure_state(), *a)
+        self.state, *out = self._prefill(self.params, self._ensure_state(), *a,
+                                         greedy=self._greedy(step.rows))
         return out
 
     def _run_decode(self, step: DecodeStep) -> Any:
@@ -348,8 +356,13 @@ class ModelRunner:
         positions, slots, rows = self._put((step.positions, step.slots, step.rows))
         self.state, *out = self._decode(weights.params, weights.layers, weights.head,
                                         self._ensure_state(), tokens, positions, slots, rows,
-                                        kv_len=step.kv_len)
+                                        kv_len=step.kv_len, greedy=self._greedy(step.rows))
         return out
+
+    def _greedy(self, rows: dict[str, Any]) -> bool:
+        """The step's sampling variant: greedy where the plan samples without conditionals and
+        every row is greedy (decided from the host's rows, so a follower decides alike)."""
+        return self.plan.branchless_sampling and sampling.greedy_only(rows)
 
     def _ensure_state(self) -> GenerationState:
         if self.state is None:

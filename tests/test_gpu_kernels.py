@@ -578,3 +578,37 @@ def test_the_engine_on_the_gpu_branch_serves_what_the_cpu_plan_serves(tmp_path, 
         cpu_vectors, axis=-1)
     assert cos.min() > 0.9999, cos
     assert tokens == cpu_tokens
+
+
+def test_the_gpu_branch_compiles_every_program_at_start_up(tmp_path, monkeypatch):
+    """On the plan's GPU branch (interpret mode) the builder's warm-up compiles every program of
+    the coarse ladder, greedy and sampled steps apart (greedy ones skip the filters, which a
+    branchless sampler would otherwise run): then embeddings, greedy, seeded, logprobs and
+    grammar-constrained generation compile nothing."""
+    from jaxembed import EngineBuilder, StructuredOutput
+    from jaxembed.plan import ExecutionPlan
+
+    from tiny_models import build_llama
+
+    folder = build_llama(tmp_path / "llama", seed=3, head_dim=64, hidden_size=128,
+                         num_attention_heads=2, num_key_value_heads=1)
+    decide = ExecutionPlan.decide.__func__
+    monkeypatch.setattr(ExecutionPlan, "decide", classmethod(
+        lambda cls, *a, **k: decide(cls, *a, **{**k, "backend": "gpu", "interpret": True})))
+    engine = EngineBuilder(model=folder, dtype="float32", max_model_len=128,
+                           max_batch_tokens=256, max_num_seqs=2, progress=False,
+                           compilation_cache=False).build()
+    try:
+        assert engine.plan.branchless_sampling and engine.buckets.is_coarse
+        started = engine.stats.compilations
+        engine.encode(["hello world", "a longer text " * 12])
+        kw = dict(max_tokens=5, ignore_eos=True)
+        engine.generate("hello there", temperature=0, **kw)
+        engine.generate("hello there", temperature=0.7, top_p=0.9, seed=1, **kw)
+        engine.generate("hello there", temperature=0, logprobs=2, **kw)
+        out = engine.generate("pick", temperature=0,
+                              structured=StructuredOutput(regex="(yes|no)"), max_tokens=4)
+        assert out.choices[0].text in ("yes", "no")
+        assert engine.stats.compilations == started
+    finally:
+        engine.shutdown()

@@ -171,6 +171,31 @@ def test_branchless_sampling_draws_what_the_skipping_one_draws(name: str) -> Non
     assert "cond" in primitives(traced(z, counts, counts > 0, table, False).jaxpr)
 
 
+def test_a_greedy_step_compiled_apart_draws_the_argmax_under_bias_and_mask() -> None:
+    """The host finds a step's rows all greedy (`greedy_only`) before it runs; the greedy variant
+    then draws what the full sampling draws, a logit_bias and a grammar's mask applied."""
+    rng = np.random.default_rng(5)
+    z = jnp.asarray(rng.standard_normal((4, 300)).astype(np.float32))
+    zeros = jnp.zeros(z.shape, jnp.int32)
+    params = [SamplingParams(temperature=0, logit_bias=[(7, 100.0)]),
+              SamplingParams(temperature=0)] * 2
+    mask = np.full((4, 10), -1, np.int32)
+    mask[2, :] = 0
+    mask[2, 3] = 1 << 5  # row 2 may draw token 101 only
+    table = {k: jnp.asarray(v) for k, v in sampling.row_arrays(
+        [(p, 0, 0) for p in params], mask).items()}
+    assert sampling.greedy_only(table)
+    full = sampling.sample(z, zeros, zeros.astype(bool), table, True)
+    greedy = jax.jit(sampling.sample, static_argnums=(4, 5))(z, zeros, zeros.astype(bool),
+                                                             table, True, True)
+    np.testing.assert_array_equal(np.asarray(greedy[0]), np.asarray(full[0]))
+    assert list(np.asarray(greedy[0])[:3]) == [7, int(np.argmax(z[1])), 101]
+    for other in (dict(temperature=0.5), dict(repetition_penalty=1.1),
+                  dict(frequency_penalty=0.1), dict(presence_penalty=0.1), dict(logprobs=1)):
+        mixed = [SamplingParams(temperature=0), SamplingParams(**{"temperature": 0, **other})]
+        assert not sampling.greedy_only(sampling.row_arrays([(p, 0, 0) for p in mixed]))
+
+
 def primitives(jaxpr: jax.extend.core.Jaxpr) -> set[str]:
     """The names of every primitive in a jaxpr and the jaxprs nested in it."""
     out = set()
