@@ -266,9 +266,8 @@ def mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Gated MLP: down(act(gate(x)) * up(x))."""
     if "w_gate_up" in p:  # merged (`merge_projections`)
         gate, up = jnp.split(linear(x, p["w_gate_up"]), 2, axis=-1)
-    else:
-        gate, up = linear(x, p["w_gate"]), linear(x, p["w_up"])
-    return linear(_act(gate, cfg) * up, p["w_down"])
+        return linear(_act(gate, cfg) * up, p["w_down"])
+    return linear(_act(linear(x, p["w_gate"]), cfg) * linear(x, p["w_up"]), p["w_down"])
 
 
 def moe(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
