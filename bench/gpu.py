@@ -404,9 +404,12 @@ def generation(folder: Path, dtype: str, streams: list[int], tokens: int,
     vocab = int(json.loads((folder / "config.json").read_text())["vocab_size"])
     prompts = make_ids(max(streams), vocab, lo=prompt_len, hi=prompt_len + 1, seed=1)
     out: dict[str, Any] = {"tokens": tokens, "prompt_tokens": prompt_len}
+    # No warm-up: the embedding engine shows the start-up and its compile count; here each
+    # stream count's passes repeat until one compiles nothing (a full warm-up would compile
+    # every embedding program again, minutes of the harness's eight on a GPU host).
     engine = EngineBuilder(model=folder, dtype=dtype, max_num_seqs=max(streams),
                            max_model_len=prompt_len + tokens + 16, progress=False,
-                           compilation_cache=False).build()
+                           warmup=False, compilation_cache=False).build()
     try:
         def ours(n: int) -> tuple[float, int]:
             before, start = engine.stats.compilations, time.perf_counter()

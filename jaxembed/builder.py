@@ -73,8 +73,8 @@ class EngineBuilder(EngineOptions):
                     for sp in shardings[1:]]
         engine = Engine(checkpoint, self.options, sharding=shardings[0] if shardings else None,
                         channel=channel, replicas=replicas, buckets=self.buckets)
-        # The engine holds what it runs (on one GPU the merged projections, in place of the
-        # loaded ones): the loaded arrays go before the warm-up allocates the KV cache.
+        # The engine holds what it runs (on one GPU the merged projections, whose loaded parts
+        # it freed): nothing here may read the loaded params after it.
         del checkpoint, replicas
         # A multi-host follower compiles and runs only the steps its leader sends, warm-up
         # included: a step run on its own would wait forever for the other processes.

@@ -113,14 +113,12 @@ class Engine:
         devices = sharding.mesh.size if sharding is not None else 1
         plan = ExecutionPlan.decide(self.config, checkpoint.dtype, options, devices,
                                     model_len_cap=st.max_seq_length if st else None)
-        if plan.merged_projections:  # in place of the loaded ones: one copy of the weights
+        if plan.merged_projections:  # in place of the loaded ones, which it frees
             checkpoint = dataclasses.replace(
-                checkpoint, params=merge_projections(checkpoint.params))
+                checkpoint, params=merge_projections(checkpoint.params, consume=True))
             self.checkpoint = checkpoint
-            replicas = [(merge_projections(p), m) for p, m in replicas]
-        # Sized after the merge: while the caller still holds the loaded parts, the budget counts
-        # them too, so the cache errs small, never past the memory (the builder lets them go
-        # before its warm-up allocates the cache).
+            replicas = [(merge_projections(p, consume=True), m) for p, m in replicas]
+        # Sized after the merge, whose parts are freed: the budget sees the weights as held.
         if devices == 1:  # a mesh's cache is split across its devices; sized by the flags
             plan = plan.sized(self.config, options, memory.budget(plan.backend),
                               extra=copies_bytes(checkpoint.params, self.config, plan))

@@ -85,11 +85,24 @@ MERGED = {"layers": {"wqkv": ("wq", "wk", "wv")}, "mlp": {"w_gate_up": ("w_gate"
 MERGED_BIAS = {"wqkv": ("bqkv", ("bq", "bk", "bv"))}  # merged with their weights, if present
 
 
-def merge_projections(params: Params) -> Params:
+def merge_projections(params: Params, consume: bool = False) -> Params:
     """params with the projections of `MERGED` (and their biases) concatenated, their parts
     dropped (so that only one copy is held). Weights kept quantized stay apart, biases with
-    them: their blocks are per tensor."""
+    them: their blocks are per tensor.
+
+    consume: free each merged weight's parts on their device as soon as it is made, so that
+    merging a GPU's weights holds one stacked weight twice at a time, never the whole model;
+    `params` is then no longer usable (the engine's load-time merge)."""
     out = dict(params)
+
+    def merged(tree: Params, parts: tuple[str, ...]) -> jax.Array:
+        arrays = [tree.pop(n) for n in parts]
+        whole = jnp.concatenate(arrays, axis=-1)
+        if consume:
+            for a in arrays:
+                a.delete()
+        return whole
+
     for group, merges in MERGED.items():
         if group not in params:
             continue
@@ -97,10 +110,10 @@ def merge_projections(params: Params) -> Params:
         for name, parts in merges.items():
             if not all(n in tree and not quant.is_quantized(tree[n]) for n in parts):
                 continue
-            tree[name] = jnp.concatenate([tree.pop(n) for n in parts], axis=-1)
+            tree[name] = merged(tree, parts)
             bias, bias_parts = MERGED_BIAS.get(name, (None, ()))
             if bias_parts and all(n in tree for n in bias_parts):
-                tree[bias] = jnp.concatenate([tree.pop(n) for n in bias_parts], axis=-1)
+                tree[bias] = merged(tree, bias_parts)
         out[group] = tree
     return out
 

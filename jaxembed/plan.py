@@ -95,9 +95,10 @@ class ExecutionPlan:
     quant_kernel_rows: int = 128
     # GPU kernels in Pallas's interpret mode: the GPU branch of the plan run on a CPU (tests).
     interpret: bool = False
-    # q|k|v and gate|up held as one weight each (`layers.merge_projections`), on one GPU. Not
-    # on a CPU, whose kernels and packed layouts are per weight, nor on a mesh, whose
-    # partitioner shards each weight by its own axes.
+    # q|k|v and gate|up held as one weight each (`layers.merge_projections`), on one GPU with
+    # its kernels (--no-kernels keeps the weights as loaded: the reference). Not on a CPU,
+    # whose kernels and packed layouts are per weight, nor on a mesh, whose partitioner shards
+    # each weight by its own axes.
     merged_projections: bool = False
 
     @property
@@ -116,9 +117,10 @@ class ExecutionPlan:
 
     @property
     def branchless_sampling(self) -> bool:
-        """Sampling computes every filter for every row (`sampling.sample`): an accelerator's
-        conditionals read their predicate back to the host, a CPU's cost nothing."""
-        return self.accelerated
+        """Sampling computes every filter for every row (`sampling.sample`), greedy steps apart:
+        a GPU's conditionals may read their predicate back to the host; a CPU's and a TPU's
+        run where the data is."""
+        return self.backend in ("gpu", "cuda")
 
     @property
     def kv_per_layer(self) -> bool:
@@ -195,7 +197,7 @@ class ExecutionPlan:
             # step it reads 4-6 bits a weight where XLA would first write out 32.
             quant_matmul=quant_matmul,
             interpret=interpret,
-            merged_projections=one_gpu,
+            merged_projections=gpu_kernels,
             min_decode_rows=2 if decode_dtype is not None and not use_kernels else 1)
 
     @property

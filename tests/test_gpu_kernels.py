@@ -333,6 +333,12 @@ def test_decode_attention_in_bfloat16_over_a_bfloat16_cache():
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
 
 
+def test_decode_tiles_fit_shared_memory():
+    # float32 at head size 256 takes half tiles: two of 64 KiB, double-buffered, would not fit.
+    assert [gd.block_k(dh, size) for dh, size in ((256, 4), (128, 4), (96, 4), (256, 2))] == [
+        32, 64, 64, 64]
+
+
 def test_decode_splits_fill_the_gpu_only_for_few_rows_of_long_contexts():
     assert gd.splits_for(64, 8, 8192) == 1  # 512 programs already
     assert gd.splits_for(1, 8, 8192) == 32
@@ -499,6 +505,15 @@ def test_merged_projections_on_one_gpu_give_the_separate_ones_results():
                           cfg) for p in (merged, params)]
     np.testing.assert_allclose(np.asarray(steps[0][1]), np.asarray(steps[1][1]), atol=1e-5)
 
+    # The engine's merge frees the parts as it goes: one stacked weight twice at a time.
+    copy = jax.tree.map(jnp.array, params)
+    consumed = model.merge_projections(copy, consume=True)
+    assert all(copy["layers"][n].is_deleted() for n in ("wq", "wk", "wv", "bq", "bk", "bv"))
+    assert not copy["layers"]["wo"].is_deleted()
+    for group in ("layers", "mlp"):
+        for name, a in merged[group].items():
+            np.testing.assert_array_equal(np.asarray(consumed[group][name]), np.asarray(a))
+
     qp, _ = _quantized(params, [Q.Q8_0], np.random.default_rng(1))
     kept = model.merge_projections(qp)
     assert {"wq", "wk", "wv", "bq", "bk", "bv"} <= set(kept["layers"])
@@ -533,6 +548,12 @@ def test_no_kernels_plans_every_op_in_xla_on_either_machine():
         plan = ExecutionPlan.decide(cfg, "float32", off, **kw)
         assert (plan.attention, plan.decode_attention, plan.quant_matmul) == (XLA,) * 3
         assert not plan.embed_weights.packed and not plan.decode_weights.packed
+        assert not plan.merged_projections  # the weights as loaded
+        assert on.merged_projections == (backend == "gpu")
+        # Sampling skips no filter only on a GPU, whose conditionals may sync with the host.
+        assert plan.branchless_sampling == on.branchless_sampling == (backend == "gpu")
+    tpu = ExecutionPlan.decide(cfg, "float32", opts.EngineOptions(), backend="tpu")
+    assert not tpu.branchless_sampling
 
 
 # ---- the whole engine on the plan's GPU branch, run on a CPU ------------------------------------

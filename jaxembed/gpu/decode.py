@@ -39,19 +39,28 @@ from jaxembed.gpu.attention import LOG2E, MASKED, supported
 __all__ = ["decode_attention", "splits_for", "supported"]
 
 MIN_ROWS = 16  # Triton's dots take at least 16 rows: query heads of a group are padded to it
-BLOCK_K = 64  # cached positions per loaded tile
+BLOCK_K = 64  # cached positions per loaded tile (see `block_k`)
+TILE_BYTES = 32 * 1024  # the most one key or value tile may take in shared memory
+
+
+def block_k(head_dim: int, itemsize: int) -> int:
+    """Cached positions per tile: BLOCK_K, halved where a tile would pass TILE_BYTES (float32 at
+    head size 256: two tiles of 64 KiB, double-buffered, would not fit an H100's 227 KiB of
+    shared memory)."""
+    dp = pl.next_power_of_2(head_dim)
+    return BLOCK_K if BLOCK_K * dp * itemsize <= TILE_BYTES else BLOCK_K // 2
 TARGET_PROGRAMS = 256  # about two programs per SM on an H100 (132 SMs)
 
 
 def splits_for(rows: int, kv_heads: int, kv_len: int) -> int:
     """How many programs share one (row, kv head)'s positions: enough to fill the GPU when rows x
-    kv heads do not, never fewer than 4 blocks of positions each."""
+    kv heads do not, never fewer than 4 tiles of BLOCK_K positions each."""
     want = max(1, TARGET_PROGRAMS // max(1, rows * kv_heads))
     return int(max(1, min(want, kv_len // (4 * BLOCK_K))))
 
 
 def _kernel(q_ref, k_ref, v_ref, rows_ref, lo_ref, hi_ref, o_ref, m_ref, l_ref, *,
-            scale: float, softcap: float | None, head_dim: int, splits: int):
+            scale: float, softcap: float | None, head_dim: int, splits: int, bk: int):
     """One split of one kv head of one row. Refs: q, o [Gp, Dp]; k, v the whole cache
     [N, K, M, Dh]; rows, lo, hi [1]; m, l [Gp]."""
     kv_head = pl.program_id(1)
@@ -60,7 +69,7 @@ def _kernel(q_ref, k_ref, v_ref, rows_ref, lo_ref, hi_ref, o_ref, m_ref, l_ref, 
     dim_ok = jnp.arange(dp) < head_dim
     q = q_ref[...]
     row, lo, hi = rows_ref[0], lo_ref[0], hi_ref[0]
-    first, stop = lax.div(lo, BLOCK_K), lax.div(hi + BLOCK_K - 1, BLOCK_K)
+    first, stop = lax.div(lo, bk), lax.div(hi + bk - 1, bk)
     per = lax.div(stop - first + splits - 1, splits)
     start_block = first + split * per
     stop_block = jnp.minimum(start_block + per, stop)
@@ -68,14 +77,14 @@ def _kernel(q_ref, k_ref, v_ref, rows_ref, lo_ref, hi_ref, o_ref, m_ref, l_ref, 
 
     def body(j, carry):
         acc, m, total = carry
-        cols = j * BLOCK_K + jnp.arange(BLOCK_K)
+        cols = j * bk + jnp.arange(bk)
         seen = (cols >= lo) & (cols < hi)
         # Positions past the row's end are never loaded: they may hold another sequence's keys,
         # or nothing yet, and 0 * NaN is NaN.
         kv_mask = seen[:, None] & dim_ok[None, :]
-        at = (row, kv_head, pl.ds(j * BLOCK_K, BLOCK_K), pl.ds(0, dp))  # Dh padded, masked
+        at = (row, kv_head, pl.ds(j * bk, bk), pl.ds(0, dp))  # Dh padded, masked
         k = plgpu.load(k_ref.at[at], mask=kv_mask, other=0).astype(q.dtype)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, BLOCK_K] f32
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, bk] f32
         if softcap:
             s = jnp.tanh(s / softcap) * softcap
         s = jnp.where(seen[None, :], s * LOG2E, MASKED)
@@ -123,8 +132,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, rows:
     hi = positions + 1
     w = jnp.asarray(window, jnp.int32)
     lo = jnp.where(w > 0, jnp.maximum(hi - w, 0), 0)
+    itemsize = max(jnp.dtype(q.dtype).itemsize, jnp.dtype(k_cache.dtype).itemsize)
     kernel = functools.partial(_kernel, scale=float(scale), softcap=softcap, head_dim=dh,
-                               splits=splits)
+                               splits=splits, bk=block_k(dh, itemsize))
     q_spec = pl.BlockSpec((None, None, gp, dp), lambda r, kh, s: (r, kh, 0, 0))
     part_spec = pl.BlockSpec((None, None, None, gp, dp), lambda r, kh, s: (r, kh, s, 0, 0))
     sum_spec = pl.BlockSpec((None, None, None, gp), lambda r, kh, s: (r, kh, s, 0))
