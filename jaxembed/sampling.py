@@ -214,8 +214,9 @@ def sample(logits: jax.Array, counts: jax.Array, seen: jax.Array, rows: dict[str
     penalties' and top-k/top-p's passes over [B, V]).
 
     greedy: the host found every row greedy (`greedy_only`): the argmax alone, no logprobs
-    (zeros). Branchless sampling would otherwise run every filter for nothing: on a GPU the two
-    bisections alone read [B, V] eighty times, about a decode step's time at 64 rows."""
+    (zeros). Branchless sampling would otherwise run every filter for nothing: the two
+    bisections alone read [B, V] eighty times (not yet measured on a GPU; estimated there to be
+    of the order of a small model's decode step at 64 rows)."""
     b, v = logits.shape
     logits = add_bias(logits, rows)
     if greedy:
