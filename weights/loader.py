@@ -434,12 +434,34 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
             filled[key] = np.zeros(shape[:2] if per_expert else shape[:1], bool)
     origin: dict[str, str] = {}
 
-    for (file, (name, _)), read in tqdm(_read_ahead(sources), total=len(sources),
+    def matched(name: str) -> tuple[names.Rule, re.Match[str]] | None:
+        return next(((r, m) for r in rules if (m := r.pattern.fullmatch(name))), None)
+
+    def transformed(src: tuple[Path, SourceTensor]) -> Callable[[], Any]:
+        """The source's read, then its rule's transform, both on a worker thread: a quantized
+        tensor's row permutation (llama.cpp's q/k order) is a copy of the whole tensor, and
+        the main thread is busy placing the tensors before it. A transform's error comes back
+        as the value, for the main loop to name the tensor."""
+        file, (name, read) = src
+        match = None if any(p.fullmatch(name) for p in ignored) else matched(name)
+
+        def run() -> tuple[tuple[int, ...], Any]:
+            source = read()
+            if match is None:
+                return source.shape, ()
+            try:
+                return source.shape, _transform(match[0], source, cfg, quantized)
+            except (ValueError, ArithmeticError) as e:  # a reshape by the config's head counts
+                return source.shape, e
+        return run
+
+    for (file, (name, _)), read in tqdm(_read_ahead(sources, transformed),
+                                        total=len(sources),
                                         desc=f"loading {location.name}", unit="tensor",
                                         disable=not progress, leave=False):
         if any(p.fullmatch(name) for p in ignored):
             continue
-        match = next(((r, m) for r in rules if (m := r.pattern.fullmatch(name))), None)
+        match = matched(name)
         if match is None:
             raise WeightLoadError(file, f"unknown tensor for a {cfg.family} model", name)
         rule, m = match
@@ -449,12 +471,10 @@ def _fill_params(cfg: ModelConfig, sources: Sequence[tuple[Path, SourceTensor]],
             if target not in buffers and target not in qslots and target not in shapes:
                 raise WeightLoadError(file, f"not expected by this {cfg.family} config (the "
                                       f"config has no {target!r})", name)
-        source = read()
-        try:
-            arrays = _transform(rule, source, cfg, quantized)
-        except (ValueError, ArithmeticError) as e:  # a reshape by the config's head counts
-            raise WeightLoadError(file, f"shape {list(source.shape)} does not fit this "
-                                  f"{cfg.family} config: {e}", name) from e
+        shape, arrays = read()
+        if isinstance(arrays, Exception):
+            raise WeightLoadError(file, f"shape {list(shape)} does not fit this "
+                                  f"{cfg.family} config: {arrays}", name) from arrays
         for target, array in zip(rule.targets, arrays, strict=True):
             if target in qslots:
                 _place_quantized(file, name, target, m, array, qslots[target], filled[target],
@@ -574,17 +594,19 @@ def _place_quantized(file: Path, name: str, target: str, m: re.Match[str], q: wq
     filled[slot] = True
 
 
-def _read_ahead(sources: Sequence[tuple[Path, SourceTensor]], ahead: int = 4
-                ) -> Iterator[tuple[tuple[Path, SourceTensor], Callable[[], np.ndarray]]]:
-    """Each source with a `read` whose array worker threads have already begun to produce, a few
-    tensors ahead: dequantizing or repacking (numpy, which releases the GIL) overlaps the
-    copying into the stacked buffers, and on two cores or more runs on both. A bounded window
-    keeps at most `ahead` extra tensors in memory. Errors come out of `read`, in order."""
+def _read_ahead(sources: Sequence[tuple[Path, SourceTensor]],
+                work: Callable[[tuple[Path, SourceTensor]], Callable[[], Any]],
+                ahead: int = 4) -> Iterator[tuple[tuple[Path, SourceTensor], Callable[[], Any]]]:
+    """Each source with a `read` whose result (`work(source)()`) worker threads have already
+    begun to produce, a few tensors ahead: dequantizing, repacking and permuting rows (numpy,
+    which releases the GIL) overlap the copying into the stacked buffers, and on two cores or
+    more run on both. A bounded window keeps at most `ahead` extra tensors in memory. Errors
+    come out of `read`, in order."""
     workers = max(1, min(2, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="jaxembed-read") as pool:
-        window: collections.deque[tuple[tuple[Path, SourceTensor], Future[np.ndarray]]] = collections.deque()
+        window: collections.deque[tuple[tuple[Path, SourceTensor], Future[Any]]] = collections.deque()
         for src in sources:
-            window.append((src, pool.submit(src[1][1])))
+            window.append((src, pool.submit(work(src))))
             if len(window) > ahead:
                 done, future = window.popleft()
                 yield done, future.result
