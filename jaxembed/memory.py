@@ -11,8 +11,11 @@ the sizes, never a failure on the first generation request.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -74,6 +77,31 @@ def resident_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed() -> bool:
+    """Hand back to the OS the memory the C allocator holds free; False where it cannot.
+
+    Why: compiling a program (LLVM, on any backend) allocates and frees hundreds of MB in
+    blocks that glibc's dynamic mmap threshold keeps on the heap, and step buffers of a few MB
+    stay there too. Measured on a 1.7B model on the CPU, the resident set grew by about 100 MB
+    with the first decode program compiled and by 25-50 MB with each later one, and a
+    malloc_trim gave most of it back. The runner calls this after a step that compiled (rare:
+    a new shape), not after every step, where the cost would be the next step's page faults."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def host_budget() -> Budget:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxembed import model, modules, multihost, quant, sampling
+from jaxembed import memory, model, modules, multihost, quant, sampling
 from jaxembed.config import ModelConfig
 from jaxembed.kv_cache import KVCache
 from jaxembed.layers import PROJECTIONS
@@ -124,7 +124,8 @@ class ModelRunner:
         # Every device step (and, on a multi-host leader, the message announcing it) runs under
         # this lock, so that warm-up from a loading thread and the engine thread never interleave.
         self._lock = threading.Lock()
-        self._on_compile = on_compile
+        self._on_compile_cb = on_compile
+        self._compiled = False  # a step traced (so compiled) a new program since the last trim
         self._pooled = jax.jit(self._pooled_fn)
         self._hidden = jax.jit(self._hidden_fn)
         self._scores = jax.jit(self._scores_fn)
@@ -145,6 +146,17 @@ class ModelRunner:
             PrefillStep: self._run_prefill,
             DecodeStep: self._run_decode}
 
+    def _on_compile(self) -> None:
+        self._compiled = True
+        self._on_compile_cb()
+
+    def _trim_after_compile(self) -> None:
+        """What a compilation freed goes back to the OS (`memory.release_freed`): otherwise
+        each new program's compile leaves tens of MB resident for good."""
+        if self._compiled:
+            self._compiled = False
+            memory.release_freed()
+
     @property
     def scratch_slot(self) -> int:
         """The cache slot padding rows write to: one past the last real slot."""
@@ -164,7 +176,9 @@ class ModelRunner:
             if self.leader:
                 kind, arrays, static = step.message()
                 self.channel.send(kind, multihost.flatten(arrays), static)  # type: ignore
-            return self._apply[type(step)](step)
+            out = self._apply[type(step)](step)
+            self._trim_after_compile()
+            return out
 
     def forward(self, step: DecodeStep) -> Pending:
         """The first half of a decode step: its forward, dispatched; `sample` draws the tokens
@@ -178,14 +192,17 @@ class ModelRunner:
             self.state, *out = self._forward(weights.params, weights.layers, weights.head,
                                              self._ensure_state(), tokens, positions, slots,
                                              kv_len=step.kv_len)
+            self._trim_after_compile()
         return Pending(*out)
 
     def sample(self, pending: Pending, rows: dict[str, Any]) -> Any:
         """The second half: the tokens drawn from a dispatched forward, as `run` gives a decode
         step's (token, its logprob, top ids, top logprobs)."""
         with self._lock:
-            return self._sample(pending.logits, pending.counts, pending.seen, self._put(rows),
-                                greedy=self._greedy(rows))
+            out = self._sample(pending.logits, pending.counts, pending.seen, self._put(rows),
+                               greedy=self._greedy(rows))
+            self._trim_after_compile()
+            return out
 
     def compile_embed(self, rows: int, length: int, slots: int) -> None:
         """Compile an embedding step's shape ahead of traffic, without running it: the compiled
@@ -197,6 +214,7 @@ class ModelRunner:
             jax.block_until_ready(self.run(step))
             return
         self._pooled.lower(self.embed_params, *self._put(step.inputs())).compile()
+        self._trim_after_compile()
 
     def follow(self) -> None:
         """On a multi-host follower: run every step the leader sends, in its order, until the

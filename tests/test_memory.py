@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -71,5 +72,49 @@ def test_a_bfloat16_cache_on_a_cpu(tiny_llama_dir: Path):
         result = engine.generate("hello world", temperature=0, max_tokens=4, ignore_eos=True)
         assert len(result.choices[0].token_ids) == 4
         assert str(engine.runner.state.kv.dtype) == "uint16"  # bfloat16 kept as its bits
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.skipif(memory._malloc_trim() is None, reason="the C library has no malloc_trim")
+def test_release_freed_hands_the_allocators_free_memory_back():
+    # glibc keeps freed blocks below its (dynamically raised) mmap threshold on the heap: the
+    # way a compile's or a step's buffers stayed resident. A freed 16 MiB mapping raises the
+    # threshold; 63 blocks of 1 MiB, written and freed under the 64th (still held, so the heap's
+    # top is not trimmed on its own), stay resident until `release_freed`.
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free(libc.malloc(16 << 20))
+    blocks = [libc.malloc(1 << 20) for _ in range(64)]
+    top = blocks.pop()
+    for b in blocks:
+        ctypes.memset(b, 1, 1 << 20)
+    for b in blocks:
+        libc.free(b)
+    held = memory.resident_bytes()
+    try:
+        assert memory.release_freed()
+        assert held - memory.resident_bytes() >= 48 << 20
+    finally:
+        libc.free(top)
+
+
+def test_the_runner_releases_freed_memory_after_a_step_that_compiled(
+        tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "release_freed", lambda: calls.append(1) or True)
+    engine = EngineBuilder(model=tiny_llama_dir, dtype="float32", warmup=False, progress=False,
+                           compilation_cache=False, max_num_seqs=2, max_model_len=64).build()
+    try:
+        engine.encode(["hello world"])
+        assert len(calls) == 1  # the embedding step's shape compiled
+        engine.encode(["hello there"])
+        assert len(calls) == 1  # the same shape: nothing compiled, nothing to release
+        engine.generate("hello world", temperature=0, max_tokens=3, ignore_eos=True)
+        after_first = len(calls)
+        assert after_first > 1  # the prefill and decode programs compiled
+        engine.generate("hello world", temperature=0, max_tokens=3, ignore_eos=True)
+        assert len(calls) == after_first
     finally:
         engine.shutdown()
