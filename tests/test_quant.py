@@ -244,3 +244,34 @@ def test_a_program_with_the_kernel_comes_back_from_the_compilation_cache(tmp_pat
     (written_hits, written), (read_hits, read) = run(), run()
     assert written_hits == 0 and read_hits > 0  # the second process compiled nothing
     assert read == written
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0])
+def test_xla_dequantizes_a_part_of_the_weight_at_a_time(qtype, monkeypatch):
+    # The same products as over the whole weight dequantized, in a fraction of its floats.
+    rng = np.random.default_rng(5)
+    n, k = 512, 512
+    w = wq.repack(random_blocks(qtype, n, k, rng), qtype, (n, k)).map(jnp.asarray)
+    x = jnp.asarray(rng.standard_normal((3, 40, k)).astype(np.float32))
+
+    def compiled(chunk_bytes: int):
+        monkeypatch.setattr(quant, "DEQUANTIZED_CHUNK_BYTES", chunk_bytes)
+        jax.clear_caches()
+        return jax.jit(lambda x, w: quant.matmul(x, w)).lower(x, w).compile()
+    whole, parts = compiled(1 << 40), compiled(n * k * 4 // 8)
+    assert quant._chunks(n, k, 4) == 8
+    np.testing.assert_array_equal(np.asarray(parts(x, w)), np.asarray(whole(x, w)))
+    ref = np.asarray(x, np.float64) @ wq.dequantize(w.map(np.asarray)).T.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(parts(x, w)), ref, rtol=0,
+                               atol=1e-4 * np.abs(ref).max())  # float32 sums of 512 products
+    # The whole weight in float32 (1 MiB) is no longer among the step's buffers.
+    assert (whole.memory_analysis().temp_size_in_bytes - parts.memory_analysis().temp_size_in_bytes
+            >= n * k * 4 // 2)
+
+
+def test_a_weight_is_split_only_into_parts_of_64_rows_or_more():
+    assert quant._chunks(8192, 2048, 4) == 4  # 64 MiB in parts of 16
+    assert quant._chunks(100, 2048, 4) == 1  # 0.8 MiB: whole
+    # Qwen's vocabulary, 151,936 = 2^7 x 1,187 rows: 1.16 GiB in 128 parts of 1,187 rows.
+    assert quant._chunks(151936, 2048, 4) == 128
+    assert quant._chunks(2 * 1031, 8192, 4) == 1  # 64 MiB, but 1,031 rows or 2 parts only: whole
