@@ -242,7 +242,10 @@ def measure_jaxembed(spec: dict[str, Any]) -> dict[str, Any]:
         if decode:
             r["single"] = jaxembed_single_stream(engine, spec["ids"], spec["tokens"],
                                                  spec["repeat"])
-            r["aggregate"] = jaxembed_aggregate(engine, spec["tokens"], spec["streams"])
+            # Best of `repeat` passes, as the single stream: a pass that meets a new prefill
+            # shape (threads admitted in another grouping) compiles within its timing.
+            r["aggregate"] = jaxembed_aggregate(engine, spec["tokens"], spec["streams"],
+                                                repeat=spec["repeat"])
             r["decode_tokens_per_s"] = r["single"]["decode_tokens_per_s"]
             r["aggregate_tokens_per_s"] = r["aggregate"]["tokens_per_s"]
             r["bytes_per_token"] = decode_bytes_per_token(engine)
