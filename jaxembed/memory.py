@@ -94,7 +94,7 @@ def release_freed() -> bool:
     Why: compiling a program (LLVM, on any backend) allocates and frees hundreds of MB in
     blocks that glibc's dynamic mmap threshold keeps on the heap, and step buffers of a few MB
     stay there too. Measured on a 1.7B model on the CPU, the resident set grew by about 100 MB
-    with the first decode program compiled and by 25-50 MB with each later one, and a
+    with the first decode program compiled and by about 25 MB with the next (at 135M: 15-18 MB each), and a
     malloc_trim gave most of it back. The runner calls this after a step that compiled (rare:
     a new shape), not after every step, where the cost would be the next step's page faults."""
     trim = _malloc_trim()
