@@ -275,3 +275,16 @@ def test_a_weight_is_split_only_into_parts_of_64_rows_or_more():
     # Qwen's vocabulary, 151,936 = 2^7 x 1,187 rows: 1.16 GiB in 128 parts of 1,187 rows.
     assert quant._chunks(151936, 2048, 4) == 128
     assert quant._chunks(2 * 1031, 8192, 4) == 1  # 64 MiB, but 1,031 rows or 2 parts only: whole
+
+
+def test_a_weight_smaller_than_the_output_is_dequantized_whole(monkeypatch):
+    # Rows >= K: the parts' stacked outputs would cost more than the weight's floats save.
+    rng = np.random.default_rng(6)
+    w = wq.repack(random_blocks(Q.Q4_K, 512, 256, rng), Q.Q4_K, (512, 256)).map(jnp.asarray)
+    x = jnp.asarray(rng.standard_normal((300, 256)).astype(np.float32))
+    monkeypatch.setattr(quant, "DEQUANTIZED_CHUNK_BYTES", 512 * 256 * 4 // 8)
+    jax.clear_caches()
+    hlo = jax.jit(lambda x, w: quant.matmul(x, w)).lower(x, w).as_text()
+    assert "while" not in hlo  # no loop over parts
+    small = jax.jit(lambda x, w: quant.matmul(x, w)).lower(x[:100], w).as_text()
+    assert "while" in small  # the control: fewer rows than K split
